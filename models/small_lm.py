@@ -1,0 +1,102 @@
+"""Kind `small_lm`: a standalone causal LM that shares the target's tokenizer (DistillSpec-style).
+
+Drafting keeps the drafter's own KV cache. Before each draft the cache is rolled back to the
+longest prefix that still agrees with the decoded sequence, so rejected drafts leave no trace.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from draftsmith.errors import DraftsmithError
+from draftsmith.eval.decoder import DecodeState, Draft, Sampler
+from draftsmith.models.target import cache_kwarg, new_cache, rollback
+
+
+class SmallLMProposer:
+    hidden_layers: tuple[int, ...] = ()
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval().requires_grad_(False)
+        self.device = next(model.parameters()).device
+        self.cache = None
+        self.fed: list[int] = []      # tokens whose keys/values the drafter cache holds
+
+    def reset(self) -> None:
+        self.cache = new_cache(self.model)
+        self.fed = []
+
+    def observe(self, state: DecodeState) -> None:
+        pass  # token-level drafter: everything it needs is in state.tokens
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1,
+                         **{cache_kwarg(self.model): self.cache})
+        self.fed += ids
+        return out.logits[0, -1].float()
+
+    def propose(self, state: DecodeState, k: int, sampler: Sampler) -> Draft:
+        keep = _common_prefix(self.fed, state.tokens)
+        keep = min(keep, len(state.tokens) - 1)   # always feed at least the newest token
+        rollback(self.cache, keep)
+        del self.fed[keep:]
+        logits = self._forward(state.tokens[keep:])
+        tokens, qs = [], []
+        for i in range(k):
+            token, q = sampler(logits)
+            tokens.append(token)
+            qs.append(q)
+            if i + 1 < k:
+                logits = self._forward([token])
+        q = None if qs[0] is None else torch.stack(qs)
+        return Draft(tokens, q)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def check_vocab(drafter_vocab: int, target_vocab: int, drafter_name: str) -> None:
+    if drafter_vocab != target_vocab:
+        raise DraftsmithError(
+            f"The drafter's vocabulary ({drafter_vocab} tokens) differs from the target's ({target_vocab} tokens)",
+            drafter_name, "A small_lm drafter must share the target's tokenizer")
+
+
+def hf_assisted_kwargs(proposer: SmallLMProposer, k: int) -> dict:
+    """transformers' assisted generation with the same drafter and a constant draft length k."""
+    cfg = proposer.model.generation_config
+    cfg.num_assistant_tokens = k
+    cfg.num_assistant_tokens_schedule = "constant"
+    return {"assistant_model": proposer.model}
+
+
+SmallLMProposer.hf_assisted_kwargs = hf_assisted_kwargs
+
+
+def truncated_copy(model: torch.nn.Module, num_layers: int) -> torch.nn.Module:
+    """A copy of `model` keeping its embeddings, first `num_layers` decoder layers, final norm and
+    LM head: the usual initialisation of a small_lm drafter from its target."""
+    import copy
+
+    total = model.config.num_hidden_layers
+    if not 1 <= num_layers <= total:
+        raise DraftsmithError(f"A truncated drafter needs between 1 and {total} layers", num_layers)
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:num_layers]
+    from transformers import AutoModelForCausalLM
+
+    drafter = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    missing, unexpected = drafter.load_state_dict(model.state_dict(), strict=False)
+    if [m for m in missing if "lm_head" not in m]:
+        raise DraftsmithError("Could not initialise the truncated drafter from the target", missing[:5])
+    drafter.tie_weights()
+    return drafter.to(next(model.parameters()).device)

@@ -1,0 +1,201 @@
+"""The target: a frozen transformers causal LM with a rollback-able KV cache and hidden-state taps.
+
+A target loads from an asset name (`smollm2-135m-instruct`), a local transformers folder, a GGUF
+file, or a hub id when a hub is reachable. GGUF files are dequantised once and cached as plain
+safetensors, so the second load is fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from draftsmith.errors import DraftsmithError
+
+
+def cache_root() -> Path:
+    """Where draftsmith keeps converted targets: $DRAFTSMITH_CACHE, else ~/.cache/draftsmith."""
+    return Path(os.environ.get("DRAFTSMITH_CACHE", Path.home() / ".cache" / "draftsmith"))
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """`auto` means bf16 on CUDA and fp32 on CPU (fp32 keeps CPU greedy equality exact)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in names:
+        raise DraftsmithError("Unknown dtype", dtype, f"Use one of: auto, {', '.join(names)}")
+    return names[dtype]
+
+
+# transformers 5.x renamed `past_key_values=` to `cache=`; accept whichever this version has.
+_FORWARD_PARAMS = None
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    global _FORWARD_PARAMS
+    if _FORWARD_PARAMS is None:
+        _FORWARD_PARAMS = set(inspect.signature(type(model).forward).parameters)
+    return "cache" if "cache" in _FORWARD_PARAMS else "past_key_values"
+
+
+def new_cache(model: torch.nn.Module) -> DynamicCache:
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older signatures take no config
+        return DynamicCache()
+
+
+def rollback(cache: DynamicCache, length: int) -> None:
+    """Drop cached positions so that exactly `length` remain (a negative crop works on every 4.x/5.x)."""
+    drop = cache.get_seq_length() - length
+    if drop < 0:
+        raise ValueError(f"cannot roll a cache of {cache.get_seq_length()} forward to {length}")
+    if drop:
+        cache.crop(-drop)
+
+
+@dataclass
+class TargetOutput:
+    logits: torch.Tensor          # [T, V] float32
+    hidden: list[torch.Tensor]    # one [T, H] per requested layer, before the final norm
+
+
+class Target:
+    """A frozen causal LM. Batch size 1: every tensor it returns drops the batch axis."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, name: str = "target"):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.max_length = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.num_layers = model.config.num_hidden_layers
+        self._layers = _decoder_layers(model)
+
+    def new_cache(self) -> DynamicCache:
+        return new_cache(self.model)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: list[int] | torch.Tensor, cache: DynamicCache,
+                hidden_layers: tuple[int, ...] = (), last_only: bool = False) -> TargetOutput:
+        """Extend `cache` by `input_ids`; return their logits (all, or the last only) and taps.
+
+        `hidden_layers` are 0-based decoder-layer output indices; -1 is the last layer's output
+        before the final norm (what EAGLE heads read).
+        """
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).view(1, -1)
+        captured: dict[int, torch.Tensor] = {}
+        handles = [self._layers[i].register_forward_hook(_capture(captured, i))
+                   for i in sorted({i % self.num_layers for i in hidden_layers})]
+        try:
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1 if last_only else 0,
+                             **{cache_kwarg(self.model): cache})
+        finally:
+            for h in handles:
+                h.remove()
+        hidden = [captured[i % self.num_layers][0] for i in hidden_layers]
+        return TargetOutput(logits=out.logits[0].float(), hidden=hidden)
+
+    @staticmethod
+    def rollback(cache: DynamicCache, length: int) -> None:
+        rollback(cache, length)
+
+
+def _capture(store: dict, index: int):
+    def hook(module, args, output):
+        store[index] = output[0] if isinstance(output, tuple) else output
+    return hook
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    base = getattr(model, model.base_model_prefix, model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise DraftsmithError("Cannot find the decoder layers of this model", type(model).__name__,
+                              "draftsmith supports transformers causal LMs with `model.layers`")
+    return layers
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def load_target(spec: str, dtype: str | torch.dtype | None = "auto", device: str | None = None) -> Target:
+    """Load a frozen target from an asset name, a transformers folder, a GGUF file or a hub id."""
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    folder, name = resolve_model_folder(spec)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return Target(model, tokenizer, name=name)
+
+
+def resolve_model_folder(spec: str) -> tuple[str, str]:
+    """Map a target spec to something `from_pretrained` loads: (folder or hub id, display name)."""
+    from draftsmith import assets
+
+    path = Path(spec).expanduser()
+    if assets.is_target_asset(spec):
+        return str(gguf_to_folder(assets.target_gguf_path(spec))), spec
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise DraftsmithError("This folder holds no transformers model (no config.json)", str(path),
+                                  "Point at a folder written by save_pretrained, a .gguf file, or an asset name")
+        return str(path), path.name
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise DraftsmithError("GGUF file not found", str(path))
+        return str(gguf_to_folder(path)), path.stem
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise DraftsmithError("Cannot load a target from this path", spec,
+                              "Give a transformers folder, a .gguf file, or an asset name such as smollm2-135m-instruct")
+    return spec, spec  # a hub id: from_pretrained raises its own error when offline
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Dequantise a GGUF checkpoint once into a plain safetensors folder under the cache.
+
+    transformers refuses `save_pretrained` on a GGUF-loaded model (it is flagged quantized), so the
+    weights are copied into a fresh `from_config` model first.
+    """
+    gguf = Path(gguf).resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_root() / "targets" / f"{gguf.stem}-{key}"
+    if (out / "config.json").exists():
+        return out
+    print(f"[draftsmith] converting {gguf.name} to safetensors once (cached at {out})", flush=True)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=False)
+    plain.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
