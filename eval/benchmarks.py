@@ -49,7 +49,9 @@ def load_bench(name: str, num_prompts: int | None = None, turns: int = 1) -> lis
         raise DraftsmithError("turns must be at least 1", seen=turns, fix="Use turns=1 or turns=2")
     if num_prompts is not None and num_prompts < 1:
         raise DraftsmithError(
-            "num_prompts must be at least 1", seen=num_prompts, fix="Give a positive count, or none for all"
+            "num_prompts must be at least 1",
+            seen=num_prompts,
+            fix="Give a positive count, or none for all prompts",
         )
     items = _load_all(name)
     kept = [
@@ -95,7 +97,8 @@ def _sharegpt_heldout() -> list[BenchItem]:
         conversation = record.get("conversations") or []
         first = conversation[0] if conversation else {}
         text = first.get("value")
-        if first.get("from") not in _HUMAN_SPEAKERS or not isinstance(text, str) or not text.strip():
+        from_human = first.get("from") in _HUMAN_SPEAKERS
+        if not from_human or not isinstance(text, str) or not text.strip():
             continue
         items.append(BenchItem(record["id"], [text], None, "sharegpt-heldout"))
     return items
@@ -121,7 +124,7 @@ def _load_jsonl(path: Path) -> list[BenchItem]:
             if not line.strip():
                 continue
             try:
-                items.append(_parse_line(line, default_id=f"{path.stem}-{line_no}", bench=path.stem))
+                item = _parse_line(line, default_id=f"{path.stem}-{line_no}", bench=path.stem)
             except _BadLine as err:
                 raise DraftsmithError(
                     f"{path}, line {line_no}: {err}",
@@ -130,6 +133,7 @@ def _load_jsonl(path: Path) -> list[BenchItem]:
                     + "; ".join(_JSONL_SHAPES)
                     + ' (optional "id" and "category")',
                 ) from None
+            items.append(item)
     return items
 
 
@@ -142,7 +146,8 @@ def _parse_line(line: str, default_id: str, bench: str) -> BenchItem:
         raise _BadLine(f"expected a JSON object, found {type(obj).__name__}")
     shapes = [key for key in ("prompt", "turns", "messages", "conversations") if key in obj]
     if len(shapes) != 1:
-        raise _BadLine(f"expected exactly one of prompt/turns/messages/conversations, found {shapes or 'none'}")
+        found = shapes or "none"
+        raise _BadLine(f"expected exactly one of prompt/turns/messages/conversations, found {found}")
     turns = _TURN_READERS[shapes[0]](obj[shapes[0]])
     if not turns:
         raise _BadLine(f"{shapes[0]!r} holds no user message")
@@ -150,7 +155,8 @@ def _parse_line(line: str, default_id: str, bench: str) -> BenchItem:
         if not isinstance(turn, str) or not turn.strip():
             raise _BadLine(f"user turn {i} must be a non-empty string")
     category = obj.get("category")
-    return BenchItem(str(obj.get("id", default_id)), turns, None if category is None else str(category), bench)
+    category = None if category is None else str(category)
+    return BenchItem(str(obj.get("id", default_id)), turns, category, bench)
 
 
 def _turns_from_prompt(value: object) -> list:
@@ -163,7 +169,9 @@ def _turns_from_list(value: object) -> list:
     return value
 
 
-def _user_values(value: object, shape: str, speaker_key: str, text_key: str, speakers: tuple) -> list:
+def _user_values(
+    value: object, shape: str, speaker_key: str, text_key: str, speakers: tuple[str, ...]
+) -> list:
     """The texts of the user's messages in a list of message objects (system prompts dropped)."""
     if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
         raise _BadLine(f"{shape!r} must be a list of objects")

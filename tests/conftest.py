@@ -1,0 +1,39 @@
+"""Tiny random models for fast, seeded CPU tests (vocab 256, 2 layers, hidden 64)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from draftsmith.models.target import Target
+
+VOCAB = 256
+
+
+def tiny_llama(seed: int, layers: int = 2, vocab: int = VOCAB, hidden: int = 64,
+               max_positions: int = 512) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=128,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_positions, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    # random init gives near-uniform logits; sharpen them so greedy has clear winners and
+    # sampling tests see a peaked law (untied, so the next token is not the current one)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+@pytest.fixture
+def target() -> Target:
+    return Target(tiny_llama(0), tokenizer=None, name="tiny-target")
+
+
+@pytest.fixture
+def other_model() -> LlamaForCausalLM:
+    return tiny_llama(1)
+
+
+def prompts(n: int = 4, length: int = 12, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (length,), generator=g).tolist() for _ in range(n)]
