@@ -39,3 +39,8 @@ class PromptLookupProposer:
 
     def propose(self, state: DecodeState, k: int, sampler: Sampler) -> Draft:
         return Draft(lookup(state.tokens, k, self.max_ngram, self.min_ngram))
+
+    def hf_assisted_kwargs(self, k: int) -> dict:
+        """transformers' own prompt lookup with the same draft length and longest n-gram."""
+        return {"prompt_lookup_num_tokens": k, "max_matching_ngram_size": self.max_ngram}
+

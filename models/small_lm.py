@@ -53,6 +53,13 @@ class SmallLMProposer:
         q = None if qs[0] is None else torch.stack(qs)
         return Draft(tokens, q)
 
+    def hf_assisted_kwargs(self, k: int) -> dict:
+        """transformers' assisted generation with the same drafter and a constant draft length k."""
+        cfg = self.model.generation_config
+        cfg.num_assistant_tokens = k
+        cfg.num_assistant_tokens_schedule = "constant"
+        return {"assistant_model": self.model}
+
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
@@ -68,16 +75,6 @@ def check_vocab(drafter_vocab: int, target_vocab: int, drafter_name: str) -> Non
             f"The drafter's vocabulary ({drafter_vocab} tokens) differs from the target's ({target_vocab} tokens)",
             drafter_name, "A small_lm drafter must share the target's tokenizer")
 
-
-def hf_assisted_kwargs(proposer: SmallLMProposer, k: int) -> dict:
-    """transformers' assisted generation with the same drafter and a constant draft length k."""
-    cfg = proposer.model.generation_config
-    cfg.num_assistant_tokens = k
-    cfg.num_assistant_tokens_schedule = "constant"
-    return {"assistant_model": proposer.model}
-
-
-SmallLMProposer.hf_assisted_kwargs = hf_assisted_kwargs
 
 
 def truncated_copy(model: torch.nn.Module, num_layers: int) -> torch.nn.Module:

@@ -1,0 +1,67 @@
+"""`draftsmith` command line: eval (and, as they land, train | export | regenerate | cache | recipes)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from draftsmith.errors import DraftsmithError
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="measure a drafter with the built-in speculative decoder",
+                       description="AR baseline, draftsmith speculative decoding and HF assisted generation, "
+                                   "on the same prompts in one run; writes report.json, report.md, acceptance.png")
+    p.add_argument("--target", required=True, help="asset name (smollm2-135m-instruct), transformers folder, .gguf, or hub id")
+    p.add_argument("--drafter", required=True, help="prompt-lookup | truncated:N | exported drafter folder")
+    p.add_argument("--bench", default="mt_bench", help="mt_bench | humaneval | sharegpt-heldout | file.jsonl")
+    p.add_argument("--num-prompts", type=int, default=None, help="keep the first N prompts (default: all)")
+    p.add_argument("--turns", type=int, default=1, help="user turns per conversation (MT-bench has 2)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--k", type=int, default=4, help="draft length per step")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--no-hf-assisted", action="store_true", help="skip transformers' assisted generation")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from draftsmith.eval.harness import EvalConfig, run_eval
+    from draftsmith.eval.report import check_out_dir, write_report
+
+    cfg = EvalConfig(target=args.target, drafter=args.drafter, bench=args.bench, num_prompts=args.num_prompts,
+                     turns=args.turns, max_new_tokens=args.max_new_tokens, k=args.k, temperature=args.temperature,
+                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, dtype=args.dtype, device=args.device,
+                     hf_assisted=not args.no_hf_assisted)
+    out = check_out_dir(args.out, args.overwrite)
+    report, records = run_eval(cfg)
+    write_report(report, records, out)
+    print((out / "report.md").read_text().split("## Per prompt")[0])
+    print(f"wrote {out}/report.json, report.md, acceptance.png")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="draftsmith", description="Train, export and measure speculative-decoding drafters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_eval_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DraftsmithError as e:
+        print(f"draftsmith: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

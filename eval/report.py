@@ -1,0 +1,118 @@
+"""Reports: report.json (everything), report.md (the table a person reads), acceptance.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from draftsmith.errors import DraftsmithError
+from draftsmith.eval.metrics import PromptRecord
+
+REPORT_FILES = ("report.json", "report.md", "acceptance.png")
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse to clobber an earlier report unless asked; called before any work starts."""
+    out = Path(out)
+    if (out / "report.json").exists() and not overwrite:
+        raise DraftsmithError("The output folder already holds a report", str(out),
+                              "Pick another --out, or pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise DraftsmithError("--out must be a folder", str(out))
+    return out
+
+
+def prompt_row(r: PromptRecord, greedy: bool) -> dict:
+    row = {"id": r.id, "turn": r.turn, "category": r.extra.get("category"), "prompt_tokens": r.prompt_tokens,
+           "new_tokens": len(r.sd_tokens), "ar_new_tokens": len(r.ar_tokens), "steps": len(r.emitted),
+           "tau": sum(r.emitted) / len(r.emitted) if r.emitted else None,
+           "accepted": sum(r.accepted), "proposed": sum(r.proposed),
+           "ar_s": r.ar_s, "sd_s": r.sd_s, "hf_assisted_s": r.hf_s,
+           "speedup": r.ar_s / r.sd_s if r.sd_s else None,
+           "lossless_match": (r.sd_tokens == r.ar_tokens) if greedy else None,
+           "divergence": r.divergence, "hf_assisted_divergence": r.hf_divergence}
+    return row
+
+
+def _fmt(x, spec=".3f") -> str:
+    if x is None:
+        return "n/a"
+    return format(x, spec) if isinstance(x, float) else str(x)
+
+
+def markdown(report: dict) -> str:
+    c = report["config"]
+    lines = [
+        f"# draftsmith eval: {c['drafter']} drafting for {c['target']}",
+        "",
+        f"bench `{c['bench']}` ({report['num_prompts']} prompts), k={c['k']}, temperature={c['temperature']}, "
+        f"top_p={c['top_p']}, top_k={c['top_k']}, max_new_tokens={c['max_new_tokens']}, "
+        f"dtype {c['dtype']}, device {c['device']} ({report['environment']['device_name']})",
+        "",
+        "| metric | value |", "|---|---|",
+    ]
+    keys = ["tau", "tau_per_request_mean", "acceptance_rate", "steps", "new_tokens", "ar_tokens_per_s",
+            "sd_tokens_per_s", "speedup", "hf_assisted_tokens_per_s", "hf_assisted_speedup",
+            "lossless_match_rate", "hf_assisted_match_rate"]
+    lines += [f"| {k} | {_fmt(report.get(k))} |" for k in keys]
+    alphas = " ".join(f"α{i + 1}={_fmt(a, '.3f')}" for i, a in enumerate(report["acceptance_by_position"]))
+    lines += [f"| acceptance_by_position | {alphas} |",
+              f"| accepted_length_histogram | {report['accepted_length_histogram']} |", ""]
+    diverged = [row for row in report["prompts"] if row["divergence"]]
+    if diverged:
+        lines += ["## Greedy divergences from the baseline", "",
+                  "| prompt | turn | position | baseline token | SD token | target top-2 margin |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['id']} | {r['turn']} | {r['divergence']['position']} | {r['divergence']['baseline_token']} "
+                  f"| {r['divergence']['token']} | {r['divergence']['top2_margin']:.4f} |" for r in diverged]
+        lines.append("")
+    lines += ["## Per prompt", "", "| prompt | turn | prompt tokens | new tokens | steps | τ | AR s | SD s | HF assisted s | speedup |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['id']} | {r['turn']} | {r['prompt_tokens']} | {r['new_tokens']} | {r['steps']} | {_fmt(r['tau'], '.2f')} "
+              f"| {_fmt(r['ar_s'], '.2f')} | {_fmt(r['sd_s'], '.2f')} | {_fmt(r['hf_assisted_s'], '.2f')} "
+              f"| {_fmt(r['speedup'], '.2f')} |" for r in report["prompts"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_acceptance(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = [a if a is not None else 0.0 for a in report["acceptance_by_position"]]
+    hist = report["accepted_length_histogram"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.bar(range(1, len(alphas) + 1), alphas, color="tab:blue")
+    ax1.set(xlabel="draft position i", ylabel="α_i", ylim=(0, 1), title="acceptance by position")
+    ax2.bar(range(len(hist)), hist, color="tab:green")
+    ax2.set(xlabel="drafts accepted in a step", ylabel="verify steps", title=f"accepted lengths (τ={_fmt(report['tau'], '.2f')})")
+    fig.suptitle(f"{report['config']['drafter']} → {report['config']['target']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, records: list[PromptRecord], out: str | Path, save_tokens: bool = True) -> Path:
+    """Write the three files into a temporary folder first, then move them in: a crash leaves no
+    half-written report behind."""
+    out = Path(out)
+    report = dict(report)
+    greedy = report["config"]["temperature"] == 0
+    report["prompts"] = [prompt_row(r, greedy) for r in records]
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+    try:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "report.md").write_text(markdown(report))
+        plot_acceptance(report, tmp / "acceptance.png")
+        if save_tokens:
+            (tmp / "outputs.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
+        for name in os.listdir(tmp):
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,89 @@
+"""`draftsmith eval` through the real CLI on tiny saved models: a valid report, clear errors."""
+
+import json
+
+import pytest
+
+from draftsmith.cli import main
+
+from conftest import tiny_llama
+from tiny import make_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tok = make_tiny_tokenizer()
+    vocab = len(tok)
+    for name, seed, layers in [("target", 0, 2), ("drafter", 1, 1)]:
+        model = tiny_llama(seed, layers=layers, vocab=vocab)
+        model.config.eos_token_id = tok.eos_token_id
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    other = tiny_llama(2, layers=1, vocab=vocab + 8)
+    other.save_pretrained(root / "wrong-vocab")
+    bench = root / "bench.jsonl"
+    bench.write_text('{"prompt": "Hello! How can I help you today?"}\n'
+                     '{"turns": ["What is the capital of France?", "And of Italy?"], "id": "geo"}\n')
+    return root
+
+
+def run(args):
+    return main(["eval", *map(str, args)])
+
+
+def test_eval_writes_a_valid_report(tiny_folders, tmp_path):
+    out = tmp_path / "report"
+    rc = run(["--target", tiny_folders / "target", "--drafter", tiny_folders / "drafter", "--bench",
+              tiny_folders / "bench.jsonl", "--turns", 1, "--max-new-tokens", 12, "--k", 3, "--device", "cpu",
+              "--out", out])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ["tau", "tau_per_request_mean", "acceptance_rate", "acceptance_by_position", "steps", "new_tokens",
+                "ar_tokens_per_s", "sd_tokens_per_s", "speedup", "hf_assisted_tokens_per_s", "lossless_match_rate"]:
+        assert key in report
+    assert report["lossless_match_rate"] == 1.0
+    assert report["hf_assisted_match_rate"] == 1.0
+    assert len(report["acceptance_by_position"]) == 3
+    assert report["num_prompts"] == 2 and len(report["prompts"]) == 2
+    assert report["config"]["k"] == 3 and report["environment"]["torch"]
+    assert (out / "report.md").read_text().startswith("# draftsmith eval")
+    assert (out / "acceptance.png").stat().st_size > 1000
+    # the output folder now holds a report: a second run is refused, --overwrite allows it
+    assert run(["--target", tiny_folders / "target", "--drafter", "prompt-lookup", "--bench",
+                tiny_folders / "bench.jsonl", "--out", out]) == 2
+    assert run(["--target", tiny_folders / "target", "--drafter", "prompt-lookup", "--bench", tiny_folders / "bench.jsonl",
+                "--turns", 2, "--max-new-tokens", 8, "--temperature", 0.8, "--top-p", 0.9, "--out", out,
+                "--overwrite"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["lossless_match_rate"] is None and report["num_prompts"] == 2   # geo's two turns
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--bench", "nope"], "Unknown benchmark|unknown bench"),
+    (["--drafter", "no-such-drafter"], "Unknown drafter"),
+    (["--k", "0"], "k \\(draft length\\) must be >= 1"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top-p", "1.5"], "top_p must lie in \\(0, 1\\]"),
+    (["--drafter", "WRONG"], "vocabulary \\(\\d+ tokens\\) differs from the target's \\(\\d+ tokens\\)"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(tiny_folders, tmp_path, capsys, extra, message):
+    args = {"--target": tiny_folders / "target", "--drafter": "prompt-lookup",
+            "--bench": tiny_folders / "bench.jsonl", "--out": tmp_path / "out"}
+    for flag, value in zip(extra[::2], extra[1::2]):
+        args[flag] = tiny_folders / "wrong-vocab" if value == "WRONG" else value
+    assert run([x for kv in args.items() for x in kv]) == 2
+    err = capsys.readouterr().err
+    assert "draftsmith: error:" in err
+    import re
+    assert re.search(message, err, re.IGNORECASE), err
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_prompt_longer_than_context(tiny_folders, tmp_path, capsys):
+    long_bench = tmp_path / "long.jsonl"
+    long_bench.write_text(json.dumps({"prompt": "word " * 600}) + "\n")
+    assert run(["--target", tiny_folders / "target", "--drafter", "prompt-lookup", "--bench", long_bench,
+                "--out", tmp_path / "out"]) == 2
+    assert "longer than the target's context of 512 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report.json").exists()
