@@ -1,4 +1,4 @@
-"""`draftsmith` command line: eval (and, as they land, train | export | regenerate | cache | recipes)."""
+"""`draftsmith` command line: train | export | eval | recipes."""
 
 from __future__ import annotations
 
@@ -47,10 +47,54 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def add_train_parsers(sub) -> None:
+    p = sub.add_parser("train", help="train a drafter from a recipe",
+                       description="Train a drafter. Overrides: section.key=value (e.g. train.max_steps=100).")
+    p.add_argument("recipe", help="recipe name (smollm2-135m/small_lm-kd-quick) or path to a YAML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last complete checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete the run folder and start again")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("recipes", help="list the recipes in this repository")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("export", help="export a trained drafter")
+    p.add_argument("run_dir", help="the run folder, e.g. runs/small_lm-kd-quick")
+    p.add_argument("--format", default="hf", help="hf (transformers folder)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--checkpoint", default=None, help="checkpoint name or folder (default: the latest complete one)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_train(args) -> int:
+    from draftsmith.train.run import train
+
+    train(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from draftsmith.train.config import format_recipes_table, list_recipes
+
+    print(format_recipes_table(list_recipes()))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from draftsmith.train.export import export
+
+    out = export(args.run_dir, args.format, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    print(f"exported {args.run_dir} as {args.format} to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="draftsmith", description="Train, export and measure speculative-decoding drafters.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_eval_parser(sub)
+    add_train_parsers(sub)
     return parser
 
 

@@ -96,13 +96,17 @@ def hf_generate(target: Target, prompt: list[int], cfg: EvalConfig, eos: tuple[i
     """transformers' generate with the same limits and sampling; `extra` selects assisted decoding."""
     from transformers import GenerationConfig
 
+    extra = dict(extra)
+    assistant = extra.pop("assistant_model", None)
+    sampling = {} if cfg.sampling.greedy else {"temperature": cfg.temperature, "top_p": cfg.top_p,
+                                                "top_k": cfg.top_k or 0}
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=not cfg.sampling.greedy,
-                           temperature=cfg.temperature or None, top_p=cfg.top_p, top_k=cfg.top_k or 0,
-                           eos_token_id=list(eos) or None, pad_token_id=(eos[0] if eos else 0))
+                           eos_token_id=list(eos) or None, pad_token_id=(eos[0] if eos else 0), **sampling, **extra)
     ids = torch.tensor([prompt], device=target.device)
     torch.manual_seed(generator_seed)
     with torch.inference_mode():
-        out = target.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen, **extra)
+        out = target.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen,
+                                    **({"assistant_model": assistant} if assistant is not None else {}))
     return out[0, len(prompt):].tolist()
 
 

@@ -97,3 +97,61 @@ def truncated_copy(model: torch.nn.Module, num_layers: int) -> torch.nn.Module:
         raise DraftsmithError("Could not initialise the truncated drafter from the target", missing[:5])
     drafter.tie_weights()
     return drafter.to(next(model.parameters()).device)
+
+
+def evenly_spaced(num_layers: int, total: int) -> list[int]:
+    """`num_layers` target layer indices spread from the first to the last layer."""
+    if num_layers == 1:
+        return [total - 1]
+    return [round(i * (total - 1) / (num_layers - 1)) for i in range(num_layers)]
+
+
+def build_small_lm(target_model: torch.nn.Module, num_layers: int, hidden_size: int | None = None,
+                   intermediate_size: int | None = None, init: str = "target",
+                   layers_from_target: list[int] | None = None) -> torch.nn.Module:
+    """A causal LM of the target's family with fewer (optionally narrower) layers.
+
+    init="target" copies the embeddings, the chosen decoder layers (evenly spaced by default, so
+    the first and the last layer are kept), the final norm and the LM head; a narrower drafter
+    cannot reuse the target's matrices and starts random. The result is a plain transformers model
+    whose config records `draftsmith_kind = "small_lm"`.
+    """
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    total = target_model.config.num_hidden_layers
+    config = copy.deepcopy(target_model.config)
+    config.num_hidden_layers = num_layers
+    narrower = hidden_size not in (None, config.hidden_size) or intermediate_size not in (None, config.intermediate_size)
+    if hidden_size is not None:
+        config.hidden_size = hidden_size
+        config.head_dim = hidden_size // config.num_attention_heads
+    if intermediate_size is not None:
+        config.intermediate_size = intermediate_size
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:num_layers]
+    config.draftsmith_kind = "small_lm"
+    dtype = next(target_model.parameters()).dtype
+    drafter = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if init == "random" or narrower:
+        return drafter
+    if init != "target":
+        raise DraftsmithError("drafter.init must be 'target' or 'random'", init)
+    chosen = layers_from_target if layers_from_target is not None else evenly_spaced(num_layers, total)
+    if len(chosen) != num_layers or not all(0 <= i < total for i in chosen):
+        raise DraftsmithError(f"drafter.layers_from_target must list {num_layers} layer indices in [0, {total})", chosen)
+    source = target_model.state_dict()
+    state = {}
+    for name, tensor in source.items():
+        if ".layers." in name:
+            prefix, rest = name.split(".layers.", 1)
+            index, tail = rest.split(".", 1)
+            if int(index) in chosen:
+                state[f"{prefix}.layers.{chosen.index(int(index))}.{tail}"] = tensor
+        else:
+            state[name] = tensor
+    drafter.load_state_dict(state, strict=False)
+    drafter.tie_weights()
+    config.draftsmith_layers_from_target = chosen
+    return drafter

@@ -12,7 +12,7 @@ fi
 PY="$VENV/bin/python"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
   echo "[setup] installing into $VENV" >&2
-  "$PY" -m pip install -q --upgrade pip
+  export PIP_DISABLE_PIP_VERSION_CHECK=1
   # The CPU build of torch lies on local disk; an unpinned torch would pull a multi-GB CUDA build.
   "$PY" -m pip install -q "torch==2.13.0"
   "$PY" -m pip install -q -e "$ROOT[dev]"

@@ -1,0 +1,500 @@
+"""Recipes: one YAML file per training run, loaded strictly into typed dataclasses.
+
+A recipe has a one-line `description` and one mapping per section (target, drafter, data,
+loss, train, eval, checkpoint, log, run). Values are plain (`loss: {name: forward_kl}`),
+`null` means off / use the default rule. Command-line overrides take the form
+`section.key=value`, the value read as YAML (`train.lr=1e-4`, `drafter.layers_from_target=[0,5]`,
+`run.name=null`). Unknown keys fail with the list of valid ones; wrong types name the key.
+The resolved config (defaults and overrides applied) is written into the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Iterable, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from draftsmith.errors import DraftsmithError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+"""The repository's `recipes/` folder; names like `smollm2-135m/small_lm-kd` resolve under it."""
+
+_ACCELERATE_DIR = "accelerate"
+"""Subfolder of RECIPES_DIR holding `accelerate launch` configs, not recipes."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (YAML 1.2), not the string YAML 1.1 makes it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper writing sections as blocks and lists inline (`layers_from_target: [0, 10]`)."""
+
+
+_Dumper.add_representer(
+    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True))
+
+
+def _parse_yaml(text: str, where: str) -> object:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise DraftsmithError(f"{where} is not valid YAML", str(e).replace("\n", " "),
+                              "Fix the YAML syntax") from None
+
+
+# ---------------------------------------------------------------- type checks
+
+def _describe(hint) -> str:
+    if get_origin(hint) in (Union, types.UnionType):
+        inner = next(a for a in get_args(hint) if a is not type(None))
+        return f"{_describe(inner)} or null"
+    if get_origin(hint) is list:
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+        return f"a list of {plural[get_args(hint)[0]]}"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[hint]
+
+
+def _coerce(value, hint, key: str):
+    """`value` checked against `hint`; ints become floats for float fields. Raises naming `key`."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in get_args(hint) if a is not type(None))
+        origin = get_origin(hint)
+    elif value is None:
+        raise DraftsmithError(f"{key} cannot be null", fix=f"Set {key} to {_describe(hint)}")
+    if origin is list:
+        if isinstance(value, list):
+            return [_coerce(v, get_args(hint)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, hint):
+        return value
+    raise DraftsmithError(f"{key} must be {_describe(hint)}", value,
+                          f"Set {key} to {_describe(hint)} in the recipe, or override it with {key}=VALUE")
+
+
+def _check(ok: bool, key: str, value, fix: str) -> None:
+    if not ok:
+        raise DraftsmithError(f"invalid {key}", value, fix)
+
+
+def _check_choice(key: str, value, choices: Iterable[str]) -> None:
+    choices = list(choices)
+    _check(value in choices, key, value, f"Use one of: {', '.join(choices)}")
+
+
+def _check_min(key: str, value, low, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    _check(value >= low, key, value, f"Use a value >= {low}" + (", or null" if allow_none else ""))
+
+
+@dataclass
+class _Section:
+    """Base of the recipe sections: checks each field's type, then the section's own rules."""
+
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            key = f"{self.section}.{f.name}"
+            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], key))
+        self.validate()
+
+    def validate(self) -> None:
+        """Section-specific checks; raise DraftsmithError naming `section.key`."""
+
+
+# ---------------------------------------------------------------- sections
+
+@dataclass
+class TargetConfig(_Section):
+    section: ClassVar[str] = "target"
+    name: str
+    """Asset name (`smollm2-135m-instruct`, `gemma3-270m`), a model folder, a .gguf file or a hub id."""
+    dtype: str = "auto"
+    """auto | fp32 | bf16 | fp16 (auto: bf16 on a GPU that has it, else fp32)."""
+
+    def validate(self) -> None:
+        _check(bool(self.name.strip()), "target.name", self.name,
+               "Name an asset (smollm2-135m-instruct), a model folder, a .gguf file or a hub id")
+        _check_choice("target.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+
+
+def _trainable_kinds() -> list[str]:
+    from draftsmith.models import DRAFTER_KINDS
+
+    # prompt lookup has no weights: nothing to train
+    return [k for k in DRAFTER_KINDS if k != "prompt_lookup"]
+
+
+@dataclass
+class DrafterConfig(_Section):
+    section: ClassVar[str] = "drafter"
+    kind: str = "small_lm"
+    """Drafter architecture, a key of the drafter registry in draftsmith.models."""
+    num_layers: int = 4
+    """Decoder layers in the drafter."""
+    hidden_size: int | None = None
+    """Hidden width; null = the target's."""
+    intermediate_size: int | None = None
+    """MLP width; null = the target's."""
+    init: str = "target"
+    """target (copy weights from the target's layers) | random."""
+    layers_from_target: list[int] | None = None
+    """Target layers copied into the drafter (init: target); null = evenly spaced over the target."""
+
+    def validate(self) -> None:
+        _check_choice("drafter.kind", self.kind, _trainable_kinds())
+        _check_min("drafter.num_layers", self.num_layers, 1)
+        _check_min("drafter.hidden_size", self.hidden_size, 1, allow_none=True)
+        _check_min("drafter.intermediate_size", self.intermediate_size, 1, allow_none=True)
+        _check_choice("drafter.init", self.init, ("target", "random"))
+        layers = self.layers_from_target
+        if layers is None:
+            return
+        _check(self.init == "target", "drafter.layers_from_target", layers,
+               "Layers are copied only with drafter.init=target; set drafter.layers_from_target=null")
+        _check(len(layers) == self.num_layers, "drafter.layers_from_target", layers,
+               f"Give one target layer per drafter layer ({self.num_layers}), or null for evenly spaced")
+        _check(all(i >= 0 for i in layers) and len(set(layers)) == len(layers),
+               "drafter.layers_from_target", layers, "Use distinct layer indices >= 0")
+
+
+@dataclass
+class DataConfig(_Section):
+    section: ClassVar[str] = "data"
+    source: str = "sharegpt"
+    """sharegpt (the bundled ShareGPT V3 asset) | a .jsonl file of conversations | a saved dataset folder."""
+    max_length: int = 512
+    """Tokens per training sequence; longer conversations are truncated."""
+    packing: bool = False
+    """Concatenate conversations into full max_length rows instead of padding each."""
+    heldout_fraction: float = 0.02
+    """Share of conversations kept out of training for evaluation."""
+    max_conversations: int | None = None
+    """Use at most this many conversations; null = all."""
+    cache_dir: str | None = None
+    """Where tokenized datasets are cached; null = the default cache folder."""
+
+    def validate(self) -> None:
+        _check(bool(self.source.strip()), "data.source", self.source,
+               "Use sharegpt, a path to a .jsonl file, or a saved dataset folder")
+        _check_min("data.max_length", self.max_length, 2)
+        _check(0.0 <= self.heldout_fraction < 1.0, "data.heldout_fraction", self.heldout_fraction,
+               "Use a fraction in [0, 1), e.g. 0.02")
+        _check_min("data.max_conversations", self.max_conversations, 1, allow_none=True)
+
+
+@dataclass
+class LossConfig(_Section):
+    section: ClassVar[str] = "loss"
+    name: str = "forward_kl"
+    """A key of draftsmith.distill.losses.LOSSES (forward_kl = KL(p || q), p the target's)."""
+    temperature: float = 1.0
+    """Softmax temperature applied to both p and q."""
+    beta: float = 0.5
+    """Mixing weight of the JSD (loss jsd only)."""
+    top_k: int = 10
+    """Target tokens kept per position (loss topk_forward_kl only)."""
+    data_ce_weight: float = 0.0
+    """Weight of an added cross-entropy on the data's own tokens; 0 = off."""
+
+    def validate(self) -> None:
+        from draftsmith.distill.losses import LOSSES
+
+        _check_choice("loss.name", self.name, sorted(LOSSES))
+        _check(self.temperature > 0, "loss.temperature", self.temperature, "Use a temperature > 0")
+        _check(0.0 <= self.beta <= 1.0, "loss.beta", self.beta, "Use a value in [0, 1]")
+        _check_min("loss.top_k", self.top_k, 1)
+        _check_min("loss.data_ce_weight", self.data_ce_weight, 0.0)
+
+
+@dataclass
+class TrainConfig(_Section):
+    section: ClassVar[str] = "train"
+    max_steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 4
+    """Sequences per process per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 50
+    """Linear warm-up steps, then cosine decay to lr * min_lr_ratio."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping norm; null = no clipping."""
+    mixed_precision: str = "auto"
+    """auto | no | bf16 | fp16 (auto: the trainer picks bf16 where the hardware runs it fast)."""
+    seed: int = 0
+    """Seed for the drafter's initialisation, data order and held-out split."""
+    max_minutes: float | None = None
+    """Stop early (still checkpointing) once the wall clock passes this; null = no limit."""
+
+    def validate(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum"):
+            _check_min(f"train.{key}", getattr(self, key), 1)
+        _check(self.lr > 0, "train.lr", self.lr, "Use a learning rate > 0, e.g. 3e-4")
+        _check_min("train.weight_decay", self.weight_decay, 0.0)
+        _check_min("train.warmup_steps", self.warmup_steps, 0)
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio,
+               "Use a fraction in [0, 1]")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm",
+               self.max_grad_norm, "Use a norm > 0, or null for no clipping")
+        _check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        _check_min("train.seed", self.seed, 0)
+        _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes",
+               self.max_minutes, "Use minutes > 0, or null for no limit")
+
+
+@dataclass
+class EvalConfig(_Section):
+    section: ClassVar[str] = "eval"
+    every: int = 100
+    """Evaluate on held-out data every this many steps (and at the end)."""
+    batches: int = 8
+    """Held-out batches per evaluation."""
+    k_max: int = 8
+    """Draft positions scored: alpha_1..alpha_k_max and expected tau are reported per k."""
+
+    def validate(self) -> None:
+        for key in ("every", "batches", "k_max"):
+            _check_min(f"eval.{key}", getattr(self, key), 1)
+
+
+@dataclass
+class CheckpointConfig(_Section):
+    section: ClassVar[str] = "checkpoint"
+    every: int = 100
+    """Save a resumable checkpoint every this many steps (and at the end)."""
+    keep: int = 2
+    """Most recent checkpoints kept on disk."""
+
+    def validate(self) -> None:
+        _check_min("checkpoint.every", self.every, 1)
+        _check_min("checkpoint.keep", self.keep, 1)
+
+
+@dataclass
+class LogConfig(_Section):
+    section: ClassVar[str] = "log"
+    every: int = 10
+    """Log training metrics every this many steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files into the run folder."""
+
+    def validate(self) -> None:
+        _check_min("log.every", self.every, 1)
+
+
+@dataclass
+class RunConfig(_Section):
+    section: ClassVar[str] = "run"
+    name: str | None = None
+    """Run folder name under out_dir; null = the recipe file's stem."""
+    out_dir: str = "runs"
+    """Folder holding run folders."""
+
+    def validate(self) -> None:
+        if self.name is not None:
+            _check(bool(self.name.strip()) and "/" not in self.name and "\\" not in self.name,
+                   "run.name", self.name, "Use a plain folder name without slashes, or null")
+        _check(bool(self.out_dir.strip()), "run.out_dir", self.out_dir, "Use a folder path, e.g. runs")
+
+
+@dataclass
+class RecipeConfig:
+    """A whole recipe: `description` plus one dataclass per section."""
+
+    description: str
+    """One line, shown by `draftsmith recipes`."""
+    target: TargetConfig
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.description, str) and bool(self.description.strip())
+               and "\n" not in self.description.strip(), "description", self.description,
+               "Write a one-line description: what the recipe trains, against which target")
+
+    @property
+    def run_dir(self) -> Path:
+        """`run.out_dir / run.name` (run.name is filled from the recipe's stem by load_recipe)."""
+        if self.run.name is None:
+            raise DraftsmithError("run.name is not set", fix="Set run.name, or load the recipe with load_recipe")
+        return Path(self.run.out_dir) / self.run.name
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    name: hint for name, hint in get_type_hints(RecipeConfig).items() if name != "description"
+}
+"""Section name -> its dataclass, in recipe order."""
+
+
+# ---------------------------------------------------------------- loading
+
+def _unknown_key(where: str, key: object, valid: Iterable[str]) -> DraftsmithError:
+    return DraftsmithError(f"unknown key in {where}", key, f"Valid keys: {', '.join(valid)}")
+
+
+def _from_dict(raw: object) -> RecipeConfig:
+    if not isinstance(raw, dict):
+        raise DraftsmithError("a recipe must be a YAML mapping of sections", type(raw).__name__,
+                              f"Start from a recipe under {RECIPES_DIR}")
+    top_keys = ["description", *SECTIONS]
+    for key in raw:
+        if key not in top_keys:
+            raise _unknown_key("the recipe's top level", key, top_keys)
+    if "description" not in raw:
+        raise DraftsmithError("description is required", fix="Add a one-line `description:` at the top")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise DraftsmithError(f"{name} must be a mapping of keys", values,
+                                  f"Write `{name}:` followed by indented `key: value` lines")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in valid:
+                raise _unknown_key(f"section {name}", key, valid)
+        for f in dataclasses.fields(cls):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required and f.name not in values:
+                raise DraftsmithError(f"{name}.{f.name} is required", fix=f"Add `{f.name}:` under `{name}:`")
+        sections[name] = cls(**values)
+    return RecipeConfig(description=raw["description"], **sections)
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Set `section.key=value` (value read as YAML) in the raw recipe mapping `raw`."""
+    if "=" not in override:
+        raise DraftsmithError("an override needs the form section.key=value", override,
+                              "e.g. train.lr=1e-4 or run.name=null")
+    key, text = override.split("=", 1)
+    parts = key.strip().split(".")
+    value = _parse_yaml(text, f"the value of override {key.strip()}")
+    if parts == ["description"]:
+        raw["description"] = value
+        return
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise DraftsmithError("an override must name section.key", override,
+                              f"Sections: {', '.join(SECTIONS)}")
+    section, name = parts
+    valid = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    if name not in valid:
+        raise _unknown_key(f"override of section {section}", name, valid)
+    if raw.get(section) is None:
+        raw[section] = {}
+    if isinstance(raw[section], dict):  # otherwise loading reports the malformed section
+        raw[section][name] = value
+
+
+def resolve_recipe_path(name_or_path: str | Path) -> Path:
+    """A YAML file path, or a recipe name under RECIPES_DIR (`smollm2-135m/small_lm-kd[.yaml]`)."""
+    path = Path(name_or_path).expanduser()
+    candidates = [path, RECIPES_DIR / path]
+    if path.suffix not in (".yaml", ".yml"):
+        candidates.append(RECIPES_DIR / f"{path}.yaml")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise DraftsmithError("recipe not found", str(name_or_path),
+                          "List recipes with `draftsmith recipes`, or pass a path to a YAML file")
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> RecipeConfig:
+    """Load a recipe (a path or a name under RECIPES_DIR), apply overrides, validate.
+
+    `run.name` left null is filled with the recipe file's stem, so the result is fully resolved.
+    """
+    path = resolve_recipe_path(path)
+    raw = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    raw = {} if raw is None else raw
+    try:
+        if isinstance(raw, dict):
+            for override in overrides:
+                apply_override(raw, override)
+        cfg = _from_dict(raw)
+    except DraftsmithError as e:
+        raise DraftsmithError(f"{path}: {e}") from None
+    if cfg.run.name is None:
+        cfg.run.name = path.stem
+    return cfg
+
+
+def to_dict(cfg: RecipeConfig) -> dict:
+    """The recipe as plain nested dicts, in recipe order (description, then sections)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg: RecipeConfig, run_dir: str | Path) -> Path:
+    """Write the resolved recipe to `run_dir/config.yaml`; load_recipe of that file gives `cfg`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.yaml"
+    text = yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, width=1000, allow_unicode=True)
+    out.write_text("# Resolved recipe: defaults and overrides applied.\n" + text, encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------- listing
+
+def list_recipes(root: str | Path | None = None) -> list[tuple[str, str]]:
+    """(name, description) of every `*.yaml` under `root` (default RECIPES_DIR), accelerate configs excepted."""
+    root = Path(root) if root is not None else RECIPES_DIR
+    rows = []
+    for path in sorted(root.rglob("*.yaml")):
+        rel = path.relative_to(root)
+        if rel.parts[0] == _ACCELERATE_DIR:
+            continue
+        try:
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+            description = str(raw.get("description", "")) if isinstance(raw, dict) else ""
+        except yaml.YAMLError:
+            description = "(invalid YAML)"
+        rows.append((rel.with_suffix("").as_posix(), description))
+    return rows
+
+
+def format_recipes_table(rows: list[tuple[str, str]]) -> str:
+    """Two aligned columns, recipe name and description, for `draftsmith recipes`."""
+    if not rows:
+        return "no recipes found"
+    width = max(len("recipe"), *(len(name) for name, _ in rows))
+    lines = [f"{'recipe':<{width}}  description", f"{'-' * width}  {'-' * len('description')}"]
+    lines += [f"{name:<{width}}  {description}" for name, description in rows]
+    return "\n".join(lines)

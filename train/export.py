@@ -1,0 +1,108 @@
+"""`draftsmith export RUN_DIR --format hf --out DIR`: a transformers folder and a model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from draftsmith.errors import DraftsmithError
+
+FORMATS = ("hf",)
+
+
+def _checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
+    from draftsmith.train.trainer import is_complete, latest_checkpoint
+
+    if checkpoint:
+        ckpt = Path(checkpoint) if Path(checkpoint).is_dir() else run_dir / "checkpoints" / checkpoint
+        if not is_complete(ckpt):
+            raise DraftsmithError("This checkpoint is missing or incomplete", str(ckpt))
+        return ckpt
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise DraftsmithError("No complete checkpoint in this run folder", str(run_dir),
+                              "Train first (draftsmith train <recipe>), or point at a run folder under runs/")
+    return ckpt
+
+
+def _eval_reports(run_dir: Path) -> list[tuple[str, dict]]:
+    found = []
+    for path in sorted(run_dir.glob("**/report.json")):
+        try:
+            found.append((str(path.parent.relative_to(run_dir)), json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def model_card(run_dir: Path, ckpt: Path, config: dict) -> str:
+    meta = json.loads((ckpt / "meta.json").read_text())
+    metrics = meta.get("metrics", {})
+    lines = [
+        "---", "library_name: transformers", "tags: [draftsmith, speculative-decoding, drafter]", "---", "",
+        f"# Drafter for {config['target']['name']}", "",
+        f"A `{config['drafter']['kind']}` drafter trained by draftsmith for speculative decoding with the target "
+        f"`{config['target']['name']}`. It shares the target's tokenizer; decoding with it is lossless (the target "
+        "verifies every token).", "",
+        "| field | value |", "|---|---|",
+        f"| target | `{config['target']['name']}` |",
+        f"| recipe | {config.get('description', '')} |",
+        f"| data | `{config['data']['source']}` (max_length {config['data']['max_length']}, "
+        f"held-out fraction {config['data']['heldout_fraction']}) |",
+        f"| loss | `{config['loss']['name']}` (temperature {config['loss']['temperature']}) |",
+        f"| steps | {meta['step']} of {config['train']['max_steps']} |",
+    ]
+    for key in ("heldout_loss", "acceptance_estimate", "greedy_match", "tau_greedy_k4"):
+        if key in metrics:
+            lines.append(f"| held-out {key} | {metrics[key]:.4f} |")
+    for where, report in _eval_reports(run_dir):
+        c = report.get("config", {})
+        lines.append(f"| τ ({where}: {c.get('bench')}, k={c.get('k')}, T={c.get('temperature')}) | "
+                     f"{report.get('tau', float('nan')):.3f} (speedup {report.get('speedup') or float('nan'):.2f}x) |")
+    lines += ["", "## Use", "", "```bash",
+              f"draftsmith eval --target {config['target']['name']} --drafter <this folder> --bench mt_bench --out eval/",
+              "```", "", "```python",
+              "from transformers import AutoModelForCausalLM",
+              "drafter = AutoModelForCausalLM.from_pretrained('<this folder>')",
+              "out = target.generate(ids, assistant_model=drafter, do_sample=False)",
+              "```", "", "## Resolved recipe", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def export(run_dir: str | Path, fmt: str, out: str | Path, checkpoint: str | None = None,
+           overwrite: bool = False) -> Path:
+    from transformers import AutoTokenizer
+
+    from draftsmith.models.target import resolve_model_folder
+
+    run_dir, out = Path(run_dir), Path(out)
+    if fmt not in FORMATS:
+        raise DraftsmithError("Unknown export format", fmt, f"Use one of: {', '.join(FORMATS)}")
+    if not (run_dir / "config.yaml").exists():
+        raise DraftsmithError("Not a draftsmith run folder (no config.yaml)", str(run_dir))
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DraftsmithError("The export folder is not empty", str(out), "Pick another --out or pass --overwrite")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    ckpt = _checkpoint(run_dir, checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        for f in (ckpt / "drafter").iterdir():
+            shutil.copy2(f, tmp / f.name)
+        folder, _ = resolve_model_folder(config["target"]["name"])
+        AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(run_dir, ckpt, config))
+        (tmp / "draftsmith.json").write_text(json.dumps(
+            {"kind": config["drafter"]["kind"], "target": config["target"]["name"], "step": json.loads(
+                (ckpt / "meta.json").read_text())["step"], "run": str(run_dir)}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,110 @@
+"""`draftsmith train`: recipe -> run folder. Works as one process or under `accelerate launch`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from draftsmith.errors import DraftsmithError
+
+
+def make_accelerator(cfg):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    from draftsmith.train.trainer import resolve_mixed_precision
+
+    precision = resolve_mixed_precision(cfg.train.mixed_precision, "cuda" if cuda else "cpu")
+    # multi-process on CPU needs gloo (NCCL is CUDA-only)
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if multi and not cuda else []
+    return Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=precision,
+                       kwargs_handlers=handlers)
+
+
+def prepare_run_dir(cfg, resume: bool, overwrite: bool, is_main: bool) -> Path:
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    has_checkpoints = any((run_dir / "checkpoints").glob("step-*"))
+    if has_checkpoints and not (resume or overwrite):
+        raise DraftsmithError("The run folder already holds checkpoints", str(run_dir),
+                              "Pass --resume to continue it, --overwrite to start again, or set run.name=...")
+    if overwrite and is_main and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def load_data(cfg, tokenizer):
+    """Tokenised train and held-out rows; the split is by conversation and stable across runs."""
+    from draftsmith.distill.data import build_dataset, load_conversations, split_conversations
+
+    conversations = load_conversations(cfg.data.source)
+    train, heldout = split_conversations(conversations, cfg.data.heldout_fraction)
+    if cfg.data.max_conversations is not None:
+        train = train[: cfg.data.max_conversations]
+    if not train or not heldout:
+        raise DraftsmithError("The data split left no training or no held-out conversations",
+                              f"{len(train)} train / {len(heldout)} held out",
+                              "Use more data or change data.heldout_fraction")
+    from draftsmith.models.target import cache_root
+
+    cache = cfg.data.cache_dir or str(cache_root() / "data")
+    train_rows = build_dataset(train, tokenizer, cfg.data.max_length, cache_dir=cache, packing=cfg.data.packing)
+    heldout_rows = build_dataset(heldout, tokenizer, cfg.data.max_length, cache_dir=cache, packing=False)
+    return train_rows, heldout_rows
+
+
+def build_drafter(cfg, target_model):
+    from draftsmith.models.small_lm import build_small_lm
+
+    d = cfg.drafter
+    if d.kind != "small_lm":
+        raise DraftsmithError("This trainer builds small_lm drafters only for now", d.kind)
+    torch.manual_seed(cfg.train.seed)
+    drafter = build_small_lm(target_model, d.num_layers, d.hidden_size, d.intermediate_size, d.init,
+                             d.layers_from_target)
+    return drafter.float()   # fp32 master weights; autocast handles bf16 compute
+
+
+def train(recipe: str, overrides: list[str] = (), resume: bool = False, overwrite: bool = False) -> dict:
+    from accelerate.utils import set_seed
+
+    from draftsmith.models.target import load_target
+    from draftsmith.train.config import load_recipe, resolve_recipe_path, save_resolved
+    from draftsmith.train.trainer import Trainer, latest_checkpoint
+
+    path = resolve_recipe_path(recipe)
+    cfg = load_recipe(path, overrides)
+    if cfg.run.name is None:
+        cfg.run.name = path.stem
+    acc = make_accelerator(cfg)
+    set_seed(cfg.train.seed)
+    run_dir = prepare_run_dir(cfg, resume, overwrite, acc.is_main_process)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_resolved(cfg, run_dir)
+    target = load_target(cfg.target.name, cfg.target.dtype, device=str(acc.device))
+    with acc.main_process_first():
+        train_rows, heldout_rows = load_data(cfg, target.tokenizer)
+    drafter = build_drafter(cfg, target.model)
+    trainer = Trainer(cfg, run_dir, acc, target, drafter, train_rows, heldout_rows)
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            trainer.load(ckpt)
+            if acc.is_main_process:
+                print(f"[draftsmith] resumed from {ckpt} (step {trainer.step})", flush=True)
+    summary = trainer.fit()
+    if acc.is_main_process:
+        parts = [f"step {summary['step']}", f"{summary['minutes']:.1f} min", f"{summary['tokens']} tokens"]
+        if "greedy_match" in summary:
+            parts += [f"heldout_loss {summary['heldout_loss']:.4f}", f"greedy_match {summary['greedy_match']:.3f}",
+                      f"predicted tau(k=4) {summary['tau_greedy_k4']:.2f}"]
+        print(f"[draftsmith] done: {run_dir} | " + " | ".join(parts), flush=True)
+    acc.end_training()
+    return summary
