@@ -105,27 +105,33 @@ def _check_choice(key: str, value, choices: Iterable[str]) -> None:
     _check(value in choices, key, value, f"Use one of: {', '.join(choices)}")
 
 
-def _check_min(key: str, value, low, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    _check(value >= low, key, value, f"Use a value >= {low}" + (", or null" if allow_none else ""))
-
-
 @dataclass
 class _Section:
-    """Base of the recipe sections: checks each field's type, then the section's own rules."""
+    """Base of the recipe sections: checks types, then the bounds declared below, then validate()."""
 
     section: ClassVar[str] = ""
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
+    at_least: ClassVar[dict[str, float]] = {}
+    """field -> lowest allowed value (null passes: for Optional fields it means off / default)."""
+    above: ClassVar[dict[str, float]] = {}
+    """field -> bound the value must exceed (null passes)."""
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            key = f"{self.section}.{f.name}"
-            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], key))
+            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f"{self.section}.{f.name}"))
+        for name, allowed in self.choices.items():
+            _check_choice(f"{self.section}.{name}", getattr(self, name), allowed)
+        for bounds, ok, word in ((self.at_least, float.__ge__, ">="), (self.above, float.__gt__, ">")):
+            for name, low in bounds.items():
+                value = getattr(self, name)
+                off = ", or null for off" if get_origin(hints[name]) in (Union, types.UnionType) else ""
+                _check(value is None or ok(float(value), float(low)), f"{self.section}.{name}", value,
+                       f"Use a value {word} {low}{off}")
         self.validate()
 
     def validate(self) -> None:
-        """Section-specific checks; raise DraftsmithError naming `section.key`."""
+        """Checks beyond types, choices and bounds; raise DraftsmithError naming `section.key`."""
 
 
 # ---------------------------------------------------------------- sections
@@ -133,6 +139,7 @@ class _Section:
 @dataclass
 class TargetConfig(_Section):
     section: ClassVar[str] = "target"
+    choices: ClassVar = {"dtype": ("auto", "fp32", "bf16", "fp16")}
     name: str
     """Asset name (`smollm2-135m-instruct`, `gemma3-270m`), a model folder, a .gguf file or a hub id."""
     dtype: str = "auto"
@@ -141,19 +148,13 @@ class TargetConfig(_Section):
     def validate(self) -> None:
         _check(bool(self.name.strip()), "target.name", self.name,
                "Name an asset (smollm2-135m-instruct), a model folder, a .gguf file or a hub id")
-        _check_choice("target.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
-
-
-def _trainable_kinds() -> list[str]:
-    from draftsmith.models import DRAFTER_KINDS
-
-    # prompt lookup has no weights: nothing to train
-    return [k for k in DRAFTER_KINDS if k != "prompt_lookup"]
 
 
 @dataclass
 class DrafterConfig(_Section):
     section: ClassVar[str] = "drafter"
+    choices: ClassVar = {"init": ("target", "random")}
+    at_least: ClassVar = {"num_layers": 1, "hidden_size": 1, "intermediate_size": 1}
     kind: str = "small_lm"
     """Drafter architecture, a key of the drafter registry in draftsmith.models."""
     num_layers: int = 4
@@ -166,13 +167,14 @@ class DrafterConfig(_Section):
     """target (copy weights from the target's layers) | random."""
     layers_from_target: list[int] | None = None
     """Target layers copied into the drafter (init: target); null = evenly spaced over the target."""
+    freeze_embeddings: bool = False
+    """Keep the token embeddings and LM head (the target's, with init: target) frozen."""
 
     def validate(self) -> None:
-        _check_choice("drafter.kind", self.kind, _trainable_kinds())
-        _check_min("drafter.num_layers", self.num_layers, 1)
-        _check_min("drafter.hidden_size", self.hidden_size, 1, allow_none=True)
-        _check_min("drafter.intermediate_size", self.intermediate_size, 1, allow_none=True)
-        _check_choice("drafter.init", self.init, ("target", "random"))
+        from draftsmith.models import DRAFTER_KINDS
+
+        # prompt lookup has no weights: nothing to train
+        _check_choice("drafter.kind", self.kind, [k for k in DRAFTER_KINDS if k != "prompt_lookup"])
         layers = self.layers_from_target
         if layers is None:
             return
@@ -187,6 +189,7 @@ class DrafterConfig(_Section):
 @dataclass
 class DataConfig(_Section):
     section: ClassVar[str] = "data"
+    at_least: ClassVar = {"max_length": 2, "heldout_fraction": 0.0, "max_conversations": 1}
     source: str = "sharegpt"
     """sharegpt (the bundled ShareGPT V3 asset) | a .jsonl file of conversations | a saved dataset folder."""
     max_length: int = 512
@@ -203,15 +206,15 @@ class DataConfig(_Section):
     def validate(self) -> None:
         _check(bool(self.source.strip()), "data.source", self.source,
                "Use sharegpt, a path to a .jsonl file, or a saved dataset folder")
-        _check_min("data.max_length", self.max_length, 2)
-        _check(0.0 <= self.heldout_fraction < 1.0, "data.heldout_fraction", self.heldout_fraction,
+        _check(self.heldout_fraction < 1.0, "data.heldout_fraction", self.heldout_fraction,
                "Use a fraction in [0, 1), e.g. 0.02")
-        _check_min("data.max_conversations", self.max_conversations, 1, allow_none=True)
 
 
 @dataclass
 class LossConfig(_Section):
     section: ClassVar[str] = "loss"
+    at_least: ClassVar = {"beta": 0.0, "top_k": 1, "data_ce_weight": 0.0}
+    above: ClassVar = {"temperature": 0.0}
     name: str = "forward_kl"
     """A key of draftsmith.distill.losses.LOSSES (forward_kl = KL(p || q), p the target's)."""
     temperature: float = 1.0
@@ -227,15 +230,16 @@ class LossConfig(_Section):
         from draftsmith.distill.losses import LOSSES
 
         _check_choice("loss.name", self.name, sorted(LOSSES))
-        _check(self.temperature > 0, "loss.temperature", self.temperature, "Use a temperature > 0")
-        _check(0.0 <= self.beta <= 1.0, "loss.beta", self.beta, "Use a value in [0, 1]")
-        _check_min("loss.top_k", self.top_k, 1)
-        _check_min("loss.data_ce_weight", self.data_ce_weight, 0.0)
+        _check(self.beta <= 1.0, "loss.beta", self.beta, "Use a value in [0, 1]")
 
 
 @dataclass
 class TrainConfig(_Section):
     section: ClassVar[str] = "train"
+    choices: ClassVar = {"mixed_precision": ("auto", "no", "bf16", "fp16")}
+    at_least: ClassVar = {"max_steps": 0, "batch_size": 1, "grad_accum": 1, "weight_decay": 0.0,
+                          "warmup_steps": 0, "min_lr_ratio": 0.0, "seed": 0}
+    above: ClassVar = {"lr": 0.0, "max_grad_norm": 0.0, "max_minutes": 0.0}
     max_steps: int = 1000
     """Optimizer steps."""
     batch_size: int = 4
@@ -260,24 +264,13 @@ class TrainConfig(_Section):
     """Stop early (still checkpointing) once the wall clock passes this; null = no limit."""
 
     def validate(self) -> None:
-        for key in ("max_steps", "batch_size", "grad_accum"):
-            _check_min(f"train.{key}", getattr(self, key), 1)
-        _check(self.lr > 0, "train.lr", self.lr, "Use a learning rate > 0, e.g. 3e-4")
-        _check_min("train.weight_decay", self.weight_decay, 0.0)
-        _check_min("train.warmup_steps", self.warmup_steps, 0)
-        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio,
-               "Use a fraction in [0, 1]")
-        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm",
-               self.max_grad_norm, "Use a norm > 0, or null for no clipping")
-        _check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
-        _check_min("train.seed", self.seed, 0)
-        _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes",
-               self.max_minutes, "Use minutes > 0, or null for no limit")
+        _check(self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "Use a fraction in [0, 1]")
 
 
 @dataclass
 class EvalConfig(_Section):
     section: ClassVar[str] = "eval"
+    at_least: ClassVar = {"every": 1, "batches": 1, "k_max": 1}
     every: int = 100
     """Evaluate on held-out data every this many steps (and at the end)."""
     batches: int = 8
@@ -285,34 +278,25 @@ class EvalConfig(_Section):
     k_max: int = 8
     """Draft positions scored: alpha_1..alpha_k_max and expected tau are reported per k."""
 
-    def validate(self) -> None:
-        for key in ("every", "batches", "k_max"):
-            _check_min(f"eval.{key}", getattr(self, key), 1)
-
 
 @dataclass
 class CheckpointConfig(_Section):
     section: ClassVar[str] = "checkpoint"
+    at_least: ClassVar = {"every": 1, "keep": 1}
     every: int = 100
     """Save a resumable checkpoint every this many steps (and at the end)."""
     keep: int = 2
     """Most recent checkpoints kept on disk."""
 
-    def validate(self) -> None:
-        _check_min("checkpoint.every", self.every, 1)
-        _check_min("checkpoint.keep", self.keep, 1)
-
 
 @dataclass
 class LogConfig(_Section):
     section: ClassVar[str] = "log"
+    at_least: ClassVar = {"every": 1}
     every: int = 10
     """Log training metrics every this many steps."""
     tensorboard: bool = True
     """Also write TensorBoard event files into the run folder."""
-
-    def validate(self) -> None:
-        _check_min("log.every", self.every, 1)
 
 
 @dataclass

@@ -22,7 +22,9 @@ def make_accelerator(cfg):
     # multi-process on CPU needs gloo (NCCL is CUDA-only)
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if multi and not cuda else []
-    return Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=precision,
+    # cpu=True: without it a CPU-only multi-process launch runs as DistributedType.NO and never
+    # syncs gradients
+    return Accelerator(cpu=not cuda, gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=precision,
                        kwargs_handlers=handlers)
 
 
@@ -68,6 +70,9 @@ def build_drafter(cfg, target_model):
     torch.manual_seed(cfg.train.seed)
     drafter = build_small_lm(target_model, d.num_layers, d.hidden_size, d.intermediate_size, d.init,
                              d.layers_from_target)
+    if d.freeze_embeddings:
+        drafter.get_input_embeddings().requires_grad_(False)
+        drafter.get_output_embeddings().requires_grad_(False)
     return drafter.float()   # fp32 master weights; autocast handles bf16 compute
 
 

@@ -16,6 +16,20 @@ def target_logits(target_model: torch.nn.Module, input_ids, attention_mask, pred
         return target_model.get_output_embeddings()(hidden[:, :-1][pred_mask])
 
 
+class MaskedHead(torch.nn.Module):
+    """The drafter as the trainer wraps it (DDP/FSDP/DeepSpeed wrap this module): its LM head runs
+    only on the trained positions, which saves the head's cost on prompts and padding."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, pred_mask) -> torch.Tensor:
+        base = getattr(self.model, self.model.base_model_prefix)
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        return self.model.get_output_embeddings()(hidden[:, :-1][pred_mask])                # [N, V]
+
+
 def distill_loss(loss_cfg, t_logits: torch.Tensor, d_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The recipe's loss between target p and drafter q, plus an optional CE on the data's tokens."""
     fn = losses.get_loss(loss_cfg.name)
@@ -38,7 +52,7 @@ def forward_batch(target_model, drafter, batch: dict, loss_cfg) -> tuple[torch.T
     ids, attention = batch["input_ids"], batch["attention_mask"]
     pred_mask = batch["loss_mask"][:, 1:] & attention[:, :-1].bool()   # predict token t+1 at position t
     t_logits = target_logits(target_model, ids, attention, pred_mask)
-    d_logits = drafter(input_ids=ids, attention_mask=attention).logits[:, :-1][pred_mask]   # [N, V]
+    d_logits = drafter(ids, attention, pred_mask)   # [N, V]; drafter is a (wrapped) MaskedHead
     labels = ids[:, 1:][pred_mask]
     return distill_loss(loss_cfg, t_logits, d_logits, labels), t_logits, d_logits
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from draftsmith.errors import DraftsmithError
 from draftsmith.train.data import BatchSchedule, collate
-from draftsmith.train.steps import forward_batch, heldout_metrics
+from draftsmith.train.steps import MaskedHead, forward_batch, heldout_metrics
 
 
 class TrainingDiverged(DraftsmithError):
@@ -83,12 +83,14 @@ class Trainer:
         t = cfg.train
         decay, no_decay = [], []
         for name, p in drafter.named_parameters():
+            if not p.requires_grad:
+                continue
             (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_with_warmup(t.warmup_steps, t.max_steps, t.min_lr_ratio))
-        self.drafter, self.optimizer = accelerator.prepare(drafter, optimizer)
+        self.drafter, self.optimizer = accelerator.prepare(MaskedHead(drafter), optimizer)
         # stepped by hand once per optimizer step (a prepared scheduler steps once per process)
         accelerator.register_for_checkpointing(self.scheduler)
         self.schedule = BatchSchedule(len(train_rows), t.batch_size, accelerator.num_processes,
@@ -140,9 +142,13 @@ class Trainer:
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp / "accelerate"))
+        # save_state ends without a barrier: every rank must have written its random_states_<rank>.pkl
+        # before rank 0 lists the folder's files into meta.json and renames it
+        self.acc.wait_for_everyone()
         state = self.acc.get_state_dict(self.drafter)
         if self.acc.is_main_process:
-            model = self.acc.unwrap_model(self.drafter)
+            model = self.acc.unwrap_model(self.drafter).model
+            state = {k.removeprefix("model."): v for k, v in state.items()}
             model.save_pretrained(tmp / "drafter", state_dict=state)
             meta = {"step": self.step, "micro_step": self.micro_step, "metrics": metrics or {},
                     "time": time.time(), "files": _file_sizes(tmp)}
@@ -180,7 +186,8 @@ class Trainer:
                     loss, _, _ = forward_batch(self.target.model, self.drafter, batch, cfg.loss)
                     if not torch.isfinite(acc.reduce(loss.detach(), reduction="mean")):
                         raise TrainingDiverged(
-                            f"The loss became {float(loss)} at step {self.step + 1}; the last good checkpoint is kept",
+                            f"The loss became {float(loss.detach())} at step {self.step + 1}; "
+                            "the last good checkpoint is kept",
                             str(self.run_dir), "Lower train.lr or use mixed_precision=no, then --resume")
                     acc.backward(loss)
                     if acc.sync_gradients and t.max_grad_norm:
@@ -190,7 +197,7 @@ class Trainer:
                 n_tok = int(batch["attention_mask"].sum()) * acc.num_processes
                 tokens_seen += n_tok
                 window_tokens += n_tok
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
                 loss_n += 1
             self.scheduler.step()
             self.step += 1
@@ -215,6 +222,11 @@ class Trainer:
                 if acc.is_main_process:
                     tqdm.write(f"train.max_minutes={t.max_minutes} reached at step {self.step}; checkpoint saved")
                 break
+        if self.step == 0 or not list_checkpoints(self.run_dir) or list_checkpoints(self.run_dir)[-1].name != f"step-{self.step:07d}":
+            # max_steps=0 (or a resumed run already at max_steps) still ends with an evaluated checkpoint
+            metrics = self.evaluate()
+            self.log(metrics)
+            self.save(metrics)
         bar.close()
         if self.tb is not None:
             self.tb.close()

@@ -1,0 +1,294 @@
+"""`draftsmith train` end to end on a tiny saved target: exact resume after SIGKILL, corrupt
+checkpoints, 2-process DDP on CPU (gloo), export as a transformers assistant model, divergence,
+refusing to clobber a run, max_steps=0.
+
+Every run uses one CPU thread (OMP_NUM_THREADS=1 in subprocesses, torch.set_num_threads(1) here):
+on a loaded 2-core machine a second OpenMP thread makes these tiny matmuls ~100x slower, and one
+thread everywhere also keeps the in-process and the subprocess runs numerically identical.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from draftsmith.cli import main
+from draftsmith.train import steps
+from draftsmith.train.data import BatchSchedule
+from draftsmith.train.run import train
+from draftsmith.train.trainer import TrainingDiverged, is_complete, latest_checkpoint
+
+from conftest import tiny_llama
+from tiny import make_tiny_tokenizer
+
+WORDS = ("the a cat dog runs fast slow red blue green answer question capital France Paris number "
+         "help you today code add two plus is what why how").split()
+STEPS_A = 40
+"""Steps of the shared run A: long enough that run B's SIGKILL, sent once step 4 is saved, lands
+well before the end (~25 ms per step here)."""
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Path:
+    """tmp/{target/ (tiny Llama + tokenizer), chats.jsonl, bench.jsonl, recipe.yaml, cache/, runs/}."""
+    root = tmp_path_factory.mktemp("training")
+    tok = make_tiny_tokenizer()
+    target = tiny_llama(0, layers=2, vocab=len(tok))
+    target.config.eos_token_id = tok.eos_token_id
+    target.save_pretrained(root / "target")
+    tok.save_pretrained(root / "target")
+    rng = random.Random(0)
+    with open(root / "chats.jsonl", "w") as f:
+        for _ in range(40):
+            messages = []
+            for turn in range(rng.randint(2, 4)):
+                role = ("user", "assistant")[turn % 2]
+                messages.append({"role": role, "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 10)))})
+            f.write(json.dumps({"messages": messages}) + "\n")
+    (root / "bench.jsonl").write_text('{"prompt": "What is the capital of France?"}\n')
+    recipe = {
+        "description": "tiny test recipe",
+        "target": {"name": str(root / "target"), "dtype": "fp32"},
+        "drafter": {"kind": "small_lm", "num_layers": 1, "init": "target"},
+        "data": {"source": str(root / "chats.jsonl"), "max_length": 64, "heldout_fraction": 0.2,
+                 "cache_dir": str(root / "cache")},
+        "train": {"max_steps": 8, "batch_size": 2, "lr": 1e-3, "warmup_steps": 2, "mixed_precision": "no",
+                  "seed": 0},
+        "eval": {"every": 4, "batches": 2},
+        "checkpoint": {"every": 2, "keep": 2},
+        "log": {"every": 1, "tensorboard": False},
+        "run": {"out_dir": str(root / "runs")},
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return root
+
+
+def cli_args(setup: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "draftsmith.cli", "train", str(setup / "recipe.yaml"), *args]
+
+
+def run_cli(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def run_a(setup) -> Path:
+    """An uninterrupted run of STEPS_A steps through the real CLI; tests only read it."""
+    run_cli(cli_args(setup, "run.name=a", f"train.max_steps={STEPS_A}"))
+    return setup / "runs" / "a"
+
+
+def ckpt_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:07d}"
+
+
+def assert_equal_tree(a, b, where: str = "") -> None:
+    """Bit-identical nested state: tensors by torch.equal, containers key by key."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and (a.dtype, a.shape) == (b.dtype, b.shape), where
+        assert torch.equal(a, b), f"{where} differs (max |a - b| {(a.double() - b.double()).abs().max():.3g})"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_equal_tree(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Same drafter weights, AdamW state and lr schedule, bit for bit."""
+    assert_equal_tree(load_file(a / "drafter" / "model.safetensors"), load_file(b / "drafter" / "model.safetensors"),
+                      "drafter")
+    assert_equal_tree(torch.load(a / "accelerate" / "optimizer.bin", weights_only=True),
+                      torch.load(b / "accelerate" / "optimizer.bin", weights_only=True), "optimizer")
+    assert_equal_tree(torch.load(a / "accelerate" / "custom_checkpoint_0.pkl", weights_only=False),
+                      torch.load(b / "accelerate" / "custom_checkpoint_0.pkl", weights_only=False), "scheduler")
+    meta_a, meta_b = (json.loads((c / "meta.json").read_text()) for c in (a, b))
+    assert (meta_a["step"], meta_a["micro_step"]) == (meta_b["step"], meta_b["micro_step"])
+
+
+# ------------------------------------------------------------------------------------ resume
+
+def test_resume_after_sigkill_is_bit_identical(setup, run_a, tmp_path):
+    log = open(tmp_path / "b.log", "w")
+    proc = subprocess.Popen(cli_args(setup, "run.name=b", f"train.max_steps={STEPS_A}"), env=ENV,
+                            stdout=log, stderr=subprocess.STDOUT)
+    run_b = setup / "runs" / "b"
+    deadline = time.time() + 120
+    try:
+        while not (ckpt_path(run_b, 4) / "meta.json").exists():
+            assert proc.poll() is None, f"run B exited early: {(tmp_path / 'b.log').read_text()[-3000:]}"
+            assert time.time() < deadline, "run B saved no step-4 checkpoint within 120 s"
+            time.sleep(0.002)
+        finished = (ckpt_path(run_b, STEPS_A) / "meta.json").exists()
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not finished, f"run B reached step {STEPS_A} before the kill; raise STEPS_A"
+    killed_at = latest_checkpoint(run_b)
+    assert killed_at is not None and 4 <= int(killed_at.name.split("-")[1]) < STEPS_A
+
+    resumed = run_cli(cli_args(setup, "run.name=b", f"train.max_steps={STEPS_A}", "--resume"))
+    assert f"resumed from {killed_at}" in resumed.stdout
+    assert_same_checkpoint(ckpt_path(run_a, STEPS_A), ckpt_path(run_b, STEPS_A))
+
+
+def test_corrupt_checkpoint_is_skipped(setup, run_a, tmp_path):
+    shutil.copytree(run_a, tmp_path / "a")
+    run_dir = tmp_path / "a"
+    newest, previous = ckpt_path(run_dir, STEPS_A), ckpt_path(run_dir, STEPS_A - 2)
+    weights = newest / "drafter" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    assert not is_complete(newest) and is_complete(previous)
+    with pytest.warns(UserWarning, match="skipping incomplete or corrupt checkpoint .*step-0000040"):
+        assert latest_checkpoint(run_dir) == previous
+
+    with pytest.warns(UserWarning, match="skipping incomplete or corrupt checkpoint"):
+        summary = train(str(setup / "recipe.yaml"), [f"run.out_dir={tmp_path}", "run.name=a",
+                                                     f"train.max_steps={STEPS_A}"], resume=True)
+    assert summary["step"] == STEPS_A
+    # two steps redone from the previous checkpoint land exactly where the uninterrupted run did
+    assert_same_checkpoint(ckpt_path(run_a, STEPS_A), newest)
+
+
+# ------------------------------------------------------------------------------------ DDP
+
+def test_batch_schedule_ranks_split_the_global_batch():
+    one = BatchSchedule(40, 4, world_size=1, rank=0, seed=3)
+    ranks = [BatchSchedule(40, 2, world_size=2, rank=r, seed=3) for r in (0, 1)]
+    for m in range(30):   # three epochs
+        halves = [s.indices(m) for s in ranks]
+        assert halves[0] + halves[1] == one.indices(m)
+        assert len(set(halves[0]) | set(halves[1])) == 4
+
+
+def test_two_process_ddp_gloo(setup, tmp_path):
+    """Two CPU processes (torchrun, gloo) against one process with grad_accum=2 reading the same
+    4 rows per step: the rank-mean of per-rank gradients equals the accumulated mean of two
+    micro-batches, so the weights agree only if every step all-reduced the gradients of both
+    ranks, each computed on its own half of the global batch with weights equal to rank 0's."""
+    run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             "-m", "draftsmith.cli", "train", str(setup / "recipe.yaml"), f"run.out_dir={tmp_path}", "run.name=ddp"])
+    ddp = ckpt_path(tmp_path / "ddp", 8)
+    assert is_complete(ddp)
+    assert {"accelerate/random_states_0.pkl", "accelerate/random_states_1.pkl"} <= set(
+        json.loads((ddp / "meta.json").read_text())["files"])
+    train(str(setup / "recipe.yaml"), [f"run.out_dir={tmp_path}", "run.name=ref", "train.grad_accum=2"])
+    ref = ckpt_path(tmp_path / "ref", 8)
+    w_ddp, w_ref = load_file(ddp / "drafter" / "model.safetensors"), load_file(ref / "drafter" / "model.safetensors")
+    assert w_ddp.keys() == w_ref.keys()
+    for key in w_ref:   # all-reduce and accumulation sum in different orders: equal up to rounding
+        torch.testing.assert_close(w_ddp[key], w_ref[key], rtol=1e-5, atol=1e-6, msg=key)
+    loss_ddp, loss_ref = (json.loads((c / "meta.json").read_text())["metrics"]["heldout_loss"] for c in (ddp, ref))
+    assert loss_ddp == pytest.approx(loss_ref, rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------ export
+
+def test_export_hf_works_as_assistant_model(setup, run_a, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "export"
+    assert main(["export", str(run_a), "--format", "hf", "--out", str(out)]) == 0
+    for name in ["config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "README.md"]:
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert str(setup / "target") in card and f"| steps | {STEPS_A} of {STEPS_A} |" in card
+
+    drafter = AutoModelForCausalLM.from_pretrained(out).eval()
+    target = AutoModelForCausalLM.from_pretrained(setup / "target").eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": False, "max_new_tokens": 20,
+              "pad_token_id": tok.eos_token_id}
+    with torch.no_grad():
+        plain = target.generate(ids, **kwargs)
+        assisted = target.generate(ids, assistant_model=drafter, **kwargs)
+    assert assisted.tolist() == plain.tolist()
+
+    report_dir = tmp_path / "eval"
+    assert main(["eval", "--target", str(setup / "target"), "--drafter", str(out), "--bench",
+                 str(setup / "bench.jsonl"), "--max-new-tokens", "20", "--k", "3", "--device", "cpu",
+                 "--out", str(report_dir)]) == 0
+    capsys.readouterr()
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["lossless_match_rate"] == 1.0 and report["num_prompts"] == 1
+
+
+# ------------------------------------------------------------------------------------ failures
+
+def test_nan_loss_stops_with_step_number(setup, tmp_path, monkeypatch):
+    real, calls = steps.distill_loss, []
+
+    def nan_at_step_3(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        if torch.is_grad_enabled():   # training forwards only; held-out evaluation runs under no_grad
+            calls.append(1)
+            if len(calls) == 3:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(steps, "distill_loss", nan_at_step_3)
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 3") as info:
+        train(str(setup / "recipe.yaml"), [f"run.out_dir={tmp_path}", "run.name=nan"])
+    assert "Lower train.lr" in str(info.value)
+    run_dir = tmp_path / "nan"
+    assert [c.name for c in (run_dir / "checkpoints").glob("step-*")] == ["step-0000002"]
+    assert latest_checkpoint(run_dir) == ckpt_path(run_dir, 2) and is_complete(ckpt_path(run_dir, 2))
+
+
+def test_refuses_existing_run_without_resume(setup, run_a, capsys):
+    before = sorted(p.name for p in (run_a / "checkpoints").iterdir())
+    assert main(["train", str(setup / "recipe.yaml"), f"run.out_dir={run_a.parent}", "run.name=a"]) == 2
+    err = capsys.readouterr().err
+    assert "draftsmith: error: The run folder already holds checkpoints" in err
+    assert str(run_a) in err and "--resume" in err and "--overwrite" in err
+    assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == before
+
+
+def test_max_steps_zero_saves_an_evaluated_checkpoint(setup, tmp_path):
+    summary = train(str(setup / "recipe.yaml"), [f"run.out_dir={tmp_path}", "run.name=zero", "train.max_steps=0"])
+    run_dir = tmp_path / "zero"
+    ckpt = ckpt_path(run_dir, 0)
+    assert summary["step"] == 0 and summary["heldout_loss"] > 0
+    assert latest_checkpoint(run_dir) == ckpt
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["step"] == 0 and meta["metrics"]["heldout_loss"] == summary["heldout_loss"]
+    # untrained: the drafter is still its initialisation from the target
+    drafter = load_file(ckpt / "drafter" / "model.safetensors")
+    target = load_file(setup / "target" / "model.safetensors")
+    assert torch.equal(drafter["model.embed_tokens.weight"], target["model.embed_tokens.weight"])
+    assert torch.equal(drafter["model.layers.0.mlp.up_proj.weight"], target["model.layers.1.mlp.up_proj.weight"])
