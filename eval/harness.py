@@ -4,6 +4,7 @@ with the same drafter where transformers supports it."""
 
 from __future__ import annotations
 
+import math
 import platform
 import sys
 import time
@@ -114,8 +115,12 @@ def top2_margin(target: Target, prefix: list[int]) -> dict:
     """The target's top-2 logits after `prefix`: a small margin marks a numerical near-tie."""
     logits = target.forward(prefix, target.new_cache(), last_only=True).logits[-1]
     top = logits.topk(2)
-    return {"top1_token": int(top.indices[0]), "top2_token": int(top.indices[1]),
-            "top2_margin": float(top.values[0] - top.values[1])}
+    margin = float(top.values[0] - top.values[1])
+    # one unit in the last place of the top logit in the target's dtype: batched verification may
+    # round differently by a few of these, so a margin within 4 ulp is a numerical near-tie
+    ulp = torch.finfo(target.dtype).eps * 2.0 ** math.floor(math.log2(max(abs(float(top.values[0])), 1e-30)))
+    return {"top1_token": int(top.indices[0]), "top2_token": int(top.indices[1]), "top2_margin": margin,
+            "ulp": ulp, "near_tie": margin <= 4 * ulp}
 
 
 def _divergence(target: Target, prompt: list[int], ref: list[int], other: list[int]) -> dict | None:

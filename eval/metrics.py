@@ -81,6 +81,10 @@ def summarize(records: list[PromptRecord], k: int, greedy: bool) -> dict:
                                 if greedy and records else None),
         "hf_assisted_match_rate": (sum(r.hf_tokens == r.ar_tokens for r in hf) / len(hf)
                                    if greedy and hf else None),
+        # greedy: prompts that differ from the baseline at a position where the target's top-2
+        # logits are NOT a numerical near-tie; anything above 0 is a defect
+        "divergences_not_near_tie": (sum(1 for r in records if r.divergence and not r.divergence["near_tie"])
+                                     if greedy else None),
         "num_prompts": len(records),
     }
 

@@ -57,7 +57,7 @@ def markdown(report: dict) -> str:
     ]
     keys = ["tau", "tau_per_request_mean", "acceptance_rate", "steps", "new_tokens", "ar_tokens_per_s",
             "sd_tokens_per_s", "speedup", "hf_assisted_tokens_per_s", "hf_assisted_speedup",
-            "lossless_match_rate", "hf_assisted_match_rate"]
+            "lossless_match_rate", "hf_assisted_match_rate", "divergences_not_near_tie"]
     lines += [f"| {k} | {_fmt(report.get(k))} |" for k in keys]
     alphas = " ".join(f"α{i + 1}={_fmt(a, '.3f')}" for i, a in enumerate(report["acceptance_by_position"]))
     lines += [f"| acceptance_by_position | {alphas} |",
@@ -65,9 +65,11 @@ def markdown(report: dict) -> str:
     diverged = [row for row in report["prompts"] if row["divergence"]]
     if diverged:
         lines += ["## Greedy divergences from the baseline", "",
-                  "| prompt | turn | position | baseline token | SD token | target top-2 margin |", "|---|---|---|---|---|---|"]
+                  "| prompt | turn | position | baseline token | SD token | target top-2 margin | ulp | near-tie |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['id']} | {r['turn']} | {r['divergence']['position']} | {r['divergence']['baseline_token']} "
-                  f"| {r['divergence']['token']} | {r['divergence']['top2_margin']:.4f} |" for r in diverged]
+                  f"| {r['divergence']['token']} | {r['divergence']['top2_margin']:.4f} | {r['divergence']['ulp']:.2g} "
+                  f"| {'yes' if r['divergence']['near_tie'] else 'NO: defect'} |" for r in diverged]
         lines.append("")
     lines += ["## Per prompt", "", "| prompt | turn | prompt tokens | new tokens | steps | τ | AR s | SD s | HF assisted s | speedup |",
               "|---|---|---|---|---|---|---|---|---|---|"]

@@ -43,6 +43,7 @@ def test_eval_writes_a_valid_report(tiny_folders, tmp_path):
                 "ar_tokens_per_s", "sd_tokens_per_s", "speedup", "hf_assisted_tokens_per_s", "lossless_match_rate"]:
         assert key in report
     assert report["lossless_match_rate"] == 1.0
+    assert report["divergences_not_near_tie"] == 0
     assert report["hf_assisted_match_rate"] == 1.0
     assert len(report["acceptance_by_position"]) == 3
     assert report["num_prompts"] == 2 and len(report["prompts"]) == 2
@@ -87,3 +88,25 @@ def test_prompt_longer_than_context(tiny_folders, tmp_path, capsys):
                 "--out", tmp_path / "out"]) == 2
     assert "longer than the target's context of 512 tokens" in capsys.readouterr().err
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_divergence_report_flags_near_ties():
+    import torch
+    from draftsmith.eval.harness import top2_margin
+    from draftsmith.models.target import Target
+
+    class Fixed(Target):
+        def __init__(self, logits, dtype):
+            self.dtype, self._logits = dtype, logits
+
+        def new_cache(self):
+            return None
+
+        def forward(self, ids, cache, hidden_layers=(), last_only=False):
+            return type("Out", (), {"logits": self._logits[None]})()
+
+    tie = top2_margin(Fixed(torch.tensor([20.0, 19.875, 1.0]), torch.bfloat16), [1])
+    assert tie["near_tie"] and tie["ulp"] == 0.125        # bf16 spacing at 16..32
+    real = top2_margin(Fixed(torch.tensor([20.0, 17.0, 1.0]), torch.bfloat16), [1])
+    assert not real["near_tie"] and real["top2_margin"] == 3.0
+    assert not top2_margin(Fixed(torch.tensor([20.0, 19.875, 1.0]), torch.float32), [1])["near_tie"]
