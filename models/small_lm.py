@@ -61,6 +61,23 @@ class SmallLMProposer:
         return {"assistant_model": self.model}
 
 
+class SmallLMTrainModule(torch.nn.Module):
+    """What the trainer wraps (DDP/FSDP/DeepSpeed) for a small_lm drafter: the LM head runs only on
+    the trained positions, which saves the head's cost on prompts and padding."""
+
+    needs_hidden = False
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, mask, target_hidden=None):
+        base = getattr(self.model, self.model.base_model_prefix)
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][mask])                   # [N, V]
+        return logits, logits.new_zeros(())
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -78,24 +95,12 @@ def check_vocab(drafter_vocab: int, target_vocab: int, drafter_name: str) -> Non
 
 
 def truncated_copy(model: torch.nn.Module, num_layers: int) -> torch.nn.Module:
-    """A copy of `model` keeping its embeddings, first `num_layers` decoder layers, final norm and
-    LM head: the usual initialisation of a small_lm drafter from its target."""
-    import copy
-
+    """A copy of `model`'s embeddings, first `num_layers` decoder layers, final norm and LM head
+    (the `truncated:N` drafter spec)."""
     total = model.config.num_hidden_layers
     if not 1 <= num_layers <= total:
         raise DraftsmithError(f"A truncated drafter needs between 1 and {total} layers", num_layers)
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = num_layers
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:num_layers]
-    from transformers import AutoModelForCausalLM
-
-    drafter = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
-    missing, unexpected = drafter.load_state_dict(model.state_dict(), strict=False)
-    if [m for m in missing if "lm_head" not in m]:
-        raise DraftsmithError("Could not initialise the truncated drafter from the target", missing[:5])
-    drafter.tie_weights()
+    drafter = build_small_lm(model, num_layers, layers_from_target=list(range(num_layers)))
     return drafter.to(next(model.parameters()).device)
 
 

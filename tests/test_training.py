@@ -7,6 +7,7 @@ on a loaded 2-core machine a second OpenMP thread makes these tiny matmuls ~100x
 thread everywhere also keeps the in-process and the subprocess runs numerically identical.
 """
 
+import math
 import json
 import os
 import random
@@ -292,3 +293,40 @@ def test_max_steps_zero_saves_an_evaluated_checkpoint(setup, tmp_path):
     target = load_file(setup / "target" / "model.safetensors")
     assert torch.equal(drafter["model.embed_tokens.weight"], target["model.embed_tokens.weight"])
     assert torch.equal(drafter["model.layers.0.mlp.up_proj.weight"], target["model.layers.1.mlp.up_proj.weight"])
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_through_accelerate_on_cpu(setup, tmp_path):
+    """DeepSpeed ZeRO-2, 2 CPU processes over gloo, launched as the recipes' headers say. The first
+    run JIT-builds DeepSpeed's C++ ops (about a minute)."""
+    from draftsmith.train.config import RECIPES_DIR
+
+    run_cli([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+             str(RECIPES_DIR / "accelerate" / "deepspeed_zero2.yaml"), "-m", "draftsmith.cli", "train",
+             str(setup / "recipe.yaml"), f"run.out_dir={tmp_path}", "run.name=ds", "train.mixed_precision=bf16"],
+            timeout=900)
+    ckpt = ckpt_path(tmp_path / "ds", 8)
+    assert is_complete(ckpt)
+    metrics = json.loads((ckpt / "meta.json").read_text())["metrics"]
+    assert math.isfinite(metrics["heldout_loss"])
+    start = load_file(setup / "target" / "model.safetensors")
+    trained = load_file(ckpt / "drafter" / "model.safetensors")
+    assert not torch.equal(trained["model.layers.0.mlp.down_proj.weight"], start["model.layers.0.mlp.down_proj.weight"])
+
+
+def test_eagle_trains_exports_and_decodes_losslessly(setup, tmp_path, capsys):
+    """Kind eagle through the real CLI: train (feature + distribution loss), export, eval."""
+    assert main(["train", str(setup / "recipe.yaml"), f"run.out_dir={tmp_path}", "run.name=eagle",
+                 "drafter.kind=eagle", "train.max_steps=12", "train.lr=3e-3", "eval.every=6"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "eagle" / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    out = tmp_path / "export"
+    assert main(["export", str(tmp_path / "eagle"), "--format", "hf", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["draftsmith_kind"] == "eagle"
+    assert main(["eval", "--target", str(setup / "target"), "--drafter", str(out), "--bench",
+                 str(setup / "bench.jsonl"), "--max-new-tokens", "20", "--k", "3", "--device", "cpu",
+                 "--out", str(tmp_path / "eval")]) == 0
+    capsys.readouterr()
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["lossless_match_rate"] == 1.0 and report["hf_assisted_tokens_per_s"] is None

@@ -154,7 +154,7 @@ class TargetConfig(_Section):
 class DrafterConfig(_Section):
     section: ClassVar[str] = "drafter"
     choices: ClassVar = {"init": ("target", "random")}
-    at_least: ClassVar = {"num_layers": 1, "hidden_size": 1, "intermediate_size": 1}
+    at_least: ClassVar = {"num_layers": 1, "hidden_size": 1, "intermediate_size": 1, "feature_noise": 0.0}
     kind: str = "small_lm"
     """Drafter architecture, a key of the drafter registry in draftsmith.models."""
     num_layers: int = 4
@@ -168,7 +168,9 @@ class DrafterConfig(_Section):
     layers_from_target: list[int] | None = None
     """Target layers copied into the drafter (init: target); null = evenly spaced over the target."""
     freeze_embeddings: bool = False
-    """Keep the token embeddings and LM head (the target's, with init: target) frozen."""
+    """small_lm: keep the token embeddings and LM head (the target's, with init: target) frozen."""
+    feature_noise: float = 0.1
+    """eagle: uniform noise on the input hidden states, as a fraction of their std (EAGLE's robustness trick)."""
 
     def validate(self) -> None:
         from draftsmith.models import DRAFTER_KINDS
@@ -213,7 +215,7 @@ class DataConfig(_Section):
 @dataclass
 class LossConfig(_Section):
     section: ClassVar[str] = "loss"
-    at_least: ClassVar = {"beta": 0.0, "top_k": 1, "data_ce_weight": 0.0}
+    at_least: ClassVar = {"beta": 0.0, "top_k": 1, "data_ce_weight": 0.0, "feature_weight": 0.0}
     above: ClassVar = {"temperature": 0.0}
     name: str = "forward_kl"
     """A key of draftsmith.distill.losses.LOSSES (forward_kl = KL(p || q), p the target's)."""
@@ -225,6 +227,8 @@ class LossConfig(_Section):
     """Target tokens kept per position (loss topk_forward_kl only)."""
     data_ce_weight: float = 0.0
     """Weight of an added cross-entropy on the data's own tokens; 0 = off."""
+    feature_weight: float = 1.0
+    """eagle: weight of the SmoothL1 feature regression (features divided by their std)."""
 
     def validate(self) -> None:
         from draftsmith.distill.losses import LOSSES

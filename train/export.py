@@ -65,11 +65,12 @@ def model_card(run_dir: Path, ckpt: Path, config: dict) -> str:
                      f"{report.get('tau', float('nan')):.3f} (speedup {report.get('speedup') or float('nan'):.2f}x) |")
     lines += ["", "## Use", "", "```bash",
               f"draftsmith eval --target {config['target']['name']} --drafter <this folder> --bench mt_bench --out eval/",
-              "```", "", "```python",
-              "from transformers import AutoModelForCausalLM",
-              "drafter = AutoModelForCausalLM.from_pretrained('<this folder>')",
-              "out = target.generate(ids, assistant_model=drafter, do_sample=False)",
-              "```", "", "## Resolved recipe", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
+              "```", ""]
+    if config["drafter"]["kind"] == "small_lm":   # a plain transformers LM: transformers' assisted generation takes it
+        lines += ["```python", "from transformers import AutoModelForCausalLM",
+                  "drafter = AutoModelForCausalLM.from_pretrained('<this folder>')",
+                  "out = target.generate(ids, assistant_model=drafter, do_sample=False)", "```", ""]
+    lines += ["## Resolved recipe", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
 
 
@@ -94,7 +95,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, checkpoint: str | Non
         for f in (ckpt / "drafter").iterdir():
             shutil.copy2(f, tmp / f.name)
         folder, _ = resolve_model_folder(config["target"]["name"])
-        AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)   # a drafter shares the target's tokenizer
         (tmp / "README.md").write_text(model_card(run_dir, ckpt, config))
         (tmp / "draftsmith.json").write_text(json.dumps(
             {"kind": config["drafter"]["kind"], "target": config["target"]["name"], "step": json.loads(

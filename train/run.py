@@ -61,19 +61,29 @@ def load_data(cfg, tokenizer):
     return train_rows, heldout_rows
 
 
-def build_drafter(cfg, target_model):
-    from draftsmith.models.small_lm import build_small_lm
-
+def build_drafter(cfg, target_model, train_rows, pad_id: int):
+    """The training module of the recipe's drafter kind (what accelerate wraps)."""
     d = cfg.drafter
-    if d.kind != "small_lm":
-        raise DraftsmithError("This trainer builds small_lm drafters only for now", d.kind)
     torch.manual_seed(cfg.train.seed)
-    drafter = build_small_lm(target_model, d.num_layers, d.hidden_size, d.intermediate_size, d.init,
-                             d.layers_from_target)
-    if d.freeze_embeddings:
-        drafter.get_input_embeddings().requires_grad_(False)
-        drafter.get_output_embeddings().requires_grad_(False)
-    return drafter.float()   # fp32 master weights; autocast handles bf16 compute
+    if d.kind == "small_lm":
+        from draftsmith.models.small_lm import SmallLMTrainModule, build_small_lm
+
+        drafter = build_small_lm(target_model, d.num_layers, d.hidden_size, d.intermediate_size, d.init,
+                                 d.layers_from_target)
+        if d.freeze_embeddings:
+            drafter.get_input_embeddings().requires_grad_(False)
+            drafter.get_output_embeddings().requires_grad_(False)
+        return SmallLMTrainModule(drafter.float())   # fp32 master weights; autocast computes in bf16
+    if d.kind == "eagle":
+        from draftsmith.models.eagle import EagleTrainModule, build_eagle, feature_scale
+        from draftsmith.train.data import collate
+
+        sample = collate([train_rows[i] for i in range(min(8, len(train_rows)))], pad_id)
+        device = next(target_model.parameters()).device
+        scale = feature_scale(target_model, sample["input_ids"].to(device), sample["attention_mask"].to(device))
+        head = build_eagle(target_model, scale).float()
+        return EagleTrainModule(head, target_model, cfg.loss.feature_weight, d.feature_noise)
+    raise DraftsmithError("draftsmith train cannot build this drafter kind yet", d.kind, "Use small_lm or eagle")
 
 
 def train(recipe: str, overrides: list[str] = (), resume: bool = False, overwrite: bool = False) -> dict:
@@ -96,7 +106,8 @@ def train(recipe: str, overrides: list[str] = (), resume: bool = False, overwrit
     target = load_target(cfg.target.name, cfg.target.dtype, device=str(acc.device))
     with acc.main_process_first():
         train_rows, heldout_rows = load_data(cfg, target.tokenizer)
-    drafter = build_drafter(cfg, target.model)
+    pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
+    drafter = build_drafter(cfg, target.model, train_rows, pad)
     trainer = Trainer(cfg, run_dir, acc, target, drafter, train_rows, heldout_rows)
     if resume:
         ckpt = latest_checkpoint(run_dir)

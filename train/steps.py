@@ -8,26 +8,24 @@ import torch
 from draftsmith.distill import losses
 
 
-def target_logits(target_model: torch.nn.Module, input_ids, attention_mask, pred_mask) -> torch.Tensor:
-    """[N, V] target logits at the N trained positions; the LM head runs on those rows only."""
-    with torch.no_grad():
-        base = getattr(target_model, target_model.base_model_prefix)
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
-        return target_model.get_output_embeddings()(hidden[:, :-1][pred_mask])
-
-
-class MaskedHead(torch.nn.Module):
-    """The drafter as the trainer wraps it (DDP/FSDP/DeepSpeed wrap this module): its LM head runs
-    only on the trained positions, which saves the head's cost on prompts and padding."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, pred_mask) -> torch.Tensor:
-        base = getattr(self.model, self.model.base_model_prefix)
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
-        return self.model.get_output_embeddings()(hidden[:, :-1][pred_mask])                # [N, V]
+def target_signals(target_model: torch.nn.Module, input_ids, attention_mask, mask, need_hidden: bool):
+    """The online teacher signals: [N, V] target logits at the N positions of `mask` ([B, T-1],
+    position j predicts token j+1; the LM head runs on those rows only) and, for feature-level
+    drafters, the last decoder layer's output [B, T, H] before the final norm."""
+    base = getattr(target_model, target_model.base_model_prefix)
+    captured = {}
+    hook = None
+    if need_hidden:
+        hook = base.layers[-1].register_forward_hook(
+            lambda m, a, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            final = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+            logits = target_model.get_output_embeddings()(final[:, :-1][mask])
+    finally:
+        if hook is not None:
+            hook.remove()
+    return logits, captured.get("h")
 
 
 def distill_loss(loss_cfg, t_logits: torch.Tensor, d_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -48,13 +46,20 @@ def distill_loss(loss_cfg, t_logits: torch.Tensor, d_logits: torch.Tensor, label
 
 
 def forward_batch(target_model, drafter, batch: dict, loss_cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, target logits [N, V], drafter logits [N, V]) for one batch."""
+    """(loss, target logits [N, V], drafter logits [N, V]) for one batch. `drafter` is the (wrapped)
+    training module of its kind (models/<kind>.py): it returns its logits on the same N positions
+    and any auxiliary loss of its own (EAGLE's feature regression)."""
     ids, attention = batch["input_ids"], batch["attention_mask"]
-    pred_mask = batch["loss_mask"][:, 1:] & attention[:, :-1].bool()   # predict token t+1 at position t
-    t_logits = target_logits(target_model, ids, attention, pred_mask)
-    d_logits = drafter(ids, attention, pred_mask)   # [N, V]; drafter is a (wrapped) MaskedHead
-    labels = ids[:, 1:][pred_mask]
-    return distill_loss(loss_cfg, t_logits, d_logits, labels), t_logits, d_logits
+    # position j is trained when token j+1 is an assistant token
+    mask = batch["loss_mask"][:, 1:] & attention[:, 1:].bool()          # [B, T-1]
+    module = getattr(drafter, "module", drafter)
+    needs_hidden = getattr(module, "needs_hidden", False)
+    if needs_hidden:
+        mask[:, 0] = False        # a feature head's first row predicts position 1's token
+    t_logits, hidden = target_signals(target_model, ids, attention, mask, needs_hidden)
+    d_logits, aux = drafter(ids, attention, mask, hidden)
+    labels = ids[:, 1:][mask]
+    return distill_loss(loss_cfg, t_logits, d_logits, labels) + aux, t_logits, d_logits
 
 
 @torch.no_grad()

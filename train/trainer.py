@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from draftsmith.errors import DraftsmithError
 from draftsmith.train.data import BatchSchedule, collate
-from draftsmith.train.steps import MaskedHead, forward_batch, heldout_metrics
+from draftsmith.train.steps import forward_batch, heldout_metrics
 
 
 class TrainingDiverged(DraftsmithError):
@@ -90,7 +90,7 @@ class Trainer:
                                        {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_with_warmup(t.warmup_steps, t.max_steps, t.min_lr_ratio))
-        self.drafter, self.optimizer = accelerator.prepare(MaskedHead(drafter), optimizer)
+        self.drafter, self.optimizer = accelerator.prepare(drafter, optimizer)   # the kind's train module
         # stepped by hand once per optimizer step (a prepared scheduler steps once per process)
         accelerator.register_for_checkpointing(self.scheduler)
         self.schedule = BatchSchedule(len(train_rows), t.batch_size, accelerator.num_processes,

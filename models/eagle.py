@@ -1,0 +1,277 @@
+"""Kind `eagle`: an EAGLE-1/2 feature head (Li et al. 2401.15077).
+
+Input row t: [the target's embedding of token t+1 ; the target's last hidden state at t (before
+the final norm)] -> fc (2H -> H) -> one Llama-style decoder layer -> feature f_t, a prediction of
+the target's hidden state at t+1. Its token distribution is the target's own final norm and LM
+head applied to f_t (frozen, shared, never saved with the head). Drafting feeds f_t back in as
+the hidden state of the next row.
+
+The decoder layer is written out here (RMSNorm, RoPE, GQA attention, SwiGLU MLP, its own small KV
+cache) rather than borrowed from transformers, whose layer signatures move between releases; the
+weight names follow Llama's so serving formats map one to one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from draftsmith.errors import DraftsmithError
+from draftsmith.eval.decoder import DecodeState, Draft, Sampler
+
+
+@dataclass
+class EagleConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    vocab_size: int
+    feature_scale: float = 1.0          # fixed scale the feature loss and input noise use
+    target_layer: int = -1              # target layer whose output the head reads (-1: last)
+    draftsmith_kind: str = "eagle"
+
+    @classmethod
+    def from_target(cls, config, **extra) -> "EagleConfig":
+        rope = getattr(config, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+        heads = config.num_attention_heads
+        return cls(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                   num_attention_heads=heads, num_key_value_heads=getattr(config, "num_key_value_heads", heads),
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                   rms_norm_eps=config.rms_norm_eps, rope_theta=float(theta), vocab_size=config.vocab_size, **extra)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (half-split layout, as Llama in transformers). x: [B, heads, T, D]."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    angles = positions.float()[..., None] * inv                         # [B, T, D/2]
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]               # [B, 1, T, D/2]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: EagleConfig):
+        super().__init__()
+        self.c = c
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, positions, cache: list | None, mask: torch.Tensor | None):
+        b, t, _ = x.shape
+        c = self.c
+        q = self.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            cache[:] = [k, v]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
+                                             is_causal=mask is None and cache is None)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: EagleConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: EagleConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, positions, cache=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class EagleHead(nn.Module):
+    """The trainable part: fc + one decoder layer. Embeddings, final norm and LM head stay the target's."""
+
+    def __init__(self, config: EagleConfig):
+        super().__init__()
+        self.config = config
+        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=True)
+        self.layers = nn.ModuleList([DecoderLayer(config)])
+
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                cache: list | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """embeds, hidden: [B, T, H] (embedding of token t+1, target hidden at t) -> features [B, T, H]."""
+        x = self.fc(torch.cat([embeds, hidden], dim=-1))
+        return self.layers[0](x, positions, cache, mask)
+
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        state = state_dict if state_dict is not None else self.state_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "EagleHead":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        raw = json.loads((path / "config.json").read_text())
+        head = cls(EagleConfig(**raw))
+        missing, unexpected = head.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+        if missing or unexpected:
+            raise DraftsmithError("This EAGLE checkpoint does not match its config", {"missing": missing[:4],
+                                  "unexpected": unexpected[:4]}, "Re-export it with draftsmith export")
+        return head
+
+
+def target_parts(target_model: nn.Module):
+    """(embedding, final norm, LM head) of a transformers causal LM: what the head shares."""
+    base = getattr(target_model, target_model.base_model_prefix)
+    return target_model.get_input_embeddings(), base.norm, target_model.get_output_embeddings()
+
+
+def build_eagle(target_model: nn.Module, feature_scale: float) -> EagleHead:
+    """A fresh head for `target_model`, its decoder layer copied from the target's last layer."""
+    head = EagleHead(EagleConfig.from_target(target_model.config, feature_scale=feature_scale))
+    base = getattr(target_model, target_model.base_model_prefix)
+    last = base.layers[-1].state_dict()
+    head.layers[0].load_state_dict({k: v for k, v in last.items() if k in head.layers[0].state_dict()}, strict=False)
+    with torch.no_grad():   # start as "ignore the token, pass the hidden state through"
+        h = head.config.hidden_size
+        head.fc.weight.zero_()
+        head.fc.weight[:, h:] = torch.eye(h)
+        head.fc.bias.zero_()
+    return head.to(next(target_model.parameters()).dtype)
+
+
+class EagleProposer:
+    """Drafting with an EAGLE head inside the built-in decoder (chain drafting)."""
+
+    def __init__(self, head: EagleHead, target_model: nn.Module):
+        self.head = head.eval().requires_grad_(False)
+        self.embed, self.norm, self.lm_head = target_parts(target_model)
+        self.hidden_layers = (head.config.target_layer,)
+        self.device = next(target_model.parameters()).device
+        self.dtype = next(target_model.parameters()).dtype
+        self.head.to(device=self.device, dtype=self.dtype)
+
+    def reset(self) -> None:
+        self.cache: list = []
+        self.length = 0           # rows in the cache
+        self.feature = None       # f for the last committed row: predicts the token after the newest
+
+    def _feed(self, hidden: torch.Tensor, tokens: list[int], start: int) -> torch.Tensor:
+        ids = torch.tensor([tokens], device=self.device)
+        positions = torch.arange(start, start + len(tokens), device=self.device)[None]
+        mask = None
+        if len(tokens) > 1:       # causal among the new rows, full view of the cached ones
+            mask = torch.ones(len(tokens), start + len(tokens), dtype=torch.bool, device=self.device).tril(start)
+        f = self.head(self.embed(ids), hidden[None].to(self.dtype), positions, self.cache, mask)
+        self.length = start + len(tokens)
+        return f[0]               # [T, H]
+
+    def _rollback(self, length: int) -> None:
+        if self.cache and self.length > length:
+            self.cache[:] = [t[:, :, :length] for t in self.cache]
+        self.length = min(self.length, length)
+
+    @torch.inference_mode()
+    def observe(self, state: DecodeState) -> None:
+        """Rows hidden_start..committed-1 become final: (target hidden at t, token t+1)."""
+        self._rollback(state.hidden_start)   # drop the rows drafted speculatively
+        start, end = state.hidden_start, state.committed
+        f = self._feed(state.hidden[0], state.tokens[start + 1: end + 1], start)
+        self.feature = f[-1]
+
+    def _logits(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(feature[None]))[0].float()
+
+    @torch.inference_mode()
+    def propose(self, state: DecodeState, k: int, sampler: Sampler) -> Draft:
+        tokens, qs, feature = [], [], self.feature
+        for i in range(k):
+            token, q = sampler(self._logits(feature))
+            tokens.append(token)
+            qs.append(q)
+            if i + 1 < k:   # the drafted row: own feature as the hidden state, the drafted token
+                feature = self._feed(feature[None], [token], self.length)[-1]
+        return Draft(tokens, None if not qs or qs[0] is None else torch.stack(qs))
+
+
+class EagleTrainModule(nn.Module):
+    """What the trainer wraps for kind `eagle`. Row t reads (embedding of token t+1, target hidden
+    h_t + noise) and predicts h_{t+1} (SmoothL1 on features / feature_scale, weight
+    `feature_weight`) and, through the target's norm and LM head, the token t+2: trained position
+    j = t+1 of the shared mask. The target's parts are held outside the module's parameters."""
+
+    needs_hidden = True
+
+    def __init__(self, head: EagleHead, target_model: nn.Module, feature_weight: float, noise: float):
+        super().__init__()
+        self.model = head
+        self._target = (target_parts(target_model),)   # a tuple: not registered, not saved
+        self.feature_weight = feature_weight
+        self.noise = noise
+
+    def forward(self, input_ids, attention_mask, mask, target_hidden):
+        embed, norm, lm_head = self._target[0]
+        scale = self.model.config.feature_scale
+        with torch.no_grad():
+            embeds = embed(input_ids[:, 1:])                                  # [B, T-1, H] token t+1
+        hidden = target_hidden[:, :-1]                                        # [B, T-1, H] h_t
+        if self.training and self.noise:
+            hidden = hidden + (torch.rand_like(hidden) * 2 - 1) * (self.noise * scale)
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
+        features = self.model(embeds.to(hidden.dtype), hidden, positions)     # [B, T-1, H]
+        rows = mask[:, 1:]                                                    # row t <-> position t+1
+        predicted = features[:, :-1][rows]                                   # [N, H]
+        logits = lm_head(norm(predicted))                                     # [N, V]
+        wanted = target_hidden[:, 1:-1][rows]                                 # h_{t+1}
+        aux = F.smooth_l1_loss(predicted.float() / scale, wanted.float() / scale) if len(wanted) else logits.sum() * 0
+        return logits, self.feature_weight * aux
+
+
+def feature_scale(target_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    """The std of the target's last hidden states (before the final norm) on a batch: SmolLM2's are
+    large (std ≈ 36), so the feature loss and the input noise are taken relative to it."""
+    from draftsmith.train.steps import target_signals
+
+    mask = torch.zeros_like(attention_mask[:, 1:], dtype=torch.bool)
+    _, hidden = target_signals(target_model, input_ids, attention_mask, mask, need_hidden=True)
+    return float(hidden[attention_mask.bool()].float().std())
