@@ -160,7 +160,8 @@ def test_bad_overrides_fail(override, match):
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_resolved_config_round_trips(tmp_path, name):
-    cfg = load_recipe(name, ["drafter.layers_from_target=[1,2,3,4]", "train.lr=1e-5"])
+    layers = list(range(1, load_recipe(name).drafter.num_layers + 1))
+    cfg = load_recipe(name, [f"drafter.layers_from_target={layers}", "train.lr=1e-5"])
     path = save_resolved(cfg, tmp_path / "run")
     assert path == tmp_path / "run" / "config.yaml"
     assert load_recipe(path) == cfg
