@@ -7,6 +7,7 @@ safetensors, so the second load is fast.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import os
@@ -43,15 +44,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return names[dtype]
 
 
-# transformers 5.x renamed `past_key_values=` to `cache=`; accept whichever this version has.
-_FORWARD_PARAMS = None
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
-    global _FORWARD_PARAMS
-    if _FORWARD_PARAMS is None:
-        _FORWARD_PARAMS = set(inspect.signature(type(model).forward).parameters)
-    return "cache" if "cache" in _FORWARD_PARAMS else "past_key_values"
+    """transformers 5.x renamed `past_key_values=` to `cache=`; the name this model class takes."""
+    return _cache_kwarg_of(type(model))
 
 
 def new_cache(model: torch.nn.Module) -> DynamicCache:

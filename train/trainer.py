@@ -222,7 +222,8 @@ class Trainer:
                 if acc.is_main_process:
                     tqdm.write(f"train.max_minutes={t.max_minutes} reached at step {self.step}; checkpoint saved")
                 break
-        if self.step == 0 or not list_checkpoints(self.run_dir) or list_checkpoints(self.run_dir)[-1].name != f"step-{self.step:07d}":
+        saved = list_checkpoints(self.run_dir)
+        if not saved or saved[-1].name != f"step-{self.step:07d}":
             # max_steps=0 (or a resumed run already at max_steps) still ends with an evaluated checkpoint
             metrics = self.evaluate()
             self.log(metrics)
