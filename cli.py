@@ -54,6 +54,10 @@ def add_train_parsers(sub) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--resume", action="store_true", help="continue from the run's last complete checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete the run folder and start again")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build target and drafter on the meta device, print shapes, parameters and memory per GPU")
+    p.add_argument("--gpus", type=int, default=1, help="--dry-run: GPUs the memory estimate is for")
+    p.add_argument("--zero", type=int, default=0, help="--dry-run: DeepSpeed ZeRO stage (0 = DDP)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("recipes", help="list the recipes in this repository")
@@ -61,7 +65,8 @@ def add_train_parsers(sub) -> None:
 
     p = sub.add_parser("export", help="export a trained drafter")
     p.add_argument("run_dir", help="the run folder, e.g. runs/small_lm-kd-quick")
-    p.add_argument("--format", default="hf", help="hf (transformers folder)")
+    p.add_argument("--format", default="hf",
+                   help="hf (draftsmith / transformers folder) | speculators (vLLM, eagle3) | sglang (SGLang, eagle3)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint", default=None, help="checkpoint name or folder (default: the latest complete one)")
     p.add_argument("--overwrite", action="store_true")
@@ -71,6 +76,15 @@ def add_train_parsers(sub) -> None:
 def cmd_train(args) -> int:
     from draftsmith.train.run import train
 
+    if args.dry_run:
+        from draftsmith.train.config import load_recipe, resolve_recipe_path
+        from draftsmith.train.dry_run import dry_run
+
+        path = resolve_recipe_path(args.recipe)
+        cfg = load_recipe(path, args.overrides)
+        cfg.run.name = cfg.run.name or path.stem
+        dry_run(cfg, gpus=args.gpus, zero=args.zero)
+        return 0
     train(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
     return 0
 

@@ -59,7 +59,7 @@ def main() -> None:
         sync()
         start = time.perf_counter()
         with autocast():
-            target_signals(target.model, ids, batch["attention_mask"], mask, need_hidden=False)
+            target_signals(target.model, ids, batch["attention_mask"], mask)
         sync()
         t_target = time.perf_counter() - start
         start = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 from draftsmith.errors import DraftsmithError
 from draftsmith.models.target import Target, load_target, resolve_dtype
 
-DRAFTER_KINDS = ("small_lm", "eagle", "prompt_lookup")
+DRAFTER_KINDS = ("small_lm", "eagle", "eagle3", "prompt_lookup")
 
 
 def load_drafter(spec: str, target: Target, dtype=None):
@@ -34,15 +34,15 @@ def load_drafter(spec: str, target: Target, dtype=None):
         raise DraftsmithError(
             "Unknown drafter", spec,
             "Use prompt-lookup, truncated:N, or a folder holding an exported drafter (config.json)")
+    from draftsmith.models.formats import proposer_for, read_head_folder
+
     kind = json.loads((path / "config.json").read_text()).get("draftsmith_kind", "small_lm")
     if kind not in DRAFTER_KINDS:
         raise DraftsmithError("Unknown drafter kind in config.json", kind, f"Known kinds: {', '.join(DRAFTER_KINDS)}")
-    if kind == "eagle":
-        from draftsmith.models.eagle import EagleHead, EagleProposer
-
-        head = EagleHead.from_pretrained(path)
+    head = read_head_folder(path, target.num_layers)   # EAGLE heads in any layout; None for LMs
+    if head is not None:
         check_vocab(head.config.vocab_size, target.vocab_size, str(path))
-        return EagleProposer(head, target.model)
+        return proposer_for(head, target.model)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype or target.dtype, str(target.device)))

@@ -1,10 +1,12 @@
 """Kind `eagle`: an EAGLE-1/2 feature head (Li et al. 2401.15077).
 
-Input row t: [the target's embedding of token t+1 ; the target's last hidden state at t (before
-the final norm)] -> fc (2H -> H) -> one Llama-style decoder layer -> feature f_t, a prediction of
-the target's hidden state at t+1. Its token distribution is the target's own final norm and LM
-head applied to f_t (frozen, shared, never saved with the head). Drafting feeds f_t back in as
-the hidden state of the next row.
+EAGLE-1's own layout, which vLLM and SGLang serve: input row t = [the target's embedding of token
+t+1 ; the target's final hidden state at t, AFTER its final norm (what its LM head reads)] -> fc
+(2H -> H, with bias) -> one Llama-style decoder layer without an input norm -> feature f_t, a
+prediction of the target's normed hidden state at t+1. Its token distribution is the target's LM
+head applied to f_t directly (frozen, shared, never saved with the head). Drafting feeds f_t back
+in as the hidden state of the next row. The head taps the target's last layer and applies the
+target's final norm itself (a pointwise function of that output).
 
 The decoder layer is written out here (RMSNorm, RoPE, GQA attention, SwiGLU MLP, its own small KV
 cache) rather than borrowed from transformers, whose layer signatures move between releases; the
@@ -74,21 +76,27 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
 
 
 class Attention(nn.Module):
-    def __init__(self, c: EagleConfig):
+    """GQA self-attention with RoPE. `in_features`: 2H for EAGLE-3's [embedding ; feature] input.
+    `attend`, if given, replaces the plain attention (EAGLE-3's training-time-test pattern)."""
+
+    def __init__(self, c: EagleConfig, in_features: int | None = None):
         super().__init__()
         self.c = c
-        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        n_in = in_features or c.hidden_size
+        self.q_proj = nn.Linear(n_in, c.num_attention_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(n_in, c.num_key_value_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(n_in, c.num_key_value_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, x, positions, cache: list | None, mask: torch.Tensor | None):
+    def forward(self, x, positions, cache: list | None, mask: torch.Tensor | None, attend=None):
         b, t, _ = x.shape
         c = self.c
         q = self.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        if attend is not None:
+            return self.o_proj(attend(q, k, v).transpose(1, 2).reshape(b, t, -1))
         if cache is not None:
             if cache:
                 k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
@@ -110,20 +118,23 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """EAGLE-1's layer: Llama's, without the input norm (its input is fc's output)."""
+
     def __init__(self, c: EagleConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = Attention(c)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
     def forward(self, x, positions, cache=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), positions, cache, mask)
+        x = x + self.self_attn(x, positions, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class EagleHead(nn.Module):
     """The trainable part: fc + one decoder layer. Embeddings, final norm and LM head stay the target's."""
+
+    input_is_normed = True    # reads the target's hidden state after its final norm
 
     def __init__(self, config: EagleConfig):
         super().__init__()
@@ -133,7 +144,7 @@ class EagleHead(nn.Module):
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                 cache: list | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """embeds, hidden: [B, T, H] (embedding of token t+1, target hidden at t) -> features [B, T, H]."""
+        """embeds, hidden: [B, T, H] (embedding of token t+1, target's normed hidden at t) -> features [B, T, H]."""
         x = self.fc(torch.cat([embeds, hidden], dim=-1))
         return self.layers[0](x, positions, cache, mask)
 
@@ -202,7 +213,7 @@ class EagleProposer:
         mask = None
         if len(tokens) > 1:       # causal among the new rows, full view of the cached ones
             mask = torch.ones(len(tokens), start + len(tokens), dtype=torch.bool, device=self.device).tril(start)
-        f = self.head(self.embed(ids), hidden[None].to(self.dtype), positions, self.cache, mask)
+        f = self.head(self.embed(ids).to(self.dtype), hidden[None].to(self.dtype), positions, self.cache, mask)
         self.length = start + len(tokens)
         return f[0]               # [T, H]
 
@@ -216,11 +227,16 @@ class EagleProposer:
         """Rows hidden_start..committed-1 become final: (target hidden at t, token t+1)."""
         self._rollback(state.hidden_start)   # drop the rows drafted speculatively
         start, end = state.hidden_start, state.committed
-        f = self._feed(state.hidden[0], state.tokens[start + 1: end + 1], start)
+        f = self._feed(self._fuse(state.hidden), state.tokens[start + 1: end + 1], start)
         self.feature = f[-1]
 
+    def _fuse(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """The target's tapped hidden states [n, H] per layer -> the head's input feature [n, H]:
+        for EAGLE-1, the last layer's output through the target's final norm."""
+        return self.norm(hidden[0].to(self.dtype))
+
     def _logits(self, feature: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(feature[None]))[0].float()
+        return self.lm_head(feature[None])[0].float()
 
     @torch.inference_mode()
     def propose(self, state: DecodeState, k: int, sampler: Sampler) -> Draft:
@@ -235,24 +251,24 @@ class EagleProposer:
 
 
 class EagleTrainModule(nn.Module):
-    """What the trainer wraps for kind `eagle`. Row t reads (embedding of token t+1, target hidden
-    h_t + noise) and predicts h_{t+1} (SmoothL1 on features / feature_scale, weight
-    `feature_weight`) and, through the target's norm and LM head, the token t+2: trained position
-    j = t+1 of the shared mask. The target's parts are held outside the module's parameters."""
-
-    needs_hidden = True
+    """What the trainer wraps for kind `eagle`. Row t reads (embedding of token t+1, the target's
+    normed hidden h_t + noise) and predicts h_{t+1} (SmoothL1 on features / feature_scale, weight
+    `feature_weight`) and, through the target's LM head, the token t+2: trained position j = t+1 of
+    the shared mask. The target's parts are held outside the module's parameters."""
 
     def __init__(self, head: EagleHead, target_model: nn.Module, feature_weight: float, noise: float):
         super().__init__()
         self.model = head
+        self.target_layers = (head.config.target_layer,)
         self._target = (target_parts(target_model),)   # a tuple: not registered, not saved
         self.feature_weight = feature_weight
         self.noise = noise
 
-    def forward(self, input_ids, attention_mask, mask, target_hidden):
+    def forward(self, input_ids, attention_mask, mask, target_hidden, t_logits=None):
         embed, norm, lm_head = self._target[0]
         scale = self.model.config.feature_scale
         with torch.no_grad():
+            target_hidden = norm(target_hidden[0])                            # what the target's head reads
             embeds = embed(input_ids[:, 1:])                                  # [B, T-1, H] token t+1
         hidden = target_hidden[:, :-1]                                        # [B, T-1, H] h_t
         if self.training and self.noise:
@@ -261,17 +277,19 @@ class EagleTrainModule(nn.Module):
         features = self.model(embeds.to(hidden.dtype), hidden, positions)     # [B, T-1, H]
         rows = mask[:, 1:]                                                    # row t <-> position t+1
         predicted = features[:, :-1][rows]                                   # [N, H]
-        logits = lm_head(norm(predicted))                                     # [N, V]
+        logits = lm_head(predicted)                                           # [N, V]
         wanted = target_hidden[:, 1:-1][rows]                                 # h_{t+1}
         aux = F.smooth_l1_loss(predicted.float() / scale, wanted.float() / scale) if len(wanted) else logits.sum() * 0
         return logits, self.feature_weight * aux
 
 
 def feature_scale(target_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
-    """The std of the target's last hidden states (before the final norm) on a batch: SmolLM2's are
-    large (std ≈ 36), so the feature loss and the input noise are taken relative to it."""
+    """The std of the target's final (normed) hidden states on a batch: the feature loss and the
+    input noise are taken relative to it."""
     from draftsmith.train.steps import target_signals
 
     mask = torch.zeros_like(attention_mask[:, 1:], dtype=torch.bool)
-    _, hidden = target_signals(target_model, input_ids, attention_mask, mask, need_hidden=True)
-    return float(hidden[attention_mask.bool()].float().std())
+    _, hidden = target_signals(target_model, input_ids, attention_mask, mask, layers=(-1,))
+    with torch.no_grad():
+        normed = target_parts(target_model)[1](hidden[0])
+    return float(normed[attention_mask.bool()].float().std())

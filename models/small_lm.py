@@ -65,13 +65,13 @@ class SmallLMTrainModule(torch.nn.Module):
     """What the trainer wraps (DDP/FSDP/DeepSpeed) for a small_lm drafter: the LM head runs only on
     the trained positions, which saves the head's cost on prompts and padding."""
 
-    needs_hidden = False
+    target_layers = ()
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, mask, target_hidden=None):
+    def forward(self, input_ids, attention_mask, mask, target_hidden=None, t_logits=None):
         base = getattr(self.model, self.model.base_model_prefix)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
         logits = self.model.get_output_embeddings()(hidden[:, :-1][mask])                   # [N, V]

@@ -43,7 +43,7 @@ def test_incremental_state_equals_a_fresh_forward(target):
     """After every verify step the head's cached rows and its last feature equal a forward over all
     committed rows from scratch: rejected drafts leave no trace."""
     head = random_head(target)
-    embed, _, _ = target_parts(target.model)
+    embed, norm, _ = target_parts(target.model)
     checks = []
 
     class Checked(EagleProposer):
@@ -53,7 +53,7 @@ def test_incremental_state_equals_a_fresh_forward(target):
             cache = target.new_cache()
             out = target.forward(state.tokens[:n], cache, hidden_layers=(-1,))
             ids = torch.tensor([state.tokens[1:n + 1]])
-            fresh = head(embed(ids), out.hidden[0][None], torch.arange(n)[None])[0, -1]
+            fresh = head(embed(ids), norm(out.hidden[0][None]), torch.arange(n)[None])[0, -1]
             torch.testing.assert_close(self.feature, fresh, rtol=1e-4, atol=1e-4)
             assert self.length == n
             checks.append(n)
@@ -85,3 +85,36 @@ def test_load_drafter_dispatches_on_kind(target, tmp_path):
     small.vocab_size = 999
     with pytest.raises(DraftsmithError, match="vocabulary"):
         load_drafter(str(tmp_path / "eagle"), small)
+
+
+@pytest.mark.parametrize("fmt", ["speculators", "sglang"])
+def test_serving_formats_round_trip_with_identical_draft_logits(target, tmp_path, fmt):
+    """EAGLE-1 layout in vLLM speculators (`eagle`, fusion_fc / transformer.*) and SGLang
+    (LlamaForCausalLMEagle) names: read back bit-identical, and decoding with it is unchanged."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from draftsmith.models.formats import read_head_folder, write_sglang, write_speculators
+
+    head = random_head(target)
+    out = tmp_path / fmt
+    out.mkdir()
+    if fmt == "speculators":
+        write_speculators(head, out, "tiny", ["LlamaForCausalLM"])
+        raw = json.loads((out / "config.json").read_text())
+        assert raw["speculators_model_type"] == "eagle" and raw["layernorms"] is False and raw["fusion_bias"]
+        assert {"fusion_fc.weight", "fusion_fc.bias", "transformer.self_attn.q_proj.weight"} <= set(
+            load_file(str(out / "model.safetensors")))
+    else:
+        write_sglang(head, out)
+        assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLMEagle"]
+    weights = load_file(str(out / "model.safetensors"))
+    assert not any("input_layernorm" in k or "lm_head" in k or "embed_tokens" in k for k in weights)
+    loaded = read_head_folder(out)
+    x, e, pos = torch.randn(1, 5, 64), torch.randn(1, 5, 64), torch.arange(5)[None]
+    with torch.no_grad():
+        assert torch.equal(head(e, x, pos), loaded(e, x, pos))
+    a = speculative_generate(target, EagleProposer(head, target.model), prompts(1)[0], k=3, max_new_tokens=16)
+    b = speculative_generate(target, EagleProposer(loaded, target.model), prompts(1)[0], k=3, max_new_tokens=16)
+    assert a.tokens == b.tokens and a.accepted == b.accepted

@@ -33,7 +33,10 @@ MINIMAL = "description: tiny\ntarget:\n  name: tiny-target\n"
 
 def test_repository_has_recipes_and_accelerate_configs():
     assert {"smollm2-135m/small_lm-kd", QUICK} <= set(RECIPES)
-    assert [p.stem for p in ACCELERATE_CONFIGS] == ["ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp"]
+    assert [p.stem for p in ACCELERATE_CONFIGS] == ["ddp", "deepspeed_zero2", "deepspeed_zero2_8gpu",
+                                                    "deepspeed_zero3", "fsdp"]
+    assert {"smollm2-135m/eagle3-ttt", "smollm2-135m/eagle3-ttt-quick", "gemma3-270m/eagle3-ttt",
+            "llama-3.1-8b/eagle3-ttt-8gpu"} <= set(RECIPES)
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -41,7 +44,7 @@ def test_every_recipe_loads(name):
     cfg = load_recipe(name)
     assert isinstance(cfg, RecipeConfig)
     assert cfg.description and "\n" not in cfg.description.strip()
-    assert cfg.run.name == name.rsplit("/", 1)[-1]
+    assert cfg.run.name in (None, name.rsplit("/", 1)[-1]) or cfg.run.name.startswith(name.rsplit("/", 1)[-1][:6])
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -161,7 +164,7 @@ def test_bad_overrides_fail(override, match):
 @pytest.mark.parametrize("name", RECIPES)
 def test_resolved_config_round_trips(tmp_path, name):
     layers = list(range(1, load_recipe(name).drafter.num_layers + 1))
-    cfg = load_recipe(name, [f"drafter.layers_from_target={layers}", "train.lr=1e-5"])
+    cfg = load_recipe(name, ["drafter.init=target", f"drafter.layers_from_target={layers}", "train.lr=1e-5"])
     path = save_resolved(cfg, tmp_path / "run")
     assert path == tmp_path / "run" / "config.yaml"
     assert load_recipe(path) == cfg
@@ -188,7 +191,32 @@ def test_accelerate_config_parses(path):
     cfg = load_config_from_file(str(path))
     expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP"}.get(path.stem, "DEEPSPEED")
     assert cfg.distributed_type.value == expected
-    assert cfg.num_processes == 2 and cfg.mixed_precision == "bf16"
+    assert cfg.num_processes == (8 if "8gpu" in path.stem else 2) and cfg.mixed_precision == "bf16"
     if expected == "DEEPSPEED":
-        assert cfg.deepspeed_config["zero_stage"] == int(path.stem[-1])
+        assert cfg.deepspeed_config["zero_stage"] == int(path.stem.removesuffix("_8gpu")[-1])
     assert f"accelerate launch --config_file recipes/accelerate/{path.name}" in path.read_text()
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_dry_runs_on_the_meta_device(name, capsys):
+    """CI runs the dry run of every recipe: target and drafter build (meta device), shapes and memory print."""
+    from draftsmith.cli import main
+
+    assert main(["train", name, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable" in out and "total (estimate)" in out and "[dry run] target" in out
+
+
+def test_cluster_recipe_dry_run_shards_with_zero2(capsys):
+    from draftsmith.train.config import load_recipe
+    from draftsmith.train.dry_run import dry_run
+
+    cfg = load_recipe("llama-3.1-8b/eagle3-ttt-8gpu")
+    one = dry_run(cfg, gpus=1, zero=0)
+    eight = dry_run(cfg, gpus=8, zero=2)
+    assert 8.0e9 < one["target_params"] < 8.1e9                       # Llama-3.1-8B
+    assert 4.0e8 < one["drafter_trainable"] < 4.5e8
+    assert eight["memory_per_gpu_bytes"] < one["memory_per_gpu_bytes"] < 80 * 1024 ** 3
+    assert eight["tokens_per_step"] == 8 * 8 * 2048
+    with pytest.raises(DraftsmithError, match="zero"):
+        dry_run(cfg, gpus=8, zero=5)

@@ -324,9 +324,47 @@ def test_eagle_trains_exports_and_decodes_losslessly(setup, tmp_path, capsys):
     out = tmp_path / "export"
     assert main(["export", str(tmp_path / "eagle"), "--format", "hf", "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["draftsmith_kind"] == "eagle"
+    for fmt in ("speculators", "sglang"):      # vLLM's and SGLang's EAGLE-1 layouts load back losslessly
+        assert main(["export", str(tmp_path / "eagle"), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
+        assert main(["eval", "--target", str(setup / "target"), "--drafter", str(tmp_path / fmt), "--bench",
+                     str(setup / "bench.jsonl"), "--max-new-tokens", "12", "--k", "3", "--device", "cpu",
+                     "--no-hf-assisted", "--out", str(tmp_path / f"eval-{fmt}")]) == 0
+        assert json.loads((tmp_path / f"eval-{fmt}" / "report.json").read_text())["lossless_match_rate"] == 1.0
     assert main(["eval", "--target", str(setup / "target"), "--drafter", str(out), "--bench",
                  str(setup / "bench.jsonl"), "--max-new-tokens", "20", "--k", "3", "--device", "cpu",
                  "--out", str(tmp_path / "eval")]) == 0
     capsys.readouterr()
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["lossless_match_rate"] == 1.0 and report["hf_assisted_tokens_per_s"] is None
+
+
+def test_eagle3_trains_exports_both_formats_and_decodes_losslessly(setup, tmp_path, capsys):
+    """Kind eagle3 through the real CLI: a reduced draft vocabulary from the data, the unrolled
+    training-time test with per-step acceptance logged, speculators + SGLang exports, lossless eval."""
+    assert main(["train", str(setup / "recipe.yaml"), f"run.out_dir={tmp_path}", "run.name=e3",
+                 "drafter.kind=eagle3", "drafter.draft_vocab_size=200", "drafter.ttt_steps=3",
+                 "train.max_steps=12", "train.lr=3e-3", "eval.every=6"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "e3" / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    evals = [x for x in lines if "ttt_greedy_match_step2" in x]
+    assert evals and all(0 <= x[f"ttt_greedy_match_step{i}"] <= 1 for x in evals for i in range(3))
+    for fmt in ("speculators", "sglang"):
+        out = tmp_path / fmt
+        assert main(["export", str(tmp_path / "e3"), "--format", fmt, "--out", str(out)]) == 0
+        assert json.loads((out / "draftsmith.json").read_text())["format"] == fmt
+        assert main(["eval", "--target", str(setup / "target"), "--drafter", str(out), "--bench",
+                     str(setup / "bench.jsonl"), "--max-new-tokens", "20", "--k", "3", "--device", "cpu",
+                     "--out", str(tmp_path / f"eval-{fmt}")]) == 0
+        report = json.loads((tmp_path / f"eval-{fmt}" / "report.json").read_text())
+        assert report["lossless_match_rate"] == 1.0
+    assert main(["export", str(tmp_path / "e3"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["draftsmith_kind"] == "eagle3"
+    capsys.readouterr()
+
+
+def test_small_lm_refuses_serving_formats(setup, run_a, tmp_path, capsys):
+    assert main(["export", str(run_a), "--format", "sglang", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "EAGLE heads" in err and "small_lm" in err and "--format hf" in err
+    assert not (tmp_path / "x").exists()

@@ -154,7 +154,9 @@ class TargetConfig(_Section):
 class DrafterConfig(_Section):
     section: ClassVar[str] = "drafter"
     choices: ClassVar = {"init": ("target", "random")}
-    at_least: ClassVar = {"num_layers": 1, "hidden_size": 1, "intermediate_size": 1, "feature_noise": 0.0}
+    at_least: ClassVar = {"num_layers": 1, "hidden_size": 1, "intermediate_size": 1, "feature_noise": 0.0,
+                          "draft_vocab_size": 1, "ttt_steps": 1}
+    above: ClassVar = {"ttt_decay": 0.0}
     kind: str = "small_lm"
     """Drafter architecture, a key of the drafter registry in draftsmith.models."""
     num_layers: int = 4
@@ -171,12 +173,25 @@ class DrafterConfig(_Section):
     """small_lm: keep the token embeddings and LM head (the target's, with init: target) frozen."""
     feature_noise: float = 0.1
     """eagle: uniform noise on the input hidden states, as a fraction of their std (EAGLE's robustness trick)."""
+    draft_vocab_size: int | None = None
+    """eagle3: tokens in the draft vocabulary, the most frequent assistant tokens of the training data;
+    null = a quarter of the target's vocabulary."""
+    aux_layers: list[int] | None = None
+    """eagle3: the 3 target layers whose outputs are fused (0-based output indices, transformers'
+    hidden_states[i + 1]); null = (1, N/2 - 1, N - 4), vLLM's and SGLang's default."""
+    ttt_steps: int = 7
+    """eagle3: training-time-test steps unrolled per sequence (the head feeds its own features back)."""
+    ttt_decay: float = 0.8
+    """eagle3: weight of unrolled step i is ttt_decay ** i."""
 
     def validate(self) -> None:
         from draftsmith.models import DRAFTER_KINDS
 
         # prompt lookup has no weights: nothing to train
         _check_choice("drafter.kind", self.kind, [k for k in DRAFTER_KINDS if k != "prompt_lookup"])
+        if self.aux_layers is not None:
+            _check(len(self.aux_layers) == 3 and len(set(self.aux_layers)) == 3 and min(self.aux_layers) >= 0,
+                   "drafter.aux_layers", self.aux_layers, "Give 3 distinct target layer indices >= 0, or null")
         layers = self.layers_from_target
         if layers is None:
             return

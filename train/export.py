@@ -1,4 +1,9 @@
-"""`draftsmith export RUN_DIR --format hf --out DIR`: a transformers folder and a model card."""
+"""`draftsmith export RUN_DIR --format hf|speculators|sglang --out DIR`.
+
+hf: draftsmith's own folder (a transformers LM for small_lm; config + safetensors for the heads),
+with the tokenizer. speculators / sglang: the EAGLE (eagle, eagle3) checkpoints that vLLM and
+SGLang load (models/formats.py, docs/formats.md). Every export carries a model card and draftsmith.json.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ import yaml
 
 from draftsmith.errors import DraftsmithError
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "speculators", "sglang")
+SERVING_FORMATS = {"speculators": "vLLM (speculators)", "sglang": "SGLang"}
 
 
 def _checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
@@ -88,17 +94,25 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, checkpoint: str | Non
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DraftsmithError("The export folder is not empty", str(out), "Pick another --out or pass --overwrite")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    kind = config["drafter"]["kind"]
+    if fmt in SERVING_FORMATS and kind not in ("eagle", "eagle3"):
+        raise DraftsmithError(f"--format {fmt} writes EAGLE heads (kinds eagle, eagle3); this run trained another kind",
+                              kind, "Export it with --format hf: vLLM and SGLang load it as a plain draft model, "
+                              "and so do draftsmith eval and transformers' assisted generation")
     ckpt = _checkpoint(run_dir, checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
-        for f in (ckpt / "drafter").iterdir():
-            shutil.copy2(f, tmp / f.name)
-        folder, _ = resolve_model_folder(config["target"]["name"])
-        AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)   # a drafter shares the target's tokenizer
+        if fmt == "hf":
+            for f in (ckpt / "drafter").iterdir():
+                shutil.copy2(f, tmp / f.name)
+            folder, _ = resolve_model_folder(config["target"]["name"])
+            AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)   # a drafter shares the target's tokenizer
+        else:
+            _write_serving(fmt, ckpt, tmp, config)
         (tmp / "README.md").write_text(model_card(run_dir, ckpt, config))
         (tmp / "draftsmith.json").write_text(json.dumps(
-            {"kind": config["drafter"]["kind"], "target": config["target"]["name"], "step": json.loads(
+            {"kind": kind, "format": fmt, "target": config["target"]["name"], "step": json.loads(
                 (ckpt / "meta.json").read_text())["step"], "run": str(run_dir)}, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -107,3 +121,17 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, checkpoint: str | Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_serving(fmt: str, ckpt: Path, out: Path, config: dict) -> None:
+    from draftsmith.models.formats import read_head_folder, write_sglang, write_speculators
+
+    head = read_head_folder(ckpt / "drafter")
+    if fmt == "sglang":
+        write_sglang(head, out)
+        return
+    name = config["target"]["name"]
+    from draftsmith.assets import TARGETS
+
+    asset = TARGETS.get(name)
+    write_speculators(head, out, asset.hub_id if asset else name, [asset.architecture if asset else "LlamaForCausalLM"])

@@ -61,8 +61,9 @@ def load_data(cfg, tokenizer):
     return train_rows, heldout_rows
 
 
-def build_drafter(cfg, target_model, train_rows, pad_id: int):
-    """The training module of the recipe's drafter kind (what accelerate wraps)."""
+def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False):
+    """The training module of the recipe's drafter kind (what accelerate wraps). dry: on the meta
+    device, without data (feature scale 1, the draft vocabulary the first ids)."""
     d = cfg.drafter
     torch.manual_seed(cfg.train.seed)
     if d.kind == "small_lm":
@@ -78,12 +79,38 @@ def build_drafter(cfg, target_model, train_rows, pad_id: int):
         from draftsmith.models.eagle import EagleTrainModule, build_eagle, feature_scale
         from draftsmith.train.data import collate
 
-        sample = collate([train_rows[i] for i in range(min(8, len(train_rows)))], pad_id)
-        device = next(target_model.parameters()).device
-        scale = feature_scale(target_model, sample["input_ids"].to(device), sample["attention_mask"].to(device))
+        scale = 1.0
+        if not dry:
+            sample = collate([train_rows[i] for i in range(min(8, len(train_rows)))], pad_id)
+            device = next(target_model.parameters()).device
+            scale = feature_scale(target_model, sample["input_ids"].to(device), sample["attention_mask"].to(device))
         head = build_eagle(target_model, scale).float()
         return EagleTrainModule(head, target_model, cfg.loss.feature_weight, d.feature_noise)
-    raise DraftsmithError("draftsmith train cannot build this drafter kind yet", d.kind, "Use small_lm or eagle")
+    if d.kind == "eagle3":
+        from draftsmith.models.eagle3 import Eagle3TrainModule, build_eagle3, default_aux_layers
+
+        n_layers = target_model.config.num_hidden_layers
+        vocab = target_model.config.vocab_size
+        size = d.draft_vocab_size or vocab // 4
+        draft_ids = torch.arange(size) if dry else draft_vocab(train_rows, vocab, size)
+        head = build_eagle3(target_model, d.aux_layers or default_aux_layers(n_layers), draft_ids, d.init).float()
+        return Eagle3TrainModule(head, target_model, d.ttt_steps, d.ttt_decay)
+    raise DraftsmithError("draftsmith train cannot build this drafter kind yet", d.kind, "Use small_lm, eagle or eagle3")
+
+
+def draft_vocab(train_rows, vocab_size: int, size: int):
+    """EAGLE-3's reduced vocabulary: the `size` most frequent assistant tokens of the training data."""
+    from draftsmith.models.eagle3 import draft_vocab_from_counts
+
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for row in train_rows:
+        ids = torch.as_tensor(row["input_ids"])
+        counts += torch.bincount(ids[torch.as_tensor(row["loss_mask"], dtype=torch.bool)], minlength=vocab_size)[:vocab_size]
+    ids = draft_vocab_from_counts(counts, size)
+    covered = float(counts[ids].sum()) / max(1, int(counts.sum()))
+    print(f"[draftsmith] draft vocabulary: {size} of {vocab_size} tokens cover {covered:.1%} of the "
+          f"{int(counts.sum())} assistant tokens in the training data", flush=True)
+    return ids
 
 
 def train(recipe: str, overrides: list[str] = (), resume: bool = False, overwrite: bool = False) -> dict:

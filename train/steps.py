@@ -8,24 +8,24 @@ import torch
 from draftsmith.distill import losses
 
 
-def target_signals(target_model: torch.nn.Module, input_ids, attention_mask, mask, need_hidden: bool):
+def target_signals(target_model: torch.nn.Module, input_ids, attention_mask, mask, layers: tuple[int, ...] = ()):
     """The online teacher signals: [N, V] target logits at the N positions of `mask` ([B, T-1],
     position j predicts token j+1; the LM head runs on those rows only) and, for feature-level
-    drafters, the last decoder layer's output [B, T, H] before the final norm."""
+    drafters, the outputs [B, T, H] (before the final norm) of the decoder `layers` (-1: last)."""
     base = getattr(target_model, target_model.base_model_prefix)
-    captured = {}
-    hook = None
-    if need_hidden:
-        hook = base.layers[-1].register_forward_hook(
-            lambda m, a, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    n = len(base.layers)
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [base.layers[i].register_forward_hook(
+        lambda m, a, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+        for i in sorted({j % n for j in layers})]
     try:
         with torch.no_grad():
             final = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
             logits = target_model.get_output_embeddings()(final[:, :-1][mask])
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
-    return logits, captured.get("h")
+    return logits, [captured[j % n] for j in layers]
 
 
 def distill_loss(loss_cfg, t_logits: torch.Tensor, d_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -47,17 +47,21 @@ def distill_loss(loss_cfg, t_logits: torch.Tensor, d_logits: torch.Tensor, label
 
 def forward_batch(target_model, drafter, batch: dict, loss_cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, target logits [N, V], drafter logits [N, V]) for one batch. `drafter` is the (wrapped)
-    training module of its kind (models/<kind>.py): it returns its logits on the same N positions
-    and any auxiliary loss of its own (EAGLE's feature regression)."""
+    training module of its kind (models/<kind>.py). It declares the target layers it reads
+    (`target_layers`), returns its logits on the same N positions and a loss term of its own
+    (EAGLE's feature regression), which is the whole loss when it `owns_loss` (EAGLE-3's unrolled,
+    vocabulary-restricted KL)."""
     ids, attention = batch["input_ids"], batch["attention_mask"]
     # position j is trained when token j+1 is an assistant token
     mask = batch["loss_mask"][:, 1:] & attention[:, 1:].bool()          # [B, T-1]
     module = getattr(drafter, "module", drafter)
-    needs_hidden = getattr(module, "needs_hidden", False)
-    if needs_hidden:
+    layers = tuple(getattr(module, "target_layers", ()))
+    if layers:
         mask[:, 0] = False        # a feature head's first row predicts position 1's token
-    t_logits, hidden = target_signals(target_model, ids, attention, mask, needs_hidden)
-    d_logits, aux = drafter(ids, attention, mask, hidden)
+    t_logits, hidden = target_signals(target_model, ids, attention, mask, layers)
+    d_logits, aux = drafter(ids, attention, mask, hidden, t_logits)
+    if getattr(module, "owns_loss", False):
+        return aux, t_logits, d_logits
     labels = ids[:, 1:][mask]
     return distill_loss(loss_cfg, t_logits, d_logits, labels) + aux, t_logits, d_logits
 
@@ -67,11 +71,15 @@ def heldout_metrics(target_model, drafter, batches: list[dict], loss_cfg, k_max:
     """Held-out loss and teacher-forced acceptance: α = mean Σ_x min(p, q) (sampling at T=1) and
     the argmax agreement rate (greedy), with the chain τ = (1 − α^(k+1)) / (1 − α) they predict."""
     total, accept, greedy, rows = 0.0, 0.0, 0.0, 0
+    module = getattr(drafter, "module", drafter)
+    extra: dict[str, list[float]] = {}
     for batch in batches:
         loss, t_logits, d_logits = forward_batch(target_model, drafter, batch, loss_cfg)
         n = t_logits.shape[0]
         if n == 0:
             continue
+        for key, value in getattr(module, "step_stats", {}).items():   # per-step figures of unrolled heads
+            extra.setdefault(key, []).append(value)
         total += float(loss) * n
         accept += float(losses.acceptance_estimate(t_logits, d_logits)) * n
         greedy += float((t_logits.argmax(-1) == d_logits.argmax(-1)).float().mean()) * n
@@ -80,6 +88,7 @@ def heldout_metrics(target_model, drafter, batches: list[dict], loss_cfg, k_max:
         return {}
     alpha, alpha_greedy = accept / rows, greedy / rows
     out = {"heldout_loss": total / rows, "acceptance_estimate": alpha, "greedy_match": alpha_greedy}
+    out.update({key: sum(v) / len(v) for key, v in extra.items()})
     for k in range(1, k_max + 1):
         out[f"tau_k{k}"] = losses.chain_tau(alpha, k)
         out[f"tau_greedy_k{k}"] = losses.chain_tau(alpha_greedy, k)

@@ -1,0 +1,314 @@
+"""Kind `eagle3`: an EAGLE-3 head (Li et al. 2503.01840).
+
+Input row t: fc([h_low ; h_mid ; h_high] at t) (3H -> H), the fused target feature, beside the
+target's (frozen, shared) embedding of token t+1. One decoder layer reads [input_layernorm(embedding)
+; hidden_norm(feature)] (2H -> attention) with the feature as its residual; its output f_t goes
+through the head's own norm and its own LM head over a reduced draft vocabulary of Vd tokens.
+Drafting feeds f_t back in as the feature of the next row (no fc: it is already H wide).
+
+Vocabulary maps (saved with every checkpoint, refused if missing):
+  d2t [Vd] int64: target id of draft id i = i + d2t[i]   (EAGLE-3 / SGLang / speculators convention)
+  t2d [V] bool:   target id j is in the draft vocabulary
+
+Layer convention: `aux_layers` are 0-based indices of target decoder layers whose OUTPUT is read
+(transformers' hidden_states[i + 1]; SGLang's eagle_config ids). vLLM / speculators count the
+residual stream entering layer i, i.e. these ids + 1. Default: (1, N/2 - 1, N - 4), which is
+vLLM's and SGLang's default (2, N/2, N - 3) in their convention.
+
+Training-time test: the head is unrolled `ttt_steps` times over a whole sequence; step i >= 1 reads
+its own features of step i-1 and the data token t+1+i at position t+i, and attends to the
+teacher-forced rows <= t of step 0 plus its own rows t of steps 1..i — exactly what it sees when
+drafting i tokens past an accepted prefix ending at t.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from draftsmith.errors import DraftsmithError
+from draftsmith.models.eagle import MLP, Attention, EagleConfig, EagleProposer, RMSNorm, target_parts
+
+
+@dataclass
+class Eagle3Config(EagleConfig):
+    draft_vocab_size: int = 0
+    aux_layers: list[int] = field(default_factory=list)   # target layer outputs read, see the module doc
+    target_hidden_size: int = 0
+    norm_before_residual: bool = False
+    layer_convention: str = "output of target decoder layer i, 0-based (transformers hidden_states[i + 1])"
+    draftsmith_kind: str = "eagle3"
+
+
+def default_aux_layers(num_layers: int) -> list[int]:
+    """vLLM's and SGLang's (2, N/2, N-3) before-layer ids as output ids; tiny targets: first, middle, last."""
+    return [1, num_layers // 2 - 1, num_layers - 4] if num_layers >= 8 else [0, num_layers // 2, num_layers - 1]
+
+
+class Eagle3Layer(nn.Module):
+    def __init__(self, c: Eagle3Config):
+        super().__init__()
+        self.norm_before_residual = c.norm_before_residual
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c, in_features=2 * c.hidden_size)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, embeds, hidden, positions, cache=None, mask=None, attend=None):
+        normed = self.hidden_norm(hidden)
+        residual = normed if self.norm_before_residual else hidden
+        x = torch.cat([self.input_layernorm(embeds), normed], dim=-1)
+        x = residual + self.self_attn(x, positions, cache, mask, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Eagle3Head(nn.Module):
+    """fc + one decoder layer + norm + draft LM head, with the d2t / t2d maps as buffers."""
+
+    def __init__(self, config: Eagle3Config):
+        super().__init__()
+        self.config = config
+        self.fc = nn.Linear(3 * (config.target_hidden_size or config.hidden_size), config.hidden_size, bias=False)
+        self.layers = nn.ModuleList([Eagle3Layer(config)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
+
+    def set_vocab(self, draft_ids: torch.Tensor) -> None:
+        """draft_ids: [Vd] ascending target ids of the draft vocabulary."""
+        ids = draft_ids.to(self.d2t.device, torch.long)
+        self.d2t.copy_(ids - torch.arange(len(ids), device=ids.device))
+        self.t2d.zero_()
+        self.t2d[ids] = True
+
+    @property
+    def draft_ids(self) -> torch.Tensor:
+        return torch.arange(len(self.d2t), device=self.d2t.device) + self.d2t
+
+    def fuse(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        return self.fc(torch.cat(hidden, dim=-1))
+
+    def forward(self, embeds, hidden, positions, cache=None, mask=None, attend=None) -> torch.Tensor:
+        """embeds [B, T, H] (token t+1), hidden [B, T, H] (fused target feature or own feature) -> f [B, T, H]."""
+        return self.layers[0](embeds, hidden, positions, cache, mask, attend)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(features))     # [..., Vd]
+
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        state = state_dict if state_dict is not None else self.state_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path / "model.safetensors"))
+
+    @classmethod
+    def from_state(cls, config: Eagle3Config, state: dict, where: str) -> "Eagle3Head":
+        missing = [k for k in ("d2t", "t2d") if k not in state]
+        if missing:
+            raise DraftsmithError("This EAGLE-3 checkpoint has no draft-vocabulary maps", f"{where}: missing {missing}",
+                                  "An eagle3 head cannot map its draft tokens to the target's without d2t and t2d; "
+                                  "re-export it with draftsmith export, or add the maps it was trained with")
+        head = cls(config)
+        bad = head.load_state_dict(state, strict=False)
+        if bad.missing_keys or bad.unexpected_keys:
+            raise DraftsmithError("This EAGLE-3 checkpoint does not match its config",
+                                  {"missing": bad.missing_keys[:4], "unexpected": bad.unexpected_keys[:4], "in": where},
+                                  "Re-export it with draftsmith export")
+        ids = head.draft_ids
+        if int(head.t2d.sum()) != len(ids) or not bool(head.t2d[ids.clamp(0, len(head.t2d) - 1)].all()):
+            raise DraftsmithError("The checkpoint's d2t and t2d maps disagree", where,
+                                  "t2d must be True exactly at the target ids i + d2t[i]; re-export the drafter")
+        return head
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Eagle3Head":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config = Eagle3Config(**json.loads((path / "config.json").read_text()))
+        return cls.from_state(config, load_file(str(path / "model.safetensors")), str(path))
+
+
+# ---------------------------------------------------------------------------------- building
+
+def _norm_weight(norm: nn.Module) -> torch.Tensor:
+    """A target RMSNorm's multiplier: Gemma's norms scale by (1 + weight)."""
+    w = norm.weight.detach().float()
+    return w + 1 if type(norm).__name__.startswith("Gemma") else w
+
+
+def draft_vocab_from_counts(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """The `size` most frequent target ids (ties: lower id first), ascending: the draft vocabulary."""
+    if not 0 < size <= len(counts):
+        raise DraftsmithError("drafter.draft_vocab_size must be between 1 and the target's vocabulary size",
+                              size, f"Pick a value <= {len(counts)}")
+    order = torch.sort(counts.double() - torch.arange(len(counts)) * 1e-9, descending=True, stable=True).indices
+    return order[:size].sort().values
+
+
+def build_eagle3(target_model: nn.Module, aux_layers: list[int], draft_ids: torch.Tensor,
+                 init: str = "target") -> Eagle3Head:
+    """A fresh head. init=target: the decoder layer's hidden half, attention output and MLP copied
+    from the target's last layer, norm and LM-head rows from the target's (draft vocabulary rows),
+    fc passing the highest tapped layer through; init=random: transformers-style random init."""
+    cfg = target_model.config
+    n = cfg.num_hidden_layers
+    bad = [i for i in aux_layers if not 0 <= i < n]
+    if len(aux_layers) != 3 or bad:
+        raise DraftsmithError("drafter.aux_layers must be 3 target layer indices in [0, num_layers)",
+                              aux_layers, f"This target has {n} layers; null picks {default_aux_layers(n)}")
+    c = Eagle3Config.from_target(cfg, draft_vocab_size=len(draft_ids), aux_layers=list(aux_layers),
+                                 target_hidden_size=cfg.hidden_size)
+    head = Eagle3Head(c)
+    head.set_vocab(draft_ids)
+    if init == "target":
+        embed, norm, lm_head = target_parts(target_model)
+        last = getattr(target_model, target_model.base_model_prefix).layers[-1]
+        layer, h = head.layers[0], c.hidden_size
+        with torch.no_grad():
+            src = dict(last.named_parameters())
+            for name, p in layer.named_parameters():
+                if name in src and src[name].shape == p.shape and "norm" not in name:
+                    p.copy_(src[name])
+                elif name in src and p.shape[-1] == 2 * h and src[name].shape[-1] == h:
+                    p[:, h:] = src[name]                      # q/k/v: the feature half from the target
+                    p[:, :h] *= 0.1
+            for mine, theirs in (("input_layernorm", "input_layernorm"), ("hidden_norm", "input_layernorm"),
+                                 ("post_attention_layernorm", "post_attention_layernorm")):
+                if hasattr(last, theirs):
+                    getattr(layer, mine).weight.copy_(_norm_weight(getattr(last, theirs)))
+            head.norm.weight.copy_(_norm_weight(norm))
+            head.lm_head.weight.copy_(lm_head.weight[draft_ids.to(lm_head.weight.device)])
+            head.fc.weight.zero_()
+            head.fc.weight[:, 2 * cfg.hidden_size:] = torch.eye(h, cfg.hidden_size)
+    return head.to(next(target_model.parameters()).dtype)
+
+
+# ---------------------------------------------------------------------------------- decoding
+
+class Eagle3Proposer(EagleProposer):
+    """Chain drafting with an EAGLE-3 head: the decoder state and rollback are EAGLE's; the head reads
+    three tapped layers through fc and scores only its draft vocabulary (-inf elsewhere)."""
+
+    def __init__(self, head: Eagle3Head, target_model: nn.Module):
+        super().__init__(head, target_model)
+        self.hidden_layers = tuple(head.config.aux_layers)
+        self.draft_ids = head.draft_ids.to(self.device)
+        self.vocab_size = head.config.vocab_size
+
+    def _fuse(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        return self.head.fuse([h.to(self.dtype) for h in hidden])
+
+    def _logits(self, feature: torch.Tensor) -> torch.Tensor:
+        draft = self.head.logits(feature[None])[0].float()
+        full = draft.new_full((self.vocab_size,), float("-inf"))
+        full[self.draft_ids] = draft
+        return full
+
+
+# ---------------------------------------------------------------------------------- training
+
+def ttt_attention(past: list):
+    """The attention of one training-time-test step. `past` holds (k, v) of the earlier steps; row
+    t attends to step 0's rows <= t (causal) and to row t of every later step, itself included."""
+
+    def attend(q, k, v):
+        past.append((k, v))
+        if len(past) == 1:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        rep = q.shape[1] // k.shape[1]
+        k0, v0 = (x.repeat_interleave(rep, 1) for x in past[0])
+        ks = torch.stack([x.repeat_interleave(rep, 1) for x, _ in past[1:]], dim=-2)   # [B, h, T, i, D]
+        vs = torch.stack([x.repeat_interleave(rep, 1) for _, x in past[1:]], dim=-2)
+        scale = q.shape[-1] ** -0.5
+        t = q.shape[2]
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        s0 = (q @ k0.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))   # [B, h, T, T]
+        sd = (q[..., None, :] * ks).sum(-1) * scale                                     # [B, h, T, i]
+        w = torch.softmax(torch.cat([s0, sd], dim=-1).float(), dim=-1).to(q.dtype)
+        return w[..., :t] @ v0 + (w[..., t:, None] * vs).sum(-2)
+    return attend
+
+
+class Eagle3TrainModule(nn.Module):
+    """What the trainer wraps for kind `eagle3`. Step i (0..ttt_steps-1), row t: predicts token t+2+i
+    against the target's distribution at position t+1+i restricted (renormalised) to the draft
+    vocabulary — forward KL, weight decay**i, rows masked where the target's argmax lies outside
+    the draft vocabulary. Returns step 0's logits on the shared trained positions (mapped to the
+    target vocabulary, -inf outside the draft one) for the held-out metrics, and the loss."""
+
+    owns_loss = True
+
+    def __init__(self, head: Eagle3Head, target_model: nn.Module, ttt_steps: int, decay: float):
+        super().__init__()
+        self.model = head
+        self._target = (target_parts(target_model),)     # a tuple: not registered, not saved
+        self.target_layers = tuple(head.config.aux_layers)
+        self.ttt_steps, self.decay = ttt_steps, decay
+        self.step_stats: dict[str, float] = {}
+
+    def forward(self, input_ids, attention_mask, mask, target_hidden, t_logits):
+        head = self.model
+        embed = self._target[0][0]
+        b, t = input_ids.shape
+        rows = t - 1                                                          # row r: hidden at r, token r+1
+        ids = head.draft_ids
+        with torch.no_grad():
+            t_logits = t_logits.float()
+            t_arg = t_logits.argmax(-1)
+            grid_p = t_logits.new_zeros(b, rows, len(ids))                    # target log p over the draft vocab
+            grid_p[mask] = torch.log_softmax(t_logits[:, ids], dim=-1)
+            valid = torch.zeros_like(mask)
+            valid[mask] = head.t2d[t_arg]
+            arg = torch.full_like(input_ids[:, 1:], -1)
+            arg[mask] = t_arg
+            embeds = embed(input_ids).detach()
+        past: list = []
+        loss = t_logits.new_zeros(())
+        stats, match_prod, tau = {}, 1.0, 1.0
+        step0 = t_logits.new_zeros((0, len(ids)))
+        for i, h in enumerate(self.unroll(embeds, target_hidden, past)):
+            n = rows - 1 - i                                                  # rows with a target at t+1+i
+            logits = head.logits(h[:, :n]).float()                            # [B, n, Vd]
+            p, v, m = grid_p[:, 1 + i:], valid[:, 1 + i:], mask[:, 1 + i:]
+            if v.any():
+                log_q = torch.log_softmax(logits[v], dim=-1)
+                kl = (p[v].exp() * (p[v] - log_q)).sum(-1).mean()
+                loss = loss + self.decay ** i * kl
+            with torch.no_grad():
+                hit = (ids[logits.argmax(-1)] == arg[:, 1 + i:])[m].float()
+                rate = float(hit.mean()) if hit.numel() else float("nan")
+                stats[f"ttt_greedy_match_step{i}"] = rate
+                if i < 4 and rate == rate:
+                    match_prod *= rate
+                    tau += match_prod
+            if i == 0:
+                step0 = logits[mask[:, 1:]]
+        stats["ttt_tau_greedy_k4"] = tau
+        self.step_stats = stats
+        full = step0.new_full((step0.shape[0], head.config.vocab_size), float("-inf"))
+        full[:, ids] = step0
+        return full, loss
+
+    def unroll(self, embeds: torch.Tensor, target_hidden: list[torch.Tensor], past: list):
+        """Yield the head's features [B, T-1, H] of each training-time-test step. embeds: the target's
+        embeddings of the sequence [B, T, H]; target_hidden: the tapped layers, [B, T, H] each."""
+        head = self.model
+        b, t, _ = embeds.shape
+        rows = t - 1
+        h = head.fuse([x[:, :rows].to(head.fc.weight.dtype) for x in target_hidden])   # [B, R, H]
+        for i in range(min(self.ttt_steps, rows - 1)):
+            emb = F.pad(embeds[:, 1 + i:], (0, 0, 0, i))                      # token t+1+i, zero past the end
+            positions = (torch.arange(rows, device=h.device) + i)[None].expand(b, -1)
+            h = head(emb.to(h.dtype), h, positions, attend=ttt_attention(past))
+            yield h

@@ -1,0 +1,133 @@
+"""`draftsmith train RECIPE --dry-run [--gpus N --zero S]`: build the target and the drafter on the
+meta device (no weights, no data, no memory), print their shapes and parameter counts and an
+estimate of the memory one GPU needs, then exit. It checks a cluster recipe before the cluster.
+
+The target's architecture comes from a local folder's config.json, the cached conversion of a
+target asset, or the table below for targets whose weights are not here (a Llama-3.1-8B-class
+model for the cluster recipe). Memory per GPU, with mixed precision and AdamW:
+  target weights (frozen, replicated: it is not part of what DeepSpeed / FSDP shard)
+  + trainable drafter: fp32 weights 4P, grads 4P, Adam moments 8P — ZeRO-2 shards grads and
+    moments over the GPUs, ZeRO-3 everything; frozen drafter weights 4P
+  + activations: the target's logits on the trained rows and the drafter's saved activations, from
+    the batch shape (an estimate to ±30%, not a measurement).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from draftsmith.errors import DraftsmithError
+
+GiB = 1024 ** 3
+
+# Published architectures of targets whose weights this machine may not hold.
+KNOWN_CONFIGS: dict[str, dict] = {
+    "smollm2-135m-instruct": dict(
+        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, vocab_size=49152, rms_norm_eps=1e-5, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True),
+    "gemma3-270m": dict(
+        model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, rope_local_base_freq=10000.0, sliding_window=512, query_pre_attn_scalar=256,
+        max_position_embeddings=32768, tie_word_embeddings=True),
+    "llama-3.1-8b-instruct": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        max_position_embeddings=131072, tie_word_embeddings=False),
+}
+
+
+def target_config(name: str):
+    from transformers import AutoConfig
+
+    path = Path(name).expanduser()
+    if (path / "config.json").exists():
+        return AutoConfig.from_pretrained(path)
+    key = name.lower().split("/")[-1]
+    if key in KNOWN_CONFIGS:
+        raw = dict(KNOWN_CONFIGS[key])
+        return AutoConfig.for_model(raw.pop("model_type"), **raw)
+    raise DraftsmithError("The dry run does not know this target's architecture", name,
+                          f"Give a folder holding its config.json, or one of: {', '.join(KNOWN_CONFIGS)}")
+
+
+def _params(module: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in module.parameters()) - trainable
+
+
+def _activation_bytes(cfg, tcfg, drafter) -> dict[str, float]:
+    """Rough peak activation memory of one micro-batch (bytes)."""
+    b, t = cfg.train.batch_size, cfg.data.max_length
+    v, h = tcfg.vocab_size, tcfg.hidden_size
+    act = 2 if cfg.train.mixed_precision != "no" else 4
+    rows = b * t
+    out = {"target logits on trained rows (fp32, with softmax)": rows * v * 4 * 2}
+    d = cfg.drafter
+    if d.kind == "small_lm":
+        dh = d.hidden_size or h
+        di = d.intermediate_size or tcfg.intermediate_size
+        out["drafter activations"] = d.num_layers * rows * (12 * dh + 3 * di) * act
+        out["drafter logits (fp32, grad)"] = rows * v * 4 * 3
+    elif d.kind == "eagle":
+        out["drafter activations"] = rows * (14 * h + 3 * tcfg.intermediate_size) * act
+        out["drafter logits via the target's head (fp32, grad)"] = rows * v * 4 * 3
+    else:
+        vd = drafter.model.config.draft_vocab_size
+        heads = tcfg.num_attention_heads
+        steps = d.ttt_steps
+        out["drafter activations (all unrolled steps)"] = steps * rows * (16 * h + 3 * tcfg.intermediate_size) * act
+        out["training-time-test attention scores"] = steps * b * heads * t * t * 4 * 2
+        out["draft-vocabulary targets and logits (fp32, grad)"] = rows * vd * 4 * (1 + 3 * steps)
+    return out
+
+
+def dry_run(cfg, gpus: int = 1, zero: int = 0) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from draftsmith.train.run import build_drafter
+
+    if gpus < 1 or zero not in (0, 1, 2, 3):
+        raise DraftsmithError("--gpus must be >= 1 and --zero one of 0, 1, 2, 3", {"gpus": gpus, "zero": zero})
+    tcfg = target_config(cfg.target.name)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(cfg.target.dtype, torch.bfloat16)
+    with torch.device("meta"):
+        target = AutoModelForCausalLM.from_config(tcfg, dtype=dtype)
+        drafter = build_drafter(cfg, target, None, 0, dry=True)
+    t_params = sum(p.numel() for p in target.parameters())
+    trainable, frozen = _params(drafter)
+    shard_grads = gpus if zero >= 2 else 1
+    shard_opt = gpus if zero >= 1 else 1
+    shard_weights = gpus if zero >= 3 else 1
+    memory = {
+        f"target weights ({str(dtype).removeprefix('torch.')}, frozen)": t_params * dtype.itemsize,
+        "drafter fp32 weights": 4 * trainable / shard_weights + 4 * frozen,
+        "drafter grads (fp32)": 4 * trainable / shard_grads,
+        "AdamW moments (fp32)": 8 * trainable / shard_opt,
+        **_activation_bytes(cfg, tcfg, drafter),
+    }
+    total = sum(memory.values())
+    inner = drafter.model
+    print(f"[dry run] recipe: {cfg.description or cfg.run.name}")
+    print(f"[dry run] target {cfg.target.name}: {tcfg.model_type}, {tcfg.num_hidden_layers} layers, hidden "
+          f"{tcfg.hidden_size}, vocab {tcfg.vocab_size}, {t_params / 1e6:,.1f}M parameters")
+    print(f"[dry run] drafter {cfg.drafter.kind}: {trainable / 1e6:,.2f}M trainable, {frozen / 1e6:,.2f}M frozen")
+    for name, p in list(inner.named_parameters())[:24]:
+        print(f"    {name:<48} {str(list(p.shape)):<16} {'trained' if p.requires_grad else 'frozen'}")
+    for name, b in inner.named_buffers():
+        print(f"    {name:<48} {str(list(b.shape)):<16} buffer ({str(b.dtype).removeprefix('torch.')})")
+    tokens = cfg.train.batch_size * cfg.train.grad_accum * gpus * cfg.data.max_length
+    print(f"[dry run] batch: {cfg.train.batch_size} x {cfg.data.max_length} tokens per GPU, grad_accum "
+          f"{cfg.train.grad_accum}, {gpus} GPU(s): up to {tokens:,} tokens per optimizer step, "
+          f"{cfg.train.max_steps} steps")
+    print(f"[dry run] estimated memory per GPU ({gpus} GPU(s), ZeRO stage {zero}):")
+    for name, value in memory.items():
+        print(f"    {name:<56} {value / GiB:8.2f} GiB")
+    print(f"    {'total (estimate)':<56} {total / GiB:8.2f} GiB")
+    return {"target_params": t_params, "drafter_trainable": trainable, "drafter_frozen": frozen,
+            "memory_per_gpu_bytes": total, "tokens_per_step": tokens}
