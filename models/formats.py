@@ -140,16 +140,6 @@ def _config_from_llama(layer: dict, cls=Eagle3Config, **extra):
                         **extra)
 
 
-def _eagle_head(c: EagleConfig, state: dict, where: str) -> EagleHead:
-    head = EagleHead(c)
-    bad = head.load_state_dict(state, strict=False)
-    if bad.missing_keys or bad.unexpected_keys:
-        raise DraftsmithError("This EAGLE checkpoint does not match the EAGLE-1 layout draftsmith serves",
-                              {"missing": bad.missing_keys[:4], "unexpected": bad.unexpected_keys[:4], "in": where},
-                              "Use a checkpoint without input layernorm / extra norms (speculators layernorms: false)")
-    return head
-
-
 def read_head_folder(path: Path, target_num_layers: int | None = None):
     """An EagleHead or Eagle3Head from a draftsmith, speculators or SGLang folder; None for other drafters."""
     raw = json.loads((path / "config.json").read_text())
@@ -166,11 +156,11 @@ def read_head_folder(path: Path, target_num_layers: int | None = None):
         state = {k.replace("fusion_fc.", "fc.", 1).replace("transformer.", "layers.0.", 1): v
                  for k, v in _load_state(path).items() if not k.startswith(drop)}
         state.setdefault("fc.bias", torch.zeros(c.hidden_size, dtype=state["fc.weight"].dtype))
-        return _eagle_head(c, state, str(path))
+        return EagleHead.from_state(c, state, str(path))
     if "LlamaForCausalLMEagle" in raw.get("architectures", []):
         c = _config_from_llama(raw, cls=EagleConfig)
         state = {k.removeprefix("model."): v for k, v in _load_state(path).items()}
-        return _eagle_head(c, {k: v for k, v in state.items() if not k.startswith(drop)}, str(path))
+        return EagleHead.from_state(c, {k: v for k, v in state.items() if not k.startswith(drop)}, str(path))
     if "speculators_model_type" in raw:
         if raw["speculators_model_type"] != "eagle3":
             raise DraftsmithError("draftsmith reads speculators checkpoints of type eagle and eagle3",

@@ -143,7 +143,24 @@ def load_target(spec: str, dtype: str | torch.dtype | None = "auto", device: str
     folder, name = resolve_model_folder(spec)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    _apply_asset_chat_format(spec, model, tokenizer)
     return Target(model, tokenizer, name=name)
+
+
+def _apply_asset_chat_format(spec: str, model, tokenizer) -> None:
+    """An asset whose GGUF has no chat template gets its family's, and its end-of-turn token as EOS."""
+    from draftsmith import assets
+
+    asset = assets.TARGETS.get(spec)
+    if asset is None:
+        return
+    if asset.chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = asset.chat_template
+    if asset.stop_tokens:
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        extra = [tokenizer.convert_tokens_to_ids(t) for t in asset.stop_tokens]
+        model.generation_config.eos_token_id = sorted(set(eos + [i for i in extra if i is not None]))
 
 
 def resolve_model_folder(spec: str) -> tuple[str, str]:

@@ -27,6 +27,63 @@ def test_smollm2_prompt_lookup_is_lossless_on_mt_bench():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["eagle", "eagle3"])
+def test_smollm2_eagle_heads_are_lossless(kind):
+    """Fresh (untrained, target-initialised) EAGLE heads on the real SmolLM2 target: greedy output
+    equals plain decoding, and the exact-law check holds for eagle3's reduced-support q."""
+    from draftsmith.models.eagle import EagleProposer, build_eagle
+    from draftsmith.models.eagle3 import Eagle3Proposer, build_eagle3, default_aux_layers
+
+    target = load_target("smollm2-135m-instruct", device="cpu")
+    if kind == "eagle":
+        proposer = EagleProposer(build_eagle(target.model, 1.0), target.model)
+    else:
+        ids = torch.arange(0, target.vocab_size, 6)           # 8192 tokens
+        head = build_eagle3(target.model, default_aux_layers(target.num_layers), ids)
+        proposer = Eagle3Proposer(head, target.model)
+    for item in load_bench("mt_bench", num_prompts=2):
+        prompt = encode_turn(target, item.turns, [])
+        ar = autoregressive_generate(target, prompt, max_new_tokens=32, eos_token_ids=eos_ids(target))
+        for k in (1, 4):
+            sd = speculative_generate(target, proposer, prompt, k=k, max_new_tokens=32, eos_token_ids=eos_ids(target))
+            assert sd.tokens == ar.tokens
+
+
+@pytest.mark.slow
+def test_gemma3_eagle3_is_lossless_and_trains_one_step():
+    """The second family: Gemma 3 (sliding-window layers, scaled embeddings, (1 + w) norms, 262k
+    vocabulary). The asset's GGUF has no chat template: the asset supplies Gemma's turn format and
+    <end_of_turn> as a stop token, so assistant spans are found and generation stops per turn."""
+    from draftsmith.distill.data import tokenize_conversation
+    from draftsmith.models.eagle3 import Eagle3Proposer, Eagle3TrainModule, build_eagle3, default_aux_layers
+    from draftsmith.train.steps import target_signals
+
+    target = load_target("gemma3-270m", device="cpu")
+    assert target.tokenizer.convert_tokens_to_ids("<end_of_turn>") in eos_ids(target)
+    row = tokenize_conversation(target.tokenizer, [{"role": "user", "content": "Name three colours."},
+                                                   {"role": "assistant", "content": "Red, green and blue."}], 64)
+    masked = [i for i, m in zip(row["input_ids"], row["loss_mask"]) if m]
+    assert target.tokenizer.decode(masked) == "Red, green and blue.<end_of_turn>"
+    ids = torch.arange(0, target.vocab_size, 8)                 # 32768 draft tokens
+    head = build_eagle3(target.model, default_aux_layers(target.num_layers), ids)
+    prompt = encode_turn(target, ["Name three colours."], [])
+    ar = autoregressive_generate(target, prompt, max_new_tokens=24, eos_token_ids=eos_ids(target))
+    sd = speculative_generate(target, Eagle3Proposer(head, target.model), prompt, k=4, max_new_tokens=24,
+                              eos_token_ids=eos_ids(target))
+    assert sd.tokens == ar.tokens
+    x = torch.tensor([row["input_ids"]])
+    mask = torch.tensor([row["loss_mask"][1:]], dtype=torch.bool)
+    mask[:, 0] = False
+    layers = default_aux_layers(target.num_layers)
+    t_logits, hidden = target_signals(target.model, x, torch.ones_like(x), mask, tuple(layers))
+    ids = torch.unique(torch.cat([ids, t_logits.argmax(-1)]))     # the target's choices are draftable
+    module = Eagle3TrainModule(build_eagle3(target.model, layers, ids).float(), target.model, ttt_steps=3, decay=0.8)
+    _, loss = module(x, torch.ones_like(x), mask, hidden, t_logits)
+    loss.backward()
+    assert torch.isfinite(loss) and module.model.fc.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
 def test_smollm2_harness_runs_all_three_decoders():
     cfg = EvalConfig(target="smollm2-135m-instruct", drafter="prompt-lookup", bench="mt_bench",
                      num_prompts=1, max_new_tokens=24, device="cpu")
