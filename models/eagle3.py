@@ -151,7 +151,7 @@ def build_eagle3(target_model: nn.Module, aux_layers: list[int], draft_ids: torc
     head = Eagle3Head(c)
     head.set_vocab(draft_ids)
     if init == "target":
-        embed, norm, lm_head = target_parts(target_model)
+        _, norm, lm_head = target_parts(target_model)
         last = getattr(target_model, target_model.base_model_prefix).layers[-1]
         layer, h = head.layers[0], c.hidden_size
         # the decoder layer is copied only from a Llama-style (SwiGLU, pre-norm) layer; others

@@ -37,3 +37,12 @@ def other_model() -> LlamaForCausalLM:
 def prompts(n: int = 4, length: int = 12, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def perturbed(head: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """A fresh head with seeded noise on every weight: a "random" drafter that still drafts sensibly."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return head

@@ -11,16 +11,11 @@ from draftsmith.eval.decoder import autoregressive_generate, speculative_generat
 from draftsmith.eval.verify import Sampling
 from draftsmith.models.eagle import EagleHead, EagleProposer, build_eagle, target_parts
 
-from conftest import prompts
+from conftest import perturbed, prompts
 
 
 def random_head(target, seed=0) -> EagleHead:
-    head = build_eagle(target.model, feature_scale=1.0)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return head
+    return perturbed(build_eagle(target.model, feature_scale=1.0), seed)
 
 
 @pytest.mark.parametrize("k", range(1, 9))

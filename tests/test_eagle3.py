@@ -17,7 +17,7 @@ from draftsmith.models.eagle3 import (Eagle3Head, Eagle3Proposer, Eagle3TrainMod
 from draftsmith.models.formats import read_head_folder, write_sglang, write_speculators
 from draftsmith.models.target import Target
 
-from conftest import VOCAB, prompts, tiny_llama
+from conftest import VOCAB, perturbed, prompts, tiny_llama
 from test_verify import law_of_verify_sampling
 
 
@@ -29,12 +29,7 @@ def target4() -> Target:
 def random_head(target, seed=0, vocab_size=160, init="target") -> Eagle3Head:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randperm(VOCAB, generator=g)[:vocab_size].sort().values
-    head = build_eagle3(target.model, default_aux_layers(target.num_layers), ids, init)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return head
+    return perturbed(build_eagle3(target.model, default_aux_layers(target.num_layers), ids, init), seed)
 
 
 @pytest.mark.parametrize("k", range(1, 9))

@@ -44,7 +44,8 @@ def test_every_recipe_loads(name):
     cfg = load_recipe(name)
     assert isinstance(cfg, RecipeConfig)
     assert cfg.description and "\n" not in cfg.description.strip()
-    assert cfg.run.name in (None, name.rsplit("/", 1)[-1]) or cfg.run.name.startswith(name.rsplit("/", 1)[-1][:6])
+    explicit = (yaml.safe_load(resolve_recipe_path(name).read_text()).get("run") or {}).get("name")
+    assert cfg.run.name == (explicit or name.rsplit("/", 1)[-1])
 
 
 @pytest.mark.parametrize("name", RECIPES)

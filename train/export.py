@@ -17,7 +17,7 @@ import yaml
 from draftsmith.errors import DraftsmithError
 
 FORMATS = ("hf", "speculators", "sglang")
-SERVING_FORMATS = {"speculators": "vLLM (speculators)", "sglang": "SGLang"}
+SERVING_FORMATS = ("speculators", "sglang")   # EAGLE heads for vLLM and SGLang
 
 
 def _checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
