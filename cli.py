@@ -1,4 +1,4 @@
-"""`draftsmith` command line: train | export | eval | recipes."""
+"""`draftsmith` command line: train | export | eval | recipes | data prepare."""
 
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ def cmd_eval(args) -> int:
     write_report(report, records, out)
     print((out / "report.md").read_text().split("## Per prompt")[0])
     print(f"wrote {out}/report.json, report.md, acceptance.png")
+    if report.get("interrupted"):
+        print(f"draftsmith: interrupted after {report['interrupted']['prompts_done']} of "
+              f"{report['interrupted']['prompts_planned']} prompts; the report covers those", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -71,6 +75,30 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint name or folder (default: the latest complete one)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+
+def add_data_parser(sub) -> None:
+    p = sub.add_parser("data", help="prepare training data")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    q = verbs.add_parser("prepare", help="tokenise a recipe's data once, for runs where the raw data is not",
+                         description="Tokenise a recipe's data (its target's tokenizer, its data section and split) "
+                                     "into a compact folder; train on it with data.source=FOLDER.")
+    q.add_argument("recipe", help="recipe name or path to a YAML file")
+    q.add_argument("overrides", nargs="*", help="section.key=value (e.g. data.max_conversations=20000)")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
+    q.set_defaults(func=cmd_data_prepare)
+
+
+def cmd_data_prepare(args) -> int:
+    from draftsmith.train.prepared import prepare
+
+    meta = prepare(args.recipe, args.overrides, args.out, overwrite=args.overwrite)
+    for split in ("train", "heldout"):
+        m = meta[split]
+        print(f"{split}: {m['rows']} rows, {m['tokens']} tokens, {m['assistant_tokens']} assistant tokens")
+    print(f"wrote {args.out} (train with data.source={args.out})")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -109,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_eval_parser(sub)
     add_train_parsers(sub)
+    add_data_parser(sub)
     return parser
 
 

@@ -20,13 +20,15 @@ import os
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import datasets
 from jinja2 import TemplateError
 
 from draftsmith.distill.splits import is_heldout
 from draftsmith.errors import DraftsmithError
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +162,8 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return text, spans
 
 
-def _end_of_turn_ids(tokenizer) -> frozenset[int]:
+def end_of_turn_ids(tokenizer) -> frozenset[int]:
+    """The special tokens that end a masked span (<|im_end|>, <end_of_turn>, EOS, ...)."""
     special = set(tokenizer.all_special_ids)
     special.update(i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
     return frozenset(special)
@@ -214,7 +217,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> d
     """
     text, spans = assistant_spans(tokenizer, messages)
     ((ids, offsets),) = _encode(tokenizer, [text])
-    mask = mask_from_offsets(offsets, ids, spans, _end_of_turn_ids(tokenizer))
+    mask = mask_from_offsets(offsets, ids, spans, end_of_turn_ids(tokenizer))
     return {"input_ids": ids[:max_length], "loss_mask": mask[:max_length]}
 
 
@@ -245,7 +248,7 @@ def pack_sequences(examples: list[dict], max_length: int) -> list[dict]:
 
 def _encode_all(conversations: list, tokenizer, max_length: int | None, skips: Counter
                 ) -> list[dict]:
-    end_ids = _end_of_turn_ids(tokenizer)
+    end_ids = end_of_turn_ids(tokenizer)
     rendered: list[tuple[str, list]] = []
     for record in conversations:
         messages = normalize_conversation(_as_record(record), skips)
@@ -281,7 +284,7 @@ def dataset_fingerprint(conversations: list, tokenizer, max_length: int, packing
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "class": type(tokenizer).__name__,
         "vocab": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
-        "special": sorted(_end_of_turn_ids(tokenizer)),
+        "special": sorted(end_of_turn_ids(tokenizer)),
         "template": tokenizer.chat_template,
         "max_length": max_length,
         "packing": packing,
@@ -306,6 +309,8 @@ def build_dataset(
     message lists. The cache folder is named by `dataset_fingerprint`, so a second call with
     the same inputs loads it from disk without tokenizing. Skip counts are logged.
     """
+    import datasets   # imported where a Dataset is built or loaded: prepared data trains without it
+
     if max_length < 2:
         raise DraftsmithError("max_length must be at least 2 tokens", seen=max_length)
     path = None
@@ -399,6 +404,8 @@ def _read_jsonl(path: Path) -> Iterable[tuple[int, object]]:
 
 
 def _load_saved(path: Path) -> datasets.Dataset:
+    import datasets
+
     try:
         loaded = datasets.load_from_disk(str(path))
     except FileNotFoundError as err:

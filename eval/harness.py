@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 import platform
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -138,6 +140,7 @@ class Runner:
 
     def __init__(self, cfg: EvalConfig, target: Target | None = None, proposer=None):
         self.cfg = cfg
+        self.interrupted, self.planned = False, 0
         self.target = target or load_target(cfg.target, cfg.dtype, cfg.device)
         self.proposer = proposer or load_drafter(cfg.drafter, self.target)
         self.eos = eos_ids(self.target)
@@ -163,11 +166,22 @@ class Runner:
         self.run_prompt(prompt, self.cfg.seed, max_new_tokens=min(16, self.cfg.max_new_tokens))
 
     def evaluate(self, items: list[BenchItem], progress: bool = True) -> list[PromptRecord]:
-        cfg, t = self.cfg, self.target
         work = [(item, turn) for item in items for turn in range(len(item.turns))]
         answers: dict[str, list[str]] = {}
         records = []
+        self.planned = len(work)
         bar = tqdm(total=len(work), desc="prompts", unit="prompt", disable=not progress)
+        try:
+            self._loop(work, records, answers, bar)
+        except KeyboardInterrupt:
+            if not records:
+                raise
+            self.interrupted = True   # the prompts done so far still make a report
+        bar.close()
+        return records
+
+    def _loop(self, work: list, records: list, answers: dict, bar) -> None:
+        cfg, t = self.cfg, self.target
         for index, (item, turn) in enumerate(work):
             prompt = encode_turn(t, item.turns[: turn + 1], answers.get(item.id, []))
             if len(prompt) >= t.max_length:
@@ -190,8 +204,6 @@ class Runner:
             s = summarize(records, cfg.k, greedy)
             bar.set_postfix(tau=f"{s['tau'] or 0:.2f}", speedup=f"{s['speedup'] or 0:.2f}x")
             bar.update()
-        bar.close()
-        return records
 
 
 def environment(target: Target) -> dict:
@@ -210,11 +222,27 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, list[PromptR
     items = load_bench(cfg.bench, cfg.num_prompts, cfg.turns)   # fail fast on a bad bench
     runner = Runner(cfg)
     torch.manual_seed(cfg.seed)
-    records = runner.evaluate(items, progress=progress)
+    # SIGTERM (`timeout`, a scheduler's stop) ends the run like Ctrl-C: the prompts done are reported
+    previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
+    try:
+        records = runner.evaluate(items, progress=progress)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     config = {k: v for k, v in asdict(cfg).items()}
     config.update(dtype=str(runner.target.dtype).replace("torch.", ""), device=str(runner.target.device),
                   eos_token_ids=list(runner.eos), hf_assisted_applies=runner.hf_extra is not None)
     report = summarize(records, cfg.k, cfg.sampling.greedy)
     report["config"] = config
     report["environment"] = environment(runner.target)
+    if runner.interrupted:
+        report["interrupted"] = {"prompts_done": len(records), "prompts_planned": runner.planned}
     return report, records
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()

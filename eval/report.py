@@ -55,6 +55,10 @@ def markdown(report: dict) -> str:
         "",
         "| metric | value |", "|---|---|",
     ]
+    if report.get("interrupted"):
+        i = report["interrupted"]
+        lines[3:3] = [f"**Interrupted: {i['prompts_done']} of {i['prompts_planned']} prompts ran; "
+                      "every figure covers those.**", ""]
     keys = ["tau", "tau_per_request_mean", "acceptance_rate", "steps", "new_tokens", "ar_tokens_per_s",
             "sd_tokens_per_s", "speedup", "hf_assisted_tokens_per_s", "hf_assisted_speedup",
             "lossless_match_rate", "hf_assisted_match_rate", "divergences_not_near_tie"]

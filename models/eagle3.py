@@ -267,6 +267,8 @@ class Eagle3TrainModule(nn.Module):
                 log_q = torch.log_softmax(logits[v], dim=-1)
                 kl = (p[v].exp() * (p[v] - log_q)).sum(-1).mean()
                 loss = loss + self.decay ** i * kl
+            else:   # no row to learn from: a zero that still backpropagates (and keeps DDP's buckets whole)
+                loss = loss + 0.0 * logits.sum()
             with torch.no_grad():
                 hit = (ids[logits.argmax(-1)] == arg[:, 1 + i:])[m].float()
                 rate = float(hit.mean()) if hit.numel() else float("nan")

@@ -110,3 +110,38 @@ def test_divergence_report_flags_near_ties():
     real = top2_margin(Fixed(torch.tensor([20.0, 17.0, 1.0]), torch.bfloat16), [1])
     assert not real["near_tie"] and real["top2_margin"] == 3.0
     assert not top2_margin(Fixed(torch.tensor([20.0, 19.875, 1.0]), torch.float32), [1])["near_tie"]
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupted_eval_reports_the_prompts_done(tiny_folders, tmp_path, monkeypatch, capsys, how):
+    """Ctrl-C or SIGTERM (`timeout`, a scheduler) after two prompts: exit 130 and a report of those two."""
+    import os
+    import signal
+
+    from draftsmith.eval.harness import Runner
+
+    bench = tmp_path / "five.jsonl"
+    bench.write_text("".join(f'{{"prompt": "Question number {i}?"}}\n' for i in range(5)))
+    real, calls = Runner.run_prompt, []
+
+    def stop_at_third(self, prompt, seed, max_new_tokens=None):
+        if max_new_tokens is None:                      # not the warm-up
+            calls.append(1)
+            if len(calls) == 3:
+                if how == "sigterm":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                raise KeyboardInterrupt
+        return real(self, prompt, seed, max_new_tokens)
+
+    monkeypatch.setattr(Runner, "run_prompt", stop_at_third)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "report"
+    rc = run(["--target", tiny_folders / "target", "--drafter", "prompt-lookup", "--bench", bench,
+              "--max-new-tokens", 6, "--device", "cpu", "--out", out])
+    assert rc == 130
+    assert "interrupted after 2 of 5 prompts" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["interrupted"] == {"prompts_done": 2, "prompts_planned": 5}
+    assert report["num_prompts"] == 2 and report["lossless_match_rate"] == 1.0
+    assert "Interrupted: 2 of 5 prompts ran" in (out / "report.md").read_text()
+    assert signal.getsignal(signal.SIGTERM) == before      # the eval's handler is removed again

@@ -204,3 +204,23 @@ def test_export_round_trip_gives_identical_draft_logits(target4, tmp_path, fmt):
     ta = speculative_generate(target4, Eagle3Proposer(head, target4.model), prompts(1)[0], k=4, max_new_tokens=16)
     tb = speculative_generate(target4, Eagle3Proposer(loaded, target4.model), prompts(1)[0], k=4, max_new_tokens=16)
     assert ta.accepted == tb.accepted and ta.tokens == tb.tokens
+
+
+def test_batch_without_a_learnable_row_gives_a_zero_loss_that_backpropagates(target4):
+    """Every target argmax outside the draft vocabulary (or no assistant token): loss 0, zero grads,
+    no "does not require grad" crash in the trainer's backward."""
+    head = random_head(target4).float()
+    module = Eagle3TrainModule(head, target4.model, ttt_steps=3, decay=0.8)
+    ids = torch.tensor(prompts(2, length=12, seed=2))
+    attention = torch.ones_like(ids)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[:, 0] = False
+    from draftsmith.train.steps import target_signals
+
+    t_logits, hidden = target_signals(target4.model, ids, attention, mask, module.target_layers)
+    outside = (~head.t2d).nonzero()[0, 0]
+    t_logits[:, outside] = 1e4                     # every argmax lies outside the draft vocabulary
+    _, loss = module(ids, attention, mask, hidden, t_logits)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in module.parameters() if p.requires_grad)

@@ -368,3 +368,61 @@ def test_small_lm_refuses_serving_formats(setup, run_a, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "EAGLE heads" in err and "small_lm" in err and "--format hf" in err
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------ prepared data
+
+def test_prepared_data_trains_like_the_raw_data(setup, tmp_path, capsys):
+    """`draftsmith data prepare` keeps the rows, the split and the order: a run on the prepared folder
+    ends with the same drafter, bit for bit, as the same run tokenising the raw data itself."""
+    recipe = str(setup / "recipe.yaml")
+    prepared = tmp_path / "prepared"
+    assert main(["data", "prepare", recipe, "--out", str(prepared)]) == 0
+    meta = json.loads((prepared / "meta.json").read_text())
+    assert meta["train"]["rows"] > 0 and meta["heldout"]["rows"] > 0 and meta["max_length"] == 64
+    assert f"data.source={prepared}" in capsys.readouterr().out
+    common = [f"run.out_dir={tmp_path}", "train.max_steps=3"]
+    train(recipe, [*common, "run.name=raw"])
+    train(recipe, [*common, "run.name=prepared", f"data.source={prepared}"])
+    assert_equal_tree(load_file(ckpt_path(tmp_path / "raw", 3) / "drafter" / "model.safetensors"),
+                      load_file(ckpt_path(tmp_path / "prepared", 3) / "drafter" / "model.safetensors"), "drafter")
+    # a second prepare into the same folder is refused without --overwrite
+    assert main(["data", "prepare", recipe, "--out", str(prepared)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_prepared_data_refuses_other_settings_and_tokenizers(setup, tmp_path, capsys):
+    from draftsmith.errors import DraftsmithError
+
+    recipe = str(setup / "recipe.yaml")
+    prepared = tmp_path / "prepared"
+    assert main(["data", "prepare", recipe, "--out", str(prepared)]) == 0
+    common = [f"run.out_dir={tmp_path}", "train.max_steps=1", f"data.source={prepared}"]
+    with pytest.raises(DraftsmithError, match="other data settings") as info:
+        train(recipe, [*common, "run.name=x", "data.max_length=32"])
+    assert "data.max_length: prepared 64, run 32" in str(info.value)
+    meta = json.loads((prepared / "meta.json").read_text())
+    (prepared / "meta.json").write_text(json.dumps({**meta, "tokenizer": "0" * 20}))
+    with pytest.raises(DraftsmithError, match="another tokenizer") as info:
+        train(recipe, [*common, "run.name=y"])
+    assert "draftsmith data prepare" in str(info.value)
+    (prepared / "meta.json").write_text(json.dumps({**meta, "format": "something/9"}))
+    with pytest.raises(DraftsmithError, match="not draftsmith prepared data"):
+        train(recipe, [*common, "run.name=z"])
+
+
+def test_token_rows_round_trip_any_vocabulary(tmp_path):
+    from draftsmith.train.prepared import read_rows, write_rows
+
+    rng = torch.Generator().manual_seed(0)
+    for vocab in (50, 2**16, 262_144):
+        rows = [{"input_ids": torch.randint(0, vocab, (n,), generator=rng).tolist(),
+                 "loss_mask": (torch.rand(n, generator=rng) > 0.5).tolist()} for n in (1, 7, 13, 64)]
+        counts = write_rows(rows, tmp_path / f"{vocab}.npz")
+        back = read_rows(tmp_path / f"{vocab}.npz")
+        assert counts == {"rows": 4, "tokens": 85, "assistant_tokens": sum(sum(r["loss_mask"]) for r in rows)}
+        assert len(back) == 4 and back.num_tokens == 85
+        for mine, theirs in zip(rows, back):
+            assert theirs["input_ids"].tolist() == mine["input_ids"]
+            assert theirs["loss_mask"].tolist() == mine["loss_mask"]
+        assert back[-1]["input_ids"].tolist() == rows[-1]["input_ids"]

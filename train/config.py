@@ -208,7 +208,8 @@ class DataConfig(_Section):
     section: ClassVar[str] = "data"
     at_least: ClassVar = {"max_length": 2, "heldout_fraction": 0.0, "max_conversations": 1}
     source: str = "sharegpt"
-    """sharegpt (the bundled ShareGPT V3 asset) | a .jsonl file of conversations | a saved dataset folder."""
+    """sharegpt (the bundled ShareGPT V3 asset) | a .jsonl file of conversations | a saved dataset folder |
+    a folder written by `draftsmith data prepare` (already tokenised; its data settings must match)."""
     max_length: int = 512
     """Tokens per training sequence; longer conversations are truncated."""
     packing: bool = False
@@ -222,7 +223,7 @@ class DataConfig(_Section):
 
     def validate(self) -> None:
         _check(bool(self.source.strip()), "data.source", self.source,
-               "Use sharegpt, a path to a .jsonl file, or a saved dataset folder")
+               "Use sharegpt, a path to a .jsonl file, a saved dataset folder or a prepared data folder")
         _check(self.heldout_fraction < 1.0, "data.heldout_fraction", self.heldout_fraction,
                "Use a fraction in [0, 1), e.g. 0.02")
 

@@ -42,7 +42,12 @@ def prepare_run_dir(cfg, resume: bool, overwrite: bool, is_main: bool) -> Path:
 
 
 def load_data(cfg, tokenizer):
-    """Tokenised train and held-out rows; the split is by conversation and stable across runs."""
+    """Tokenised train and held-out rows; the split is by conversation and stable across runs.
+    A prepared folder (`draftsmith data prepare`) gives its rows as they are."""
+    from draftsmith.train.prepared import is_prepared, load_prepared
+
+    if is_prepared(cfg.data.source):
+        return load_prepared(cfg, tokenizer)
     from draftsmith.distill.data import build_dataset, load_conversations, split_conversations
 
     conversations = load_conversations(cfg.data.source)
@@ -148,6 +153,8 @@ def train(recipe: str, overrides: list[str] = (), resume: bool = False, overwrit
         if "greedy_match" in summary:
             parts += [f"heldout_loss {summary['heldout_loss']:.4f}", f"greedy_match {summary['greedy_match']:.3f}",
                       f"predicted tau(k=4) {summary['tau_greedy_k4']:.2f}"]
+        if "peak_gpu_memory_gib" in summary:
+            parts.append(f"peak GPU memory {summary['peak_gpu_memory_gib']:.1f} GiB")
         print(f"[draftsmith] done: {run_dir} | " + " | ".join(parts), flush=True)
     acc.end_training()
     return summary

@@ -232,6 +232,8 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         summary = {"step": self.step, "minutes": (time.time() - start) / 60, "tokens": tokens_seen, **metrics}
+        if acc.device.type == "cuda":
+            summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         if acc.is_main_process:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary

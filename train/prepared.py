@@ -1,0 +1,134 @@
+"""Prepared (pre-tokenised) training data: tokenise once where the raw data is, train where the GPUs are.
+
+    draftsmith data prepare smollm2-135m/eagle3-ttt --out data/sharegpt-smollm2 [section.key=value ...]
+    draftsmith train smollm2-135m/eagle3-ttt data.source=data/sharegpt-smollm2
+
+The folder holds `meta.json` and `train.npz` / `heldout.npz`: every row's token ids concatenated
+(uint16 when the vocabulary fits, else uint32), the row offsets, and the loss mask as packed bits,
+zlib-compressed (~1.5 bytes per token). A run on it needs neither the raw data nor `datasets`, and
+it refuses a folder tokenised with another tokenizer or with other data settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from draftsmith.errors import DraftsmithError
+
+FORMAT = "draftsmith-tokens/1"
+# the data settings that decide the rows: a run on a prepared folder must agree on each
+SETTINGS = ("max_length", "packing", "heldout_fraction", "max_conversations")
+
+
+class TokenRows:
+    """Rows {"input_ids": int64 array, "loss_mask": bool array}, indexable like the tokenised dataset."""
+
+    def __init__(self, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray):
+        self.ids, self.mask, self.offsets = ids, mask, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return {"input_ids": self.ids[a:b].astype(np.int64), "loss_mask": self.mask[a:b]}
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+
+def write_rows(rows, path: Path) -> dict:
+    """Save rows (anything yielding input_ids / loss_mask) to one compressed .npz; returns counts."""
+    ids = [np.asarray(r["input_ids"], dtype=np.int64) for r in rows]
+    masks = [np.asarray(r["loss_mask"], dtype=bool) for r in rows]
+    flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    mask = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
+    dtype = np.uint16 if flat.size == 0 or flat.max() < 2**16 else np.uint32
+    np.savez_compressed(path, input_ids=flat.astype(dtype), loss_mask=np.packbits(mask), offsets=offsets)
+    return {"rows": len(ids), "tokens": int(flat.size), "assistant_tokens": int(mask.sum())}
+
+
+def read_rows(path: Path) -> TokenRows:
+    with np.load(path) as f:
+        ids, packed, offsets = f["input_ids"], f["loss_mask"], f["offsets"]
+    mask = np.unpackbits(packed, count=len(ids)).astype(bool)
+    return TokenRows(ids, mask, offsets)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over what decides the rows: the vocabulary, the chat template and the end-of-turn ids
+    (not the EOS or pad choice, which transformers versions set differently for the same GGUF)."""
+    from draftsmith.distill.data import end_of_turn_ids
+
+    meta = {"vocab": sorted(tokenizer.get_vocab().items()), "template": tokenizer.chat_template,
+            "end_of_turn": sorted(end_of_turn_ids(tokenizer))}
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def is_prepared(source: str) -> bool:
+    return (Path(source) / "meta.json").is_file()
+
+
+def read_meta(folder: Path) -> dict:
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise DraftsmithError("This folder is not draftsmith prepared data (or another version of it)",
+                              f"{folder}: format {meta.get('format')!r}",
+                              f"Prepare it again with `draftsmith data prepare` (format {FORMAT})")
+    return meta
+
+
+def prepare(recipe: str, overrides: list[str], out: str, overwrite: bool = False) -> dict:
+    """Tokenise a recipe's data (its target's tokenizer, its data section) into `out`."""
+    from draftsmith.models.target import load_target
+    from draftsmith.train.config import load_recipe, resolve_recipe_path
+    from draftsmith.train.run import load_data
+
+    cfg = load_recipe(resolve_recipe_path(recipe), overrides)
+    if is_prepared(cfg.data.source):
+        raise DraftsmithError("data.source is already prepared data", cfg.data.source,
+                              "Point data.source at raw data: sharegpt, a .jsonl file or a saved dataset folder")
+    folder = Path(out)
+    if (folder / "meta.json").exists() and not overwrite:
+        raise DraftsmithError("The output folder already holds prepared data", str(folder),
+                              "Pass --overwrite to replace it, or choose another --out")
+    target = load_target(cfg.target.name, "fp32", device="cpu")
+    train_rows, heldout_rows = load_data(cfg, target.tokenizer)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "source": cfg.data.source, "target": cfg.target.name,
+            "tokenizer": tokenizer_fingerprint(target.tokenizer), "vocab_size": len(target.tokenizer),
+            **{key: getattr(cfg.data, key) for key in SETTINGS},
+            "train": write_rows(train_rows, folder / "train.npz"),
+            "heldout": write_rows(heldout_rows, folder / "heldout.npz")}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def load_prepared(cfg, tokenizer) -> tuple[TokenRows, TokenRows]:
+    """The rows of a prepared folder, after checking they are what this run would tokenise itself."""
+    folder = Path(cfg.data.source)
+    meta = read_meta(folder)
+    mine = tokenizer_fingerprint(tokenizer)
+    if meta["tokenizer"] != mine:
+        raise DraftsmithError("The prepared data was tokenised with another tokenizer than this run's target",
+                              f"{folder}: tokenizer {meta['tokenizer']} (target {meta.get('target')}), "
+                              f"this run's {mine} ({cfg.target.name})",
+                              "Prepare the data again with this recipe: draftsmith data prepare <recipe> --out DIR")
+    differ = {key: (meta.get(key), getattr(cfg.data, key)) for key in SETTINGS if meta.get(key) != getattr(cfg.data, key)}
+    if differ:
+        raise DraftsmithError("The prepared data was made with other data settings than this run's",
+                              ", ".join(f"data.{k}: prepared {a!r}, run {b!r}" for k, (a, b) in differ.items()),
+                              "Pass the prepared values as overrides, or prepare the data again")
+    return read_rows(folder / "train.npz"), read_rows(folder / "heldout.npz")
