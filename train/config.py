@@ -11,15 +11,14 @@ The resolved config (defaults and overrides applied) is written into the run fol
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterable, Union, get_args, get_origin, get_type_hints
+from typing import ClassVar, Iterable, get_type_hints
 
 import yaml
 
 from draftsmith.errors import DraftsmithError
+from draftsmith.train.schema import Dumper, Loader, Section, check, check_choice, parse_yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 """The repository's `recipes/` folder; names like `smollm2-135m/small_lm-kd` resolve under it."""
@@ -28,116 +27,10 @@ _ACCELERATE_DIR = "accelerate"
 """Subfolder of RECIPES_DIR holding `accelerate launch` configs, not recipes."""
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-4` as a float (YAML 1.2), not the string YAML 1.1 makes it."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-class _Dumper(yaml.SafeDumper):
-    """SafeDumper writing sections as blocks and lists inline (`layers_from_target: [0, 10]`)."""
-
-
-_Dumper.add_representer(
-    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True))
-
-
-def _parse_yaml(text: str, where: str) -> object:
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise DraftsmithError(f"{where} is not valid YAML", str(e).replace("\n", " "),
-                              "Fix the YAML syntax") from None
-
-
-# ---------------------------------------------------------------- type checks
-
-def _describe(hint) -> str:
-    if get_origin(hint) in (Union, types.UnionType):
-        inner = next(a for a in get_args(hint) if a is not type(None))
-        return f"{_describe(inner)} or null"
-    if get_origin(hint) is list:
-        plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
-        return f"a list of {plural[get_args(hint)[0]]}"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[hint]
-
-
-def _coerce(value, hint, key: str):
-    """`value` checked against `hint`; ints become floats for float fields. Raises naming `key`."""
-    origin = get_origin(hint)
-    if origin in (Union, types.UnionType):
-        if value is None:
-            return None
-        hint = next(a for a in get_args(hint) if a is not type(None))
-        origin = get_origin(hint)
-    elif value is None:
-        raise DraftsmithError(f"{key} cannot be null", fix=f"Set {key} to {_describe(hint)}")
-    if origin is list:
-        if isinstance(value, list):
-            return [_coerce(v, get_args(hint)[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif isinstance(value, hint):
-        return value
-    raise DraftsmithError(f"{key} must be {_describe(hint)}", value,
-                          f"Set {key} to {_describe(hint)} in the recipe, or override it with {key}=VALUE")
-
-
-def _check(ok: bool, key: str, value, fix: str) -> None:
-    if not ok:
-        raise DraftsmithError(f"invalid {key}", value, fix)
-
-
-def _check_choice(key: str, value, choices: Iterable[str]) -> None:
-    choices = list(choices)
-    _check(value in choices, key, value, f"Use one of: {', '.join(choices)}")
-
-
-@dataclass
-class _Section:
-    """Base of the recipe sections: checks types, then the bounds declared below, then validate()."""
-
-    section: ClassVar[str] = ""
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
-    at_least: ClassVar[dict[str, float]] = {}
-    """field -> lowest allowed value (null passes: for Optional fields it means off / default)."""
-    above: ClassVar[dict[str, float]] = {}
-    """field -> bound the value must exceed (null passes)."""
-
-    def __post_init__(self) -> None:
-        hints = get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f"{self.section}.{f.name}"))
-        for name, allowed in self.choices.items():
-            _check_choice(f"{self.section}.{name}", getattr(self, name), allowed)
-        for bounds, ok, word in ((self.at_least, float.__ge__, ">="), (self.above, float.__gt__, ">")):
-            for name, low in bounds.items():
-                value = getattr(self, name)
-                off = ", or null for off" if get_origin(hints[name]) in (Union, types.UnionType) else ""
-                _check(value is None or ok(float(value), float(low)), f"{self.section}.{name}", value,
-                       f"Use a value {word} {low}{off}")
-        self.validate()
-
-    def validate(self) -> None:
-        """Checks beyond types, choices and bounds; raise DraftsmithError naming `section.key`."""
-
-
 # ---------------------------------------------------------------- sections
 
 @dataclass
-class TargetConfig(_Section):
+class TargetConfig(Section):
     section: ClassVar[str] = "target"
     choices: ClassVar = {"dtype": ("auto", "fp32", "bf16", "fp16")}
     name: str
@@ -146,12 +39,12 @@ class TargetConfig(_Section):
     """auto | fp32 | bf16 | fp16 (auto: bf16 on a GPU that has it, else fp32)."""
 
     def validate(self) -> None:
-        _check(bool(self.name.strip()), "target.name", self.name,
-               "Name an asset (smollm2-135m-instruct), a model folder, a .gguf file or a hub id")
+        check(bool(self.name.strip()), "target.name", self.name,
+              "Name an asset (smollm2-135m-instruct), a model folder, a .gguf file or a hub id")
 
 
 @dataclass
-class DrafterConfig(_Section):
+class DrafterConfig(Section):
     section: ClassVar[str] = "drafter"
     choices: ClassVar = {"init": ("target", "random")}
     at_least: ClassVar = {"num_layers": 1, "hidden_size": 1, "intermediate_size": 1, "feature_noise": 0.0,
@@ -188,23 +81,23 @@ class DrafterConfig(_Section):
         from draftsmith.models import DRAFTER_KINDS
 
         # prompt lookup has no weights: nothing to train
-        _check_choice("drafter.kind", self.kind, [k for k in DRAFTER_KINDS if k != "prompt_lookup"])
+        check_choice("drafter.kind", self.kind, [k for k in DRAFTER_KINDS if k != "prompt_lookup"])
         if self.aux_layers is not None:
-            _check(len(self.aux_layers) == 3 and len(set(self.aux_layers)) == 3 and min(self.aux_layers) >= 0,
-                   "drafter.aux_layers", self.aux_layers, "Give 3 distinct target layer indices >= 0, or null")
+            check(len(self.aux_layers) == 3 and len(set(self.aux_layers)) == 3 and min(self.aux_layers) >= 0,
+                  "drafter.aux_layers", self.aux_layers, "Give 3 distinct target layer indices >= 0, or null")
         layers = self.layers_from_target
         if layers is None:
             return
-        _check(self.init == "target", "drafter.layers_from_target", layers,
-               "Layers are copied only with drafter.init=target; set drafter.layers_from_target=null")
-        _check(len(layers) == self.num_layers, "drafter.layers_from_target", layers,
-               f"Give one target layer per drafter layer ({self.num_layers}), or null for evenly spaced")
-        _check(all(i >= 0 for i in layers) and len(set(layers)) == len(layers),
-               "drafter.layers_from_target", layers, "Use distinct layer indices >= 0")
+        check(self.init == "target", "drafter.layers_from_target", layers,
+              "Layers are copied only with drafter.init=target; set drafter.layers_from_target=null")
+        check(len(layers) == self.num_layers, "drafter.layers_from_target", layers,
+              f"Give one target layer per drafter layer ({self.num_layers}), or null for evenly spaced")
+        check(all(i >= 0 for i in layers) and len(set(layers)) == len(layers),
+              "drafter.layers_from_target", layers, "Use distinct layer indices >= 0")
 
 
 @dataclass
-class DataConfig(_Section):
+class DataConfig(Section):
     section: ClassVar[str] = "data"
     at_least: ClassVar = {"max_length": 2, "heldout_fraction": 0.0, "max_conversations": 1}
     source: str = "sharegpt"
@@ -222,14 +115,14 @@ class DataConfig(_Section):
     """Where tokenized datasets are cached; null = the default cache folder."""
 
     def validate(self) -> None:
-        _check(bool(self.source.strip()), "data.source", self.source,
-               "Use sharegpt, a path to a .jsonl file, a saved dataset folder or a prepared data folder")
-        _check(self.heldout_fraction < 1.0, "data.heldout_fraction", self.heldout_fraction,
-               "Use a fraction in [0, 1), e.g. 0.02")
+        check(bool(self.source.strip()), "data.source", self.source,
+              "Use sharegpt, a path to a .jsonl file, a saved dataset folder or a prepared data folder")
+        check(self.heldout_fraction < 1.0, "data.heldout_fraction", self.heldout_fraction,
+              "Use a fraction in [0, 1), e.g. 0.02")
 
 
 @dataclass
-class LossConfig(_Section):
+class LossConfig(Section):
     section: ClassVar[str] = "loss"
     at_least: ClassVar = {"beta": 0.0, "top_k": 1, "data_ce_weight": 0.0, "feature_weight": 0.0}
     above: ClassVar = {"temperature": 0.0}
@@ -249,12 +142,12 @@ class LossConfig(_Section):
     def validate(self) -> None:
         from draftsmith.distill.losses import LOSSES
 
-        _check_choice("loss.name", self.name, sorted(LOSSES))
-        _check(self.beta <= 1.0, "loss.beta", self.beta, "Use a value in [0, 1]")
+        check_choice("loss.name", self.name, sorted(LOSSES))
+        check(self.beta <= 1.0, "loss.beta", self.beta, "Use a value in [0, 1]")
 
 
 @dataclass
-class TrainConfig(_Section):
+class TrainConfig(Section):
     section: ClassVar[str] = "train"
     choices: ClassVar = {"mixed_precision": ("auto", "no", "bf16", "fp16")}
     at_least: ClassVar = {"max_steps": 0, "batch_size": 1, "grad_accum": 1, "weight_decay": 0.0,
@@ -284,11 +177,11 @@ class TrainConfig(_Section):
     """Stop early (still checkpointing) once the wall clock passes this; null = no limit."""
 
     def validate(self) -> None:
-        _check(self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "Use a fraction in [0, 1]")
+        check(self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "Use a fraction in [0, 1]")
 
 
 @dataclass
-class EvalConfig(_Section):
+class EvalConfig(Section):
     section: ClassVar[str] = "eval"
     at_least: ClassVar = {"every": 1, "batches": 1, "k_max": 1}
     every: int = 100
@@ -300,7 +193,7 @@ class EvalConfig(_Section):
 
 
 @dataclass
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     section: ClassVar[str] = "checkpoint"
     at_least: ClassVar = {"every": 1, "keep": 1}
     every: int = 100
@@ -310,7 +203,7 @@ class CheckpointConfig(_Section):
 
 
 @dataclass
-class LogConfig(_Section):
+class LogConfig(Section):
     section: ClassVar[str] = "log"
     at_least: ClassVar = {"every": 1}
     every: int = 10
@@ -320,7 +213,7 @@ class LogConfig(_Section):
 
 
 @dataclass
-class RunConfig(_Section):
+class RunConfig(Section):
     section: ClassVar[str] = "run"
     name: str | None = None
     """Run folder name under out_dir; null = the recipe file's stem."""
@@ -329,9 +222,9 @@ class RunConfig(_Section):
 
     def validate(self) -> None:
         if self.name is not None:
-            _check(bool(self.name.strip()) and "/" not in self.name and "\\" not in self.name,
-                   "run.name", self.name, "Use a plain folder name without slashes, or null")
-        _check(bool(self.out_dir.strip()), "run.out_dir", self.out_dir, "Use a folder path, e.g. runs")
+            check(bool(self.name.strip()) and "/" not in self.name and "\\" not in self.name,
+                  "run.name", self.name, "Use a plain folder name without slashes, or null")
+        check(bool(self.out_dir.strip()), "run.out_dir", self.out_dir, "Use a folder path, e.g. runs")
 
 
 @dataclass
@@ -351,9 +244,9 @@ class RecipeConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.description, str) and bool(self.description.strip())
-               and "\n" not in self.description.strip(), "description", self.description,
-               "Write a one-line description: what the recipe trains, against which target")
+        check(isinstance(self.description, str) and bool(self.description.strip())
+              and "\n" not in self.description.strip(), "description", self.description,
+              "Write a one-line description: what the recipe trains, against which target")
 
     @property
     def run_dir(self) -> Path:
@@ -363,7 +256,7 @@ class RecipeConfig:
         return Path(self.run.out_dir) / self.run.name
 
 
-SECTIONS: dict[str, type[_Section]] = {
+SECTIONS: dict[str, type[Section]] = {
     name: hint for name, hint in get_type_hints(RecipeConfig).items() if name != "description"
 }
 """Section name -> its dataclass, in recipe order."""
@@ -410,7 +303,7 @@ def apply_override(raw: dict, override: str) -> None:
                               "e.g. train.lr=1e-4 or run.name=null")
     key, text = override.split("=", 1)
     parts = key.strip().split(".")
-    value = _parse_yaml(text, f"the value of override {key.strip()}")
+    value = parse_yaml(text, f"the value of override {key.strip()}")
     if parts == ["description"]:
         raw["description"] = value
         return
@@ -446,7 +339,7 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> RecipeConfig
     `run.name` left null is filled with the recipe file's stem, so the result is fully resolved.
     """
     path = resolve_recipe_path(path)
-    raw = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
     raw = {} if raw is None else raw
     try:
         if isinstance(raw, dict):
@@ -470,7 +363,7 @@ def save_resolved(cfg: RecipeConfig, run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "config.yaml"
-    text = yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, width=1000, allow_unicode=True)
+    text = yaml.dump(to_dict(cfg), Dumper=Dumper, sort_keys=False, width=1000, allow_unicode=True)
     out.write_text("# Resolved recipe: defaults and overrides applied.\n" + text, encoding="utf-8")
     return out
 
@@ -486,7 +379,7 @@ def list_recipes(root: str | Path | None = None) -> list[tuple[str, str]]:
         if rel.parts[0] == _ACCELERATE_DIR:
             continue
         try:
-            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
             description = str(raw.get("description", "")) if isinstance(raw, dict) else ""
         except yaml.YAMLError:
             description = "(invalid YAML)"
