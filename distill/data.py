@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Iterable
 
 from jinja2 import TemplateError
 
-from draftsmith.distill.splits import is_heldout
 from draftsmith.errors import DraftsmithError
 
 if TYPE_CHECKING:
@@ -101,7 +100,7 @@ def _skip(skips: Counter | None, reason: str) -> None:
     return None
 
 
-def _log_skips(what: str, kept: int, skips: Counter) -> None:
+def log_skips(what: str, kept: int, skips: Counter) -> None:
     if skips:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in skips.most_common())
         logger.info("%s: kept %d, skipped %d (%s)", what, kept, sum(skips.values()), reasons)
@@ -323,7 +322,7 @@ def build_dataset(
     skips: Counter = Counter()
     # Packing splits a long conversation across rows instead of cutting its tail off.
     examples = _encode_all(conversations, tokenizer, None if packing else max_length, skips)
-    _log_skips("tokenized conversations", len(examples), skips)
+    log_skips("tokenized conversations", len(examples), skips)
     if packing:
         examples = pack_sequences(examples, max_length)
         logger.info("packed into %d rows of up to %d tokens", len(examples), max_length)
@@ -353,87 +352,3 @@ def _save_atomically(dataset: datasets.Dataset, path: Path) -> None:
     except OSError:  # another process finished first: its copy is identical
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("cached the tokenized dataset at %s", path)
-
-
-# --------------------------------------------------------------------------- sources
-
-
-def load_conversations(source: str) -> list[dict]:
-    """Conversations as [{"id": str, "messages": [...]}, ...] from a named source or a path.
-
-    `source` is "sharegpt" (the packaged ShareGPT V3), a `.jsonl` file (one OpenAI-messages
-    or ShareGPT record per line), or a folder written by `datasets.Dataset.save_to_disk`.
-    The id is the record's "id", else its line number (jsonl, from 1) or row index (folder);
-    malformed records are skipped and the counts logged.
-    """
-    path = Path(source)
-    if source == "sharegpt":
-        from draftsmith import assets
-
-        rows = list(enumerate(assets.load_sharegpt()))
-    elif path.is_dir():
-        rows = list(enumerate(_load_saved(path)))
-    elif path.is_file() and path.suffix == ".jsonl":
-        rows = list(_read_jsonl(path))
-    else:
-        raise DraftsmithError(
-            "unknown conversation source",
-            seen=source,
-            fix="Use 'sharegpt', a path to a .jsonl file, or a folder saved by "
-            "datasets.Dataset.save_to_disk",
-        )
-    skips: Counter = Counter()
-    conversations = []
-    for index, record in rows:
-        messages = normalize_conversation(record, skips)
-        if messages is not None:
-            rid = record.get("id") if isinstance(record, dict) else None
-            conversations.append({"id": str(index if rid is None else rid), "messages": messages})
-    _log_skips(f"conversations from {source}", len(conversations), skips)
-    return conversations
-
-
-def _read_jsonl(path: Path) -> Iterable[tuple[int, object]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    yield line_no, json.loads(line)
-                except json.JSONDecodeError:
-                    yield line_no, None  # counted as malformed by normalize_conversation
-
-
-def _load_saved(path: Path) -> datasets.Dataset:
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except FileNotFoundError as err:
-        raise DraftsmithError(
-            "the folder is not a dataset saved with datasets' save_to_disk",
-            seen=str(path),
-            fix="Point at a folder written by Dataset.save_to_disk, or at a .jsonl file",
-        ) from err
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" in loaded:
-            return loaded["train"]
-        if len(loaded) == 1:
-            return next(iter(loaded.values()))
-        raise DraftsmithError(
-            "the saved DatasetDict has several splits and none is named 'train'",
-            seen=sorted(loaded),
-            fix="Save the split to train on by itself",
-        )
-    return loaded
-
-
-def split_conversations(
-    conversations: list[dict], heldout_fraction: float
-) -> tuple[list[dict], list[dict]]:
-    """(train, heldout) by `is_heldout(id, fraction)`: the same ids land on the same side in
-    every run, and the `sharegpt-heldout` benchmark uses the same keys."""
-    train, heldout = [], []
-    for conversation in conversations:
-        held = is_heldout(str(conversation["id"]), heldout_fraction)
-        (heldout if held else train).append(conversation)
-    return train, heldout

@@ -44,3 +44,15 @@ def is_heldout(key: str, fraction: float = 0.02) -> bool:
         )
     digest = hashlib.sha256(conversation_key(key).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") < fraction * _BUCKETS
+
+
+def split_conversations(
+    conversations: list[dict], heldout_fraction: float
+) -> tuple[list[dict], list[dict]]:
+    """(train, heldout) by `is_heldout(id, fraction)`: the same ids land on the same side in
+    every run, and the `sharegpt-heldout` benchmark uses the same keys."""
+    train, heldout = [], []
+    for conversation in conversations:
+        held = is_heldout(str(conversation["id"]), heldout_fraction)
+        (heldout if held else train).append(conversation)
+    return train, heldout

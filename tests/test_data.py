@@ -8,7 +8,7 @@ from collections import Counter
 import datasets
 import pytest
 
-from draftsmith.distill import data
+from draftsmith.distill import data, sources, splits
 from draftsmith.distill.splits import is_heldout
 from draftsmith.errors import DraftsmithError
 from tiny import make_tiny_tokenizer
@@ -235,7 +235,7 @@ def test_load_conversations_from_jsonl(tmp_path, caplog):
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with caplog.at_level(logging.INFO, logger="draftsmith.distill.data"):
-        convs = data.load_conversations(str(path))
+        convs = sources.load_conversations(str(path))
     assert [c["id"] for c in convs] == ["a", "2"]
     assert convs[0]["messages"] == TWO_TURNS
     assert convs[1]["messages"] == [{"role": "user", "content": "q"},
@@ -246,7 +246,7 @@ def test_load_conversations_from_jsonl(tmp_path, caplog):
 def test_load_conversations_from_saved_folder_and_sharegpt(tmp_path, monkeypatch):
     rows = [{"messages": TWO_TURNS}, {"messages": TWO_TURNS[:1]}, {"messages": TWO_TURNS}]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
-    convs = data.load_conversations(str(tmp_path / "saved"))
+    convs = sources.load_conversations(str(tmp_path / "saved"))
     assert [c["id"] for c in convs] == ["0", "2"]
 
     from draftsmith import assets
@@ -254,21 +254,21 @@ def test_load_conversations_from_saved_folder_and_sharegpt(tmp_path, monkeypatch
     fake = [{"id": "x_0", "conversations": [{"from": "human", "value": "q"},
                                             {"from": "gpt", "value": "r"}]}]
     monkeypatch.setattr(assets, "load_sharegpt", lambda: fake)
-    assert data.load_conversations("sharegpt")[0]["id"] == "x_0"
+    assert sources.load_conversations("sharegpt")[0]["id"] == "x_0"
 
 
 def test_unknown_source_fails_clearly(tmp_path):
     with pytest.raises(DraftsmithError, match="sharegpt"):
-        data.load_conversations(str(tmp_path / "missing.jsonl"))
+        sources.load_conversations(str(tmp_path / "missing.jsonl"))
 
 
 def test_split_is_stable_and_disjoint():
     convs = [{"id": f"conv{i}_{i % 3}", "messages": []} for i in range(500)]
-    train, heldout = data.split_conversations(convs, 0.1)
+    train, heldout = splits.split_conversations(convs, 0.1)
     assert len(train) + len(heldout) == 500 and 20 < len(heldout) < 80
     assert {c["id"] for c in heldout} == {c["id"] for c in convs if is_heldout(c["id"], 0.1)}
     shuffled = convs[:]
     random.Random(0).shuffle(shuffled)
-    train2, heldout2 = data.split_conversations(shuffled, 0.1)
+    train2, heldout2 = splits.split_conversations(shuffled, 0.1)
     assert {c["id"] for c in heldout2} == {c["id"] for c in heldout}
     assert not {c["id"] for c in train} & {c["id"] for c in heldout}

@@ -48,7 +48,9 @@ def load_data(cfg, tokenizer):
 
     if is_prepared(cfg.data.source):
         return load_prepared(cfg, tokenizer)
-    from draftsmith.distill.data import build_dataset, load_conversations, split_conversations
+    from draftsmith.distill.data import build_dataset
+    from draftsmith.distill.sources import load_conversations
+    from draftsmith.distill.splits import split_conversations
 
     conversations = load_conversations(cfg.data.source)
     train, heldout = split_conversations(conversations, cfg.data.heldout_fraction)
