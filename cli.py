@@ -113,8 +113,8 @@ def cmd_train(args) -> int:
         cfg.run.name = cfg.run.name or path.stem
         dry_run(cfg, gpus=args.gpus, zero=args.zero)
         return 0
-    train(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
-    return 0
+    summary = train(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
+    return 143 if summary.get("stopped") else 0    # 128 + SIGTERM: stopped early, resumable
 
 
 def cmd_recipes(args) -> int:

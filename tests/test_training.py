@@ -163,6 +163,37 @@ def test_resume_after_sigkill_is_bit_identical(setup, run_a, tmp_path):
     assert_same_checkpoint(ckpt_path(run_a, STEPS_A), ckpt_path(run_b, STEPS_A))
 
 
+def test_sigterm_saves_a_checkpoint_and_resume_finishes_bit_identical(setup, run_a, tmp_path):
+    """A scheduler's SIGTERM: the step in flight finishes, a checkpoint of it is saved, exit 143; --resume
+    then ends exactly where an uninterrupted run does."""
+    log = open(tmp_path / "c.log", "w")
+    proc = subprocess.Popen(cli_args(setup, "run.name=c", f"train.max_steps={STEPS_A}"), env=ENV,
+                            stdout=log, stderr=subprocess.STDOUT)
+    run_c = setup / "runs" / "c"
+    deadline = time.time() + 120
+    try:
+        while not (ckpt_path(run_c, 2) / "meta.json").exists():
+            assert proc.poll() is None, f"run C exited early: {(tmp_path / 'c.log').read_text()[-3000:]}"
+            assert time.time() < deadline, "run C saved no step-2 checkpoint within 120 s"
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+    out = (tmp_path / "c.log").read_text()
+    assert proc.returncode == 143, out[-3000:]
+    stopped_at = latest_checkpoint(run_c)
+    step = int(stopped_at.name.split("-")[1])
+    assert 2 <= step < STEPS_A and is_complete(stopped_at)
+    assert f"SIGTERM received at step {step}; checkpoint saved" in out
+    assert json.loads((run_c / "summary.json").read_text())["stopped"] == "SIGTERM"
+    resumed = run_cli(cli_args(setup, "run.name=c", f"train.max_steps={STEPS_A}", "--resume"))
+    assert f"resumed from {stopped_at}" in resumed.stdout
+    assert_same_checkpoint(ckpt_path(run_a, STEPS_A), ckpt_path(run_c, STEPS_A))
+
+
 def test_corrupt_checkpoint_is_skipped(setup, run_a, tmp_path):
     shutil.copytree(run_a, tmp_path / "a")
     run_dir = tmp_path / "a"

@@ -4,6 +4,8 @@ clipping, mixed precision, held-out evaluation, atomic checkpoints and exact res
 Run folder: runs/<name>/ with config.yaml (resolved recipe), metrics.jsonl, tb/ (TensorBoard),
 checkpoints/step-XXXXXXX/{accelerate/, drafter/, meta.json}. A checkpoint is complete only when
 its meta.json lists every file with its size; anything else is skipped with a warning.
+SIGTERM (a scheduler's preemption, `timeout`) ends the run after the current step with a checkpoint
+that `--resume` continues from.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -174,10 +178,34 @@ class Trainer:
             self.tb = SummaryWriter(str(self.run_dir / "tb"))
         start = time.time()
         deadline = start + t.max_minutes * 60 if t.max_minutes else None
-        tokens_seen, window_start, window_tokens, loss_sum, loss_n = 0, time.time(), 0, 0.0, 0
-        metrics: dict = {}
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", disable=not acc.is_main_process)
         self.drafter.train()
+        stop = _StopOnSigterm()
+        with stop:
+            self._loop(bar, stop, deadline)
+        saved = list_checkpoints(self.run_dir)
+        if not stop.requested and (not saved or saved[-1].name != f"step-{self.step:07d}"):
+            # max_steps=0 (or a resumed run already at max_steps) still ends with an evaluated checkpoint
+            self.metrics = self.evaluate()
+            self.log(self.metrics)
+            self.save(self.metrics)
+        bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        summary = {"step": self.step, "minutes": (time.time() - start) / 60, "tokens": self.tokens_seen, **self.metrics}
+        if stop.requested:
+            summary["stopped"] = "SIGTERM"
+        if acc.device.type == "cuda":
+            summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+        if acc.is_main_process:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _loop(self, bar, stop: _StopOnSigterm, deadline: float | None) -> None:
+        cfg, acc, t = self.cfg, self.acc, self.cfg.train
+        tokens_seen, window_start, window_tokens, loss_sum, loss_n = 0, time.time(), 0, 0.0, 0
+        metrics: dict = {}
+        self.metrics, self.tokens_seen = metrics, 0
         while self.step < t.max_steps:
             for _ in range(t.grad_accum):
                 batch = self._batch(self.micro_step)
@@ -208,32 +236,46 @@ class Trainer:
                           "tokens": tokens_seen, "epoch": self.schedule.epoch_of(self.micro_step)})
                 bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", tok_s=f"{rate:.0f}")
                 window_start, window_tokens, loss_sum, loss_n = time.time(), 0, 0.0, 0
+            self.tokens_seen = tokens_seen
             out_of_time = deadline is not None and time.time() > deadline
-            if self.step % cfg.eval.every == 0 or self.step == t.max_steps or out_of_time:
-                metrics = self.evaluate()
+            stopping = stop.check(acc)
+            if (self.step % cfg.eval.every == 0 or self.step == t.max_steps or out_of_time) and not stopping:
+                metrics = self.metrics = self.evaluate()
                 self.log(metrics)
                 if acc.is_main_process and metrics:
                     tqdm.write(f"step {self.step}: heldout_loss {metrics['heldout_loss']:.4f} "
                                f"acceptance {metrics['acceptance_estimate']:.3f} greedy_match {metrics['greedy_match']:.3f} "
                                f"tau_greedy_k4 {metrics.get('tau_greedy_k4', float('nan')):.2f}")
-            if self.step % cfg.checkpoint.every == 0 or self.step == t.max_steps or out_of_time:
+            if self.step % cfg.checkpoint.every == 0 or self.step == t.max_steps or out_of_time or stopping:
                 self.save(metrics)
-            if out_of_time:
+            if out_of_time or stopping:
                 if acc.is_main_process:
-                    tqdm.write(f"train.max_minutes={t.max_minutes} reached at step {self.step}; checkpoint saved")
+                    why = "SIGTERM received" if stopping else f"train.max_minutes={t.max_minutes} reached"
+                    tqdm.write(f"{why} at step {self.step}; checkpoint saved (continue with --resume)")
                 break
-        saved = list_checkpoints(self.run_dir)
-        if not saved or saved[-1].name != f"step-{self.step:07d}":
-            # max_steps=0 (or a resumed run already at max_steps) still ends with an evaluated checkpoint
-            metrics = self.evaluate()
-            self.log(metrics)
-            self.save(metrics)
-        bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        summary = {"step": self.step, "minutes": (time.time() - start) / 60, "tokens": tokens_seen, **metrics}
-        if acc.device.type == "cuda":
-            summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
-        if acc.is_main_process:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
+
+
+class _StopOnSigterm:
+    """While active, SIGTERM sets a flag instead of killing the process; the loop checks it after each
+    step (all ranks agree through one all-reduce when several processes train)."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def check(self, acc) -> bool:
+        if acc.num_processes > 1:
+            flag = torch.tensor(float(self.requested), device=acc.device)
+            self.requested = bool(acc.reduce(flag, reduction="sum").item() > 0)
+        return self.requested
