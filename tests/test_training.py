@@ -391,7 +391,22 @@ def test_eagle3_trains_exports_both_formats_and_decodes_losslessly(setup, tmp_pa
         assert report["lossless_match_rate"] == 1.0
     assert main(["export", str(tmp_path / "e3"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["draftsmith_kind"] == "eagle3"
-    capsys.readouterr()
+    # warm start from the vLLM export: the new run begins exactly at the exported head (and its
+    # 200-token draft vocabulary, although the recipe would now pick 100)
+    from draftsmith.models.formats import read_head_folder
+
+    assert main(["train", str(setup / "recipe.yaml"), f"run.out_dir={tmp_path}", "run.name=warm",
+                 "drafter.kind=eagle3", "drafter.draft_vocab_size=100", "drafter.ttt_steps=3",
+                 f"drafter.init_from={tmp_path / 'speculators'}", "train.max_steps=0"]) == 0
+    exported = read_head_folder(tmp_path / "speculators").state_dict()
+    assert_equal_tree({k: v.float() if v.is_floating_point() else v for k, v in exported.items()},
+                      load_file(ckpt_path(tmp_path / "warm", 0) / "drafter" / "model.safetensors"), "warm start")
+    assert main(["train", str(setup / "recipe.yaml"), f"run.out_dir={tmp_path}", "run.name=wrong",
+                 "drafter.kind=eagle", f"drafter.init_from={tmp_path / 'speculators'}"]) == 2
+    assert "another kind of drafter than the recipe's" in capsys.readouterr().err
+    assert main(["train", str(setup / "recipe.yaml"), f"run.out_dir={tmp_path}", "run.name=wrong",
+                 "drafter.kind=eagle3", f"drafter.init_from={tmp_path}"]) == 2
+    assert "not a drafter folder" in capsys.readouterr().err
 
 
 def test_small_lm_refuses_serving_formats(setup, run_a, tmp_path, capsys):

@@ -76,12 +76,18 @@ class DrafterConfig(Section):
     """eagle3: training-time-test steps unrolled per sequence (the head feeds its own features back)."""
     ttt_decay: float = 0.8
     """eagle3: weight of unrolled step i is ttt_decay ** i."""
+    init_from: str | None = None
+    """eagle / eagle3: start from a trained head instead (a folder written by `draftsmith export` in
+    any format, or a run's checkpoints/step-N/drafter): its layout and draft vocabulary are kept,
+    the optimizer and schedule start fresh. null = build a new head."""
 
     def validate(self) -> None:
         from draftsmith.models import DRAFTER_KINDS
 
         # prompt lookup has no weights: nothing to train
         check_choice("drafter.kind", self.kind, [k for k in DRAFTER_KINDS if k != "prompt_lookup"])
+        check(self.init_from is None or self.kind in ("eagle", "eagle3"), "drafter.init_from", self.init_from,
+              "Warm starts are for the eagle and eagle3 heads; set drafter.init_from=null")
         if self.aux_layers is not None:
             check(len(self.aux_layers) == 3 and len(set(self.aux_layers)) == 3 and min(self.aux_layers) >= 0,
                   "drafter.aux_layers", self.aux_layers, "Give 3 distinct target layer indices >= 0, or null")

@@ -73,6 +73,8 @@ def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False)
     device, without data (feature scale 1, the draft vocabulary the first ids)."""
     d = cfg.drafter
     torch.manual_seed(cfg.train.seed)
+    if d.init_from is not None and not dry:
+        return _train_module(d, cfg.loss, warm_start(d, target_model), target_model)
     if d.kind == "small_lm":
         from draftsmith.models.small_lm import SmallLMTrainModule, build_small_lm
 
@@ -83,7 +85,7 @@ def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False)
             drafter.get_output_embeddings().requires_grad_(False)
         return SmallLMTrainModule(drafter.float())   # fp32 master weights; autocast computes in bf16
     if d.kind == "eagle":
-        from draftsmith.models.eagle import EagleTrainModule, build_eagle, feature_scale
+        from draftsmith.models.eagle import build_eagle, feature_scale
         from draftsmith.train.data import collate
 
         scale = 1.0
@@ -91,18 +93,56 @@ def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False)
             sample = collate([train_rows[i] for i in range(min(8, len(train_rows)))], pad_id)
             device = next(target_model.parameters()).device
             scale = feature_scale(target_model, sample["input_ids"].to(device), sample["attention_mask"].to(device))
-        head = build_eagle(target_model, scale).float()
-        return EagleTrainModule(head, target_model, cfg.loss.feature_weight, d.feature_noise)
+        return _train_module(d, cfg.loss, build_eagle(target_model, scale).float(), target_model)
     if d.kind == "eagle3":
-        from draftsmith.models.eagle3 import Eagle3TrainModule, build_eagle3, default_aux_layers
+        from draftsmith.models.eagle3 import build_eagle3, default_aux_layers
 
         n_layers = target_model.config.num_hidden_layers
         vocab = target_model.config.vocab_size
         size = d.draft_vocab_size or vocab // 4
         draft_ids = torch.arange(size) if dry else draft_vocab(train_rows, vocab, size)
         head = build_eagle3(target_model, d.aux_layers or default_aux_layers(n_layers), draft_ids, d.init).float()
-        return Eagle3TrainModule(head, target_model, d.ttt_steps, d.ttt_decay)
+        return _train_module(d, cfg.loss, head, target_model)
     raise DraftsmithError("draftsmith train cannot build this drafter kind yet", d.kind, "Use small_lm, eagle or eagle3")
+
+
+def _train_module(d, loss_cfg, head, target_model):
+    """The training module of an EAGLE-style head (what accelerate wraps)."""
+    if d.kind == "eagle":
+        from draftsmith.models.eagle import EagleTrainModule
+
+        return EagleTrainModule(head, target_model, loss_cfg.feature_weight, d.feature_noise)
+    from draftsmith.models.eagle3 import Eagle3TrainModule
+
+    return Eagle3TrainModule(head, target_model, d.ttt_steps, d.ttt_decay)
+
+
+def warm_start(d, target_model):
+    """A trained head (`drafter.init_from`) in fp32 for further training, checked against the recipe's
+    kind and the target's shape; its own layout (layers read, draft vocabulary) is kept."""
+    from pathlib import Path
+
+    from draftsmith.models.formats import read_head_folder
+
+    folder = Path(d.init_from)
+    if not (folder / "config.json").is_file():
+        raise DraftsmithError("drafter.init_from is not a drafter folder (no config.json)", str(folder),
+                              "Point at a folder written by draftsmith export, or a run's checkpoints/step-N/drafter")
+    head = read_head_folder(folder, target_model.config.num_hidden_layers)
+    kind = getattr(getattr(head, "config", None), "draftsmith_kind", None)
+    if kind != d.kind:
+        raise DraftsmithError("drafter.init_from holds another kind of drafter than the recipe's",
+                              f"{folder}: {kind or 'not an EAGLE head'}, recipe: {d.kind}",
+                              f"Set drafter.kind={kind}, or point at a {d.kind} head" if kind else
+                              f"Point at a {d.kind} head")
+    c, t = head.config, target_model.config
+    mine = (getattr(c, "target_hidden_size", c.hidden_size), c.vocab_size)
+    if mine != (t.hidden_size, t.vocab_size):
+        raise DraftsmithError("drafter.init_from was trained for another target",
+                              f"head (hidden, vocabulary) {mine}, target {(t.hidden_size, t.vocab_size)}",
+                              "Warm-start from a head trained for this target")
+    print(f"[draftsmith] warm start from {folder}", flush=True)
+    return head.float().to(next(target_model.parameters()).device)
 
 
 def draft_vocab(train_rows, vocab_size: int, size: int):
