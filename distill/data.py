@@ -274,17 +274,23 @@ def _as_record(record: object) -> object:
     return {"messages": record} if isinstance(record, list) else record
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over what decides a conversation's rows: the vocabulary, the chat template and the
+    end-of-turn ids (not the EOS or pad choice, which transformers versions set differently for the
+    same GGUF)."""
+    meta = {"vocab": sorted(tokenizer.get_vocab().items()), "template": tokenizer.chat_template,
+            "end_of_turn": sorted(end_of_turn_ids(tokenizer))}
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def dataset_fingerprint(conversations: list, tokenizer, max_length: int, packing: bool) -> str:
     """sha256 over what decides the tokenized rows: data, tokenizer, template, length, packing."""
     h = hashlib.sha256()
-    vocab = sorted(tokenizer.get_vocab().items())
     meta = {
         "version": _CACHE_VERSION,
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "class": type(tokenizer).__name__,
-        "vocab": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
-        "special": sorted(end_of_turn_ids(tokenizer)),
-        "template": tokenizer.chat_template,
+        "rows": tokenizer_fingerprint(tokenizer),
         "max_length": max_length,
         "packing": packing,
     }

@@ -117,17 +117,23 @@ def test_training_time_test_sees_what_drafting_sees(target4):
             feature = proposer._feed(feature[None], [token], proposer.length)[-1]
 
 
+def ttt_batch(target, module, n: int, length: int, seed: int):
+    """(ids, attention, mask, hidden, t_logits) of `n` random prompts, every row trained but the first."""
+    from draftsmith.train.steps import target_signals
+
+    ids = torch.tensor(prompts(n, length=length, seed=seed))
+    attention = torch.ones_like(ids)
+    mask = torch.ones(n, length - 1, dtype=torch.bool)
+    mask[:, 0] = False
+    t_logits, hidden = target_signals(target.model, ids, attention, mask, module.target_layers)
+    return ids, attention, mask, hidden, t_logits
+
+
 def test_training_loss_falls_and_logs_every_step(target4):
     torch.manual_seed(0)
     head = random_head(target4).float()
     module = Eagle3TrainModule(head, target4.model, ttt_steps=3, decay=0.8)
-    ids = torch.tensor(prompts(4, length=20, seed=1))
-    attention = torch.ones_like(ids)
-    mask = torch.ones(4, 19, dtype=torch.bool)
-    mask[:, 0] = False
-    from draftsmith.train.steps import target_signals
-
-    t_logits, hidden = target_signals(target4.model, ids, attention, mask, module.target_layers)
+    ids, attention, mask, hidden, t_logits = ttt_batch(target4, module, 4, 20, seed=1)
     opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(30):
@@ -211,13 +217,7 @@ def test_batch_without_a_learnable_row_gives_a_zero_loss_that_backpropagates(tar
     no "does not require grad" crash in the trainer's backward."""
     head = random_head(target4).float()
     module = Eagle3TrainModule(head, target4.model, ttt_steps=3, decay=0.8)
-    ids = torch.tensor(prompts(2, length=12, seed=2))
-    attention = torch.ones_like(ids)
-    mask = torch.ones(2, 11, dtype=torch.bool)
-    mask[:, 0] = False
-    from draftsmith.train.steps import target_signals
-
-    t_logits, hidden = target_signals(target4.model, ids, attention, mask, module.target_layers)
+    ids, attention, mask, hidden, t_logits = ttt_batch(target4, module, 2, 12, seed=2)
     outside = (~head.t2d).nonzero()[0, 0]
     t_logits[:, outside] = 1e4                     # every argmax lies outside the draft vocabulary
     _, loss = module(ids, attention, mask, hidden, t_logits)

@@ -136,23 +136,35 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
 
 # ------------------------------------------------------------------------------------ resume
 
-def test_resume_after_sigkill_is_bit_identical(setup, run_a, tmp_path):
-    log = open(tmp_path / "b.log", "w")
-    proc = subprocess.Popen(cli_args(setup, "run.name=b", f"train.max_steps={STEPS_A}"), env=ENV,
-                            stdout=log, stderr=subprocess.STDOUT)
-    run_b = setup / "runs" / "b"
+def train_until_checkpoint(setup, tmp_path, name: str, step: int) -> tuple[subprocess.Popen, Path, Path]:
+    """`draftsmith train` run `name` (STEPS_A steps) in a subprocess, returned once checkpoint `step`
+    is written: (process, run folder, log file)."""
+    log_path = tmp_path / f"{name}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cli_args(setup, f"run.name={name}", f"train.max_steps={STEPS_A}"), env=ENV,
+                                stdout=log, stderr=subprocess.STDOUT)
+    run_dir = setup / "runs" / name
     deadline = time.time() + 120
     try:
-        while not (ckpt_path(run_b, 4) / "meta.json").exists():
-            assert proc.poll() is None, f"run B exited early: {(tmp_path / 'b.log').read_text()[-3000:]}"
-            assert time.time() < deadline, "run B saved no step-4 checkpoint within 120 s"
+        while not (ckpt_path(run_dir, step) / "meta.json").exists():
+            assert proc.poll() is None, f"run {name} exited early: {log_path.read_text()[-3000:]}"
+            assert time.time() < deadline, f"run {name} saved no step-{step} checkpoint within 120 s"
             time.sleep(0.002)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, run_dir, log_path
+
+
+def test_resume_after_sigkill_is_bit_identical(setup, run_a, tmp_path):
+    proc, run_b, _ = train_until_checkpoint(setup, tmp_path, "b", 4)
+    try:
         finished = (ckpt_path(run_b, STEPS_A) / "meta.json").exists()
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
-        log.close()
     assert proc.returncode == -signal.SIGKILL
     assert not finished, f"run B reached step {STEPS_A} before the kill; raise STEPS_A"
     killed_at = latest_checkpoint(run_b)
@@ -166,29 +178,21 @@ def test_resume_after_sigkill_is_bit_identical(setup, run_a, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_resume_finishes_bit_identical(setup, run_a, tmp_path):
     """A scheduler's SIGTERM: the step in flight finishes, a checkpoint of it is saved, exit 143; --resume
     then ends exactly where an uninterrupted run does."""
-    log = open(tmp_path / "c.log", "w")
-    proc = subprocess.Popen(cli_args(setup, "run.name=c", f"train.max_steps={STEPS_A}"), env=ENV,
-                            stdout=log, stderr=subprocess.STDOUT)
-    run_c = setup / "runs" / "c"
-    deadline = time.time() + 120
+    proc, run_c, log_path = train_until_checkpoint(setup, tmp_path, "c", 2)
     try:
-        while not (ckpt_path(run_c, 2) / "meta.json").exists():
-            assert proc.poll() is None, f"run C exited early: {(tmp_path / 'c.log').read_text()[-3000:]}"
-            assert time.time() < deadline, "run C saved no step-2 checkpoint within 120 s"
-            time.sleep(0.002)
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
     finally:
         proc.kill()
         proc.wait()
-        log.close()
-    out = (tmp_path / "c.log").read_text()
+    out = log_path.read_text()
     assert proc.returncode == 143, out[-3000:]
     stopped_at = latest_checkpoint(run_c)
     step = int(stopped_at.name.split("-")[1])
     assert 2 <= step < STEPS_A and is_complete(stopped_at)
     assert f"SIGTERM received at step {step}; checkpoint saved" in out
-    assert json.loads((run_c / "summary.json").read_text())["stopped"] == "SIGTERM"
+    assert not (run_c / "summary.json").exists()       # a stopped run is not a finished one
+    assert json.loads((run_c / "metrics.jsonl").read_text().splitlines()[-1]) == {"step": step, "stopped": "SIGTERM"}
     resumed = run_cli(cli_args(setup, "run.name=c", f"train.max_steps={STEPS_A}", "--resume"))
     assert f"resumed from {stopped_at}" in resumed.stdout
     assert_same_checkpoint(ckpt_path(run_a, STEPS_A), ckpt_path(run_c, STEPS_A))
@@ -455,6 +459,14 @@ def test_prepared_data_refuses_other_settings_and_tokenizers(setup, tmp_path, ca
     (prepared / "meta.json").write_text(json.dumps({**meta, "format": "something/9"}))
     with pytest.raises(DraftsmithError, match="not draftsmith prepared data"):
         train(recipe, [*common, "run.name=z"])
+    (prepared / "meta.json").write_text("{broken")
+    with pytest.raises(DraftsmithError, match="meta.json is not valid JSON"):
+        train(recipe, [*common, "run.name=z"])
+    (prepared / "meta.json").write_text(json.dumps(meta))
+    (prepared / "heldout.npz").unlink()
+    with pytest.raises(DraftsmithError, match="incomplete") as info:
+        train(recipe, [*common, "run.name=z"])
+    assert "no heldout.npz" in str(info.value)
 
 
 def test_token_rows_round_trip_any_vocabulary(tmp_path):

@@ -11,7 +11,6 @@ it refuses a folder tokenised with another tokenizer or with other data settings
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -67,31 +66,30 @@ def read_rows(path: Path) -> TokenRows:
     return TokenRows(ids, mask, offsets)
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 over what decides the rows: the vocabulary, the chat template and the end-of-turn ids
-    (not the EOS or pad choice, which transformers versions set differently for the same GGUF)."""
-    from draftsmith.distill.data import end_of_turn_ids
-
-    meta = {"vocab": sorted(tokenizer.get_vocab().items()), "template": tokenizer.chat_template,
-            "end_of_turn": sorted(end_of_turn_ids(tokenizer))}
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
-
-
 def is_prepared(source: str) -> bool:
     return (Path(source) / "meta.json").is_file()
 
 
 def read_meta(folder: Path) -> dict:
-    meta = json.loads((Path(folder) / "meta.json").read_text())
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+    except json.JSONDecodeError as err:
+        raise DraftsmithError("The prepared data's meta.json is not valid JSON", f"{folder}: {err}",
+                              "Prepare the data again with `draftsmith data prepare`") from None
+    missing = [name for name in ("train.npz", "heldout.npz") if not (Path(folder) / name).is_file()]
+    if missing:
+        raise DraftsmithError("The prepared data folder is incomplete", f"{folder}: no {', '.join(missing)}",
+                              "Copy the whole folder, or prepare the data again with `draftsmith data prepare`")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DraftsmithError("This folder is not draftsmith prepared data (or another version of it)",
-                              f"{folder}: format {meta.get('format')!r}",
+                              f"{folder}: format {meta.get('format') if isinstance(meta, dict) else meta!r}",
                               f"Prepare it again with `draftsmith data prepare` (format {FORMAT})")
     return meta
 
 
 def prepare(recipe: str, overrides: list[str], out: str, overwrite: bool = False) -> dict:
     """Tokenise a recipe's data (its target's tokenizer, its data section) into `out`."""
+    from draftsmith.distill.data import tokenizer_fingerprint
     from draftsmith.models.target import load_target
     from draftsmith.train.config import load_recipe, resolve_recipe_path
     from draftsmith.train.run import load_data
@@ -118,6 +116,8 @@ def prepare(recipe: str, overrides: list[str], out: str, overwrite: bool = False
 
 def load_prepared(cfg, tokenizer) -> tuple[TokenRows, TokenRows]:
     """The rows of a prepared folder, after checking they are what this run would tokenise itself."""
+    from draftsmith.distill.data import tokenizer_fingerprint
+
     folder = Path(cfg.data.source)
     meta = read_meta(folder)
     mine = tokenizer_fingerprint(tokenizer)

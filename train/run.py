@@ -120,8 +120,6 @@ def _train_module(d, loss_cfg, head, target_model):
 def warm_start(d, target_model):
     """A trained head (`drafter.init_from`) in fp32 for further training, checked against the recipe's
     kind and the target's shape; its own layout (layers read, draft vocabulary) is kept."""
-    from pathlib import Path
-
     from draftsmith.models.formats import read_head_folder
 
     folder = Path(d.init_from)

@@ -182,30 +182,33 @@ class Trainer:
         self.drafter.train()
         stop = _StopOnSigterm()
         with stop:
-            self._loop(bar, stop, deadline)
+            metrics, tokens_seen = self._loop(bar, stop, deadline)
         saved = list_checkpoints(self.run_dir)
         if not stop.requested and (not saved or saved[-1].name != f"step-{self.step:07d}"):
             # max_steps=0 (or a resumed run already at max_steps) still ends with an evaluated checkpoint
-            self.metrics = self.evaluate()
-            self.log(self.metrics)
-            self.save(self.metrics)
+            metrics = self.evaluate()
+            self.log(metrics)
+            self.save(metrics)
         bar.close()
         if self.tb is not None:
             self.tb.close()
-        summary = {"step": self.step, "minutes": (time.time() - start) / 60, "tokens": self.tokens_seen, **self.metrics}
-        if stop.requested:
-            summary["stopped"] = "SIGTERM"
+        summary = {"step": self.step, "minutes": (time.time() - start) / 60, "tokens": tokens_seen, **metrics}
         if acc.device.type == "cuda":
             summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
-        if acc.is_main_process:
+        if stop.requested:
+            # not finished: no summary.json (what marks a finished run), a line in metrics.jsonl instead
+            summary["stopped"] = "SIGTERM"
+            self.log({"stopped": "SIGTERM"})
+        elif acc.is_main_process:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def _loop(self, bar, stop: _StopOnSigterm, deadline: float | None) -> None:
+    def _loop(self, bar, stop: _StopOnSigterm, deadline: float | None) -> tuple[dict, int]:
+        """Steps until max_steps, the deadline or SIGTERM; returns the last held-out metrics and the
+        tokens seen."""
         cfg, acc, t = self.cfg, self.acc, self.cfg.train
         tokens_seen, window_start, window_tokens, loss_sum, loss_n = 0, time.time(), 0, 0.0, 0
         metrics: dict = {}
-        self.metrics, self.tokens_seen = metrics, 0
         while self.step < t.max_steps:
             for _ in range(t.grad_accum):
                 batch = self._batch(self.micro_step)
@@ -236,11 +239,10 @@ class Trainer:
                           "tokens": tokens_seen, "epoch": self.schedule.epoch_of(self.micro_step)})
                 bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", tok_s=f"{rate:.0f}")
                 window_start, window_tokens, loss_sum, loss_n = time.time(), 0, 0.0, 0
-            self.tokens_seen = tokens_seen
             out_of_time = deadline is not None and time.time() > deadline
             stopping = stop.check(acc)
             if (self.step % cfg.eval.every == 0 or self.step == t.max_steps or out_of_time) and not stopping:
-                metrics = self.metrics = self.evaluate()
+                metrics = self.evaluate()
                 self.log(metrics)
                 if acc.is_main_process and metrics:
                     tqdm.write(f"step {self.step}: heldout_loss {metrics['heldout_loss']:.4f} "
@@ -253,6 +255,7 @@ class Trainer:
                     why = "SIGTERM received" if stopping else f"train.max_minutes={t.max_minutes} reached"
                     tqdm.write(f"{why} at step {self.step}; checkpoint saved (continue with --resume)")
                 break
+        return metrics, tokens_seen
 
 
 class _StopOnSigterm:
