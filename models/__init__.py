@@ -13,7 +13,7 @@ from pathlib import Path
 from draftsmith.errors import DraftsmithError
 from draftsmith.models.target import Target, load_target, resolve_dtype
 
-DRAFTER_KINDS = ("small_lm", "eagle", "eagle3", "prompt_lookup")
+DRAFTER_KINDS = ("small_lm", "eagle", "eagle3", "parallel", "prompt_lookup")
 
 
 def load_drafter(spec: str, target: Target, dtype=None):
@@ -39,6 +39,10 @@ def load_drafter(spec: str, target: Target, dtype=None):
     kind = json.loads((path / "config.json").read_text()).get("draftsmith_kind", "small_lm")
     if kind not in DRAFTER_KINDS:
         raise DraftsmithError("Unknown drafter kind in config.json", kind, f"Known kinds: {', '.join(DRAFTER_KINDS)}")
+    if kind == "parallel":
+        from draftsmith.models.parallel import load_parallel
+
+        return load_parallel(path, target, dtype)
     head = read_head_folder(path, target.num_layers)   # EAGLE heads in any layout; None for LMs
     if head is not None:
         check_vocab(head.config.vocab_size, target.vocab_size, str(path))

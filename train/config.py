@@ -48,8 +48,8 @@ class DrafterConfig(Section):
     section: ClassVar[str] = "drafter"
     choices: ClassVar = {"init": ("target", "random")}
     at_least: ClassVar = {"num_layers": 1, "hidden_size": 1, "intermediate_size": 1, "feature_noise": 0.0,
-                          "draft_vocab_size": 1, "ttt_steps": 1}
-    above: ClassVar = {"ttt_decay": 0.0}
+                          "draft_vocab_size": 1, "ttt_steps": 1, "parallel_k": 1, "cod_floor": 0.0}
+    above: ClassVar = {"ttt_decay": 0.0, "cod_ratio": 0.0}
     kind: str = "small_lm"
     """Drafter architecture, a key of the drafter registry in draftsmith.models."""
     num_layers: int = 4
@@ -79,15 +79,28 @@ class DrafterConfig(Section):
     init_from: str | None = None
     """eagle / eagle3: start from a trained head instead (a folder written by `draftsmith export` in
     any format, or a run's checkpoints/step-N/drafter): its layout and draft vocabulary are kept,
-    the optimizer and schedule start fresh. null = build a new head."""
+    the optimizer and schedule start fresh. parallel: start from any transformers causal LM folder
+    sharing the target's tokenizer (a small model of the family, an exported small_lm or parallel
+    drafter). null = build a new head / copy the target's layers."""
+    parallel_k: int = 4
+    """parallel: tokens drafted per forward that training covers (depth 0 plus parallel_k - 1 mask blocks)."""
+    cod_ratio: float = 0.7
+    """parallel: conditional drop-token keeps a share max(cod_ratio ** d, cod_floor) of depth d (PARD: 0.7)."""
+    cod_floor: float = 0.2
+    """parallel: the least share of a depth kept by conditional drop-token (PARD: 0.2)."""
+    cat: bool = False
+    """parallel: PARD-2's confidence-adaptive token weighting (a depth-d row weighs the target's chance
+    to accept the d gold tokens before it); needs the target in the loop."""
 
     def validate(self) -> None:
         from draftsmith.models import DRAFTER_KINDS
 
         # prompt lookup has no weights: nothing to train
         check_choice("drafter.kind", self.kind, [k for k in DRAFTER_KINDS if k != "prompt_lookup"])
-        check(self.init_from is None or self.kind in ("eagle", "eagle3"), "drafter.init_from", self.init_from,
-              "Warm starts are for the eagle and eagle3 heads; set drafter.init_from=null")
+        check(self.init_from is None or self.kind in ("eagle", "eagle3", "parallel"), "drafter.init_from",
+              self.init_from, "Warm starts are for the eagle, eagle3 and parallel drafters; set drafter.init_from=null")
+        check(self.cod_ratio <= 1.0 and self.cod_floor <= 1.0, "drafter.cod_ratio / cod_floor",
+              [self.cod_ratio, self.cod_floor], "Use shares in (0, 1], e.g. 0.7 and 0.2 as PARD")
         if self.aux_layers is not None:
             check(len(self.aux_layers) == 3 and len(set(self.aux_layers)) == 3 and min(self.aux_layers) >= 0,
                   "drafter.aux_layers", self.aux_layers, "Give 3 distinct target layer indices >= 0, or null")

@@ -39,6 +39,12 @@ KNOWN_CONFIGS: dict[str, dict] = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192},
         max_position_embeddings=131072, tie_word_embeddings=False),
+    "llama-3.2-1b-instruct": dict(   # the drafter the Llama-3.1-8B parallel recipe starts from (PARD's choice)
+        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        max_position_embeddings=131072, tie_word_embeddings=True),
 }
 
 
@@ -74,6 +80,15 @@ def _activation_bytes(cfg, tcfg, drafter) -> dict[str, float]:
         di = d.intermediate_size or tcfg.intermediate_size
         out["drafter activations"] = d.num_layers * rows * (12 * dh + 3 * di) * act
         out["drafter logits (fp32, grad)"] = rows * v * 4 * 3
+    elif d.kind == "parallel":
+        from draftsmith.models.parallel_train import cod_fractions
+
+        blocks = rows * (sum(cod_fractions(d.parallel_k, d.cod_ratio, d.cod_floor)) - 1)   # mask elements kept
+        dh = d.hidden_size or h
+        di = d.intermediate_size or tcfg.intermediate_size
+        out["drafter activations (sequence + mask blocks)"] = d.num_layers * (rows + blocks) * (12 * dh + 3 * di) * act
+        out["mask-block attention mask (bool)"] = b * (t + blocks / b) ** 2
+        out["drafter logits (fp32, grad)"] = (rows + blocks) * v * 4 * 3
     elif d.kind == "eagle":
         out["drafter activations"] = rows * (14 * h + 3 * tcfg.intermediate_size) * act
         out["drafter logits via the target's head (fp32, grad)"] = rows * v * 4 * 3

@@ -73,6 +73,17 @@ def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False)
     device, without data (feature scale 1, the draft vocabulary the first ids)."""
     d = cfg.drafter
     torch.manual_seed(cfg.train.seed)
+    if d.kind == "parallel":
+        from draftsmith.models.parallel import build_parallel
+        from draftsmith.models.parallel_train import ParallelTrainModule
+
+        if d.freeze_embeddings and cfg.train.weight_decay:
+            raise DraftsmithError("drafter.freeze_embeddings keeps rows frozen by a zero gradient, which "
+                                  "weight decay would still shrink", cfg.train.weight_decay,
+                                  "Set train.weight_decay=0 or drafter.freeze_embeddings=false")
+        drafter = build_parallel(target_model, d, dry).float()   # fp32 master weights; autocast computes in bf16
+        return ParallelTrainModule(drafter, cfg.loss, d.parallel_k, d.cod_ratio, d.cod_floor, d.cat,
+                                   d.freeze_embeddings)
     if d.init_from is not None and not dry:
         return _train_module(d, cfg.loss, warm_start(d, target_model), target_model)
     if d.kind == "small_lm":
@@ -103,7 +114,8 @@ def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False)
         draft_ids = torch.arange(size) if dry else draft_vocab(train_rows, vocab, size)
         head = build_eagle3(target_model, d.aux_layers or default_aux_layers(n_layers), draft_ids, d.init).float()
         return _train_module(d, cfg.loss, head, target_model)
-    raise DraftsmithError("draftsmith train cannot build this drafter kind yet", d.kind, "Use small_lm, eagle or eagle3")
+    raise DraftsmithError("draftsmith train cannot build this drafter kind yet", d.kind,
+                          "Use small_lm, eagle, eagle3 or parallel")
 
 
 def _train_module(d, loss_cfg, head, target_model):

@@ -28,20 +28,22 @@ def target_signals(target_model: torch.nn.Module, input_ids, attention_mask, mas
     return logits, [captured[j % n] for j in layers]
 
 
-def distill_loss(loss_cfg, t_logits: torch.Tensor, d_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The recipe's loss between target p and drafter q, plus an optional CE on the data's tokens."""
+def distill_loss(loss_cfg, t_logits: torch.Tensor, d_logits: torch.Tensor, labels: torch.Tensor,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The recipe's loss between target p and drafter q, plus an optional CE on the data's tokens;
+    `weights` [N] make both a weighted mean over the rows (None: a plain mean)."""
     fn = losses.get_loss(loss_cfg.name)
     if loss_cfg.name == "data_ce":
-        loss = fn(d_logits, labels)
+        loss = fn(d_logits, labels, mask=weights)
     else:
         extra = {"beta": loss_cfg.beta} if loss_cfg.name == "jsd" else {}
         if loss_cfg.name == "topk_forward_kl":
             extra = {"k": loss_cfg.top_k}
         if loss_cfg.name != "target_ce":
             extra["temperature"] = loss_cfg.temperature
-        loss = fn(t_logits, d_logits, **extra)
+        loss = fn(t_logits, d_logits, mask=weights, **extra)
     if loss_cfg.data_ce_weight:
-        loss = loss + loss_cfg.data_ce_weight * losses.data_ce(d_logits, labels)
+        loss = loss + loss_cfg.data_ce_weight * losses.data_ce(d_logits, labels, mask=weights)
     return loss
 
 
@@ -58,7 +60,10 @@ def forward_batch(target_model, drafter, batch: dict, loss_cfg) -> tuple[torch.T
     layers = tuple(getattr(module, "target_layers", ()))
     if layers:
         mask[:, 0] = False        # a feature head's first row predicts position 1's token
-    t_logits, hidden = target_signals(target_model, ids, attention, mask, layers)
+    if torch.is_grad_enabled() and not getattr(module, "needs_target", True):
+        t_logits, hidden = None, []     # a target-independent training step (held-out figures still run it)
+    else:
+        t_logits, hidden = target_signals(target_model, ids, attention, mask, layers)
     d_logits, aux = drafter(ids, attention, mask, hidden, t_logits)
     if getattr(module, "owns_loss", False):
         return aux, t_logits, d_logits

@@ -1,0 +1,214 @@
+"""Training of kind `parallel` (PARD, An et al. 2504.18583; PARD-2 2605.08632).
+
+Drafting reads [x_0..x_n, m, .., m]: the mask at position n+d (d = 1..K-1, its depth) predicts
+x_{n+d+1} from the committed x_0..x_n and the masks before it. Training builds every such situation
+in one forward: each sequence x_0..x_{T-1} is followed by its mask blocks. The element (d, a) of
+block d stands for the mask at depth d after the anchor a (the last committed token): input the
+mask token, position id a+d (the position it takes when drafting), label x_{a+d+1}; it attends to
+x_0..x_a and to the elements (1..d, a) — exactly what the mask sees when drafting. Depth 0 is the
+sequence itself (position a predicts x_{a+1}).
+
+An element (d, a) exists when positions a..a+d are all trained (x_{a+1}..x_{a+d+1} are assistant
+tokens): drafting starts from the last committed token and only ever drafts the target's answer.
+
+Conditional drop-token (COD, PARD): depth 0 is kept whole; each anchor draws u ~ U(0, 1) once and is
+kept at depth d while u < max(cod_ratio**d, cod_floor). One draw per anchor keeps the blocks nested
+(an element kept at depth d still finds its masks at depths < d), and the expected share of depth d
+kept is that fraction.
+
+Loss: the recipe's loss by name (distill/losses.py, p = the target's distribution at the position the
+element predicts, given the data's prefix) plus `loss.data_ce_weight` x CE on the data's token, a
+weighted mean over all kept rows. CAT (PARD-2's confidence-adaptive token weighting) weights the
+element (d, a) by prod_{j=a}^{a+d-1} p(x_{j+1} | x_<=j): the target's chance to accept the gold
+drafts before it, so that the rows drafting actually reaches dominate. With `loss.name: data_ce` and
+CAT off no target runs during training (PARD's target-independent mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from draftsmith.errors import DraftsmithError
+
+
+def cod_fractions(k: int, ratio: float, floor: float) -> list[float]:
+    """Share kept of depths 0..k-1: 1 at depth 0, max(ratio**d, floor) below."""
+    return [1.0] + [max(ratio ** d, floor) for d in range(1, k)]
+
+
+def valid_anchors(mask: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """valid[d] [B, R]: the element (d, a) exists (positions a..a+d are all trained), d = 0..k-1."""
+    valid = [mask]
+    for d in range(1, k):
+        nxt = torch.zeros_like(mask)
+        nxt[:, : mask.shape[1] - d] = valid[-1][:, : mask.shape[1] - d] & mask[:, d:]
+        valid.append(nxt)
+    return valid
+
+
+def cod_keep(valid: list[torch.Tensor], fractions: list[float], generator: torch.Generator | None = None):
+    """kept[d] [B, R] for depths 1..k-1 (index d-1): one uniform per anchor, kept while u < fraction."""
+    u = torch.rand(valid[0].shape, device=valid[0].device, generator=generator)
+    return [valid[d] & (u < fractions[d]) for d in range(1, len(valid))]
+
+
+@dataclass
+class MaskBlocks:
+    """The kept elements of the mask blocks, padded to M per row."""
+
+    depth: torch.Tensor     # [B, M] depth d >= 1 (0 on padding)
+    anchor: torch.Tensor    # [B, M] anchor a
+    real: torch.Tensor      # [B, M] bool, False on padding
+
+
+def gather_blocks(kept: list[torch.Tensor]) -> MaskBlocks:
+    """Flatten the kept elements of every depth into [B, M] (depth-major, then anchor order)."""
+    if len(kept) == 0:     # k = 1: no mask blocks
+        empty = torch.zeros(0, 0, dtype=torch.long)
+        return MaskBlocks(empty, empty, empty.bool())
+    b, r = kept[0].shape
+    device = kept[0].device
+    flat = torch.cat(kept, dim=1)                                                   # [B, (K-1) R]
+    depth = torch.arange(1, len(kept) + 1, device=device).repeat_interleave(r).expand(b, -1)
+    anchor = torch.arange(r, device=device).repeat(len(kept)).expand(b, -1)
+    m = int(flat.sum(1).max()) if flat.numel() else 0
+    order = torch.argsort((~flat).to(torch.int8), dim=1, stable=True)[:, :m]      # kept first, in order
+    real = flat.gather(1, order)
+    return MaskBlocks(depth.gather(1, order) * real, anchor.gather(1, order) * real, real)
+
+
+def block_attention(attention: torch.Tensor, blocks: MaskBlocks) -> torch.Tensor:
+    """[B, 1, T+M, T+M] bool (True = attend) for the sequence followed by its mask blocks."""
+    b, t = attention.shape
+    m = blocks.real.shape[1]
+    device = attention.device
+    pos = torch.arange(t, device=device)
+    full = torch.zeros(b, t + m, t + m, dtype=torch.bool, device=device)
+    full[:, :t, :t] = (pos[None, :] <= pos[:, None])[None] & attention.bool()[:, None, :]
+    full[:, t:, :t] = (pos[None, None, :] <= blocks.anchor[:, :, None]) & blocks.real[:, :, None]
+    same = (blocks.anchor[:, :, None] == blocks.anchor[:, None, :]) & (blocks.depth[:, None, :] <= blocks.depth[:, :, None])
+    both = blocks.real[:, :, None] & blocks.real[:, None, :]
+    full[:, t:, t:] = (same & both) | torch.eye(m, dtype=torch.bool, device=device)   # padding sees itself only
+    return full[:, None]
+
+
+def cat_weights(t_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """PARD-2's CAT weights w[d] [B, R] = prod_{j=a}^{a+d-1} p(x_{j+1} | x_<=j) (w[0] = 1). t_logits are
+    the target's [N, V] on the rows of `mask`, labels [N] the data's tokens there."""
+    gold = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    gold[mask] = torch.softmax(t_logits.float(), dim=-1).gather(1, labels[:, None])[:, 0]
+    weights = [torch.ones_like(gold)]
+    for d in range(1, k):
+        w = torch.zeros_like(gold)
+        w[:, : gold.shape[1] - d] = weights[-1][:, : gold.shape[1] - d] * gold[:, d - 1: gold.shape[1] - 1]
+        weights.append(w)
+    return weights
+
+
+class ParallelTrainModule(nn.Module):
+    """What the trainer wraps for kind `parallel`. Returns the depth-0 logits on the trained positions
+    (the rows of the target's logits, for the held-out figures) and the whole loss (`owns_loss`)."""
+
+    owns_loss = True
+    target_layers = ()
+
+    def __init__(self, model: nn.Module, loss_cfg, k: int, cod_ratio: float, cod_floor: float, cat: bool,
+                 freeze_embeddings: bool = False):
+        super().__init__()
+        from draftsmith.models.parallel import freeze_embeddings_but_mask, mask_token_id, target_vocab_size
+
+        if k < 1:
+            raise DraftsmithError("drafter.parallel_k must be >= 1", k)
+        self.model = model
+        self.loss_cfg, self.k, self.cat = loss_cfg, k, cat
+        self.fractions = cod_fractions(k, cod_ratio, cod_floor)
+        self.mask_id, self.vocab = mask_token_id(model), target_vocab_size(model)
+        # PARD's target-independent mode: plain CE on the data, no target forward in training steps
+        self.needs_target = loss_cfg.name != "data_ce" or cat
+        self.step_stats: dict[str, float] = {}
+        # frozen embeddings: the LM head reads a detached weight, so no [V, H] weight gradient is computed
+        self.frozen_head = freeze_embeddings
+        if freeze_embeddings:
+            freeze_embeddings_but_mask(model)
+        impl = getattr(model.config, "_attn_implementation", "sdpa")
+        if impl not in ("sdpa", "eager"):
+            raise DraftsmithError("Parallel training needs an attention that takes a 4-D mask", impl,
+                                  "Load the drafter with attn_implementation='sdpa' or 'eager'")
+        self._float_mask = impl == "eager"
+
+    def _blocks(self, mask: torch.Tensor) -> MaskBlocks:
+        valid = valid_anchors(mask, self.k)
+        # held-out figures draw the same elements every evaluation
+        g = None if self.training else torch.Generator(device=mask.device).manual_seed(0)
+        blocks = gather_blocks(cod_keep(valid, self.fractions, g))
+        if self.k == 1:
+            shape = (mask.shape[0], 0)
+            blocks = MaskBlocks(mask.new_zeros(shape, dtype=torch.long), mask.new_zeros(shape, dtype=torch.long),
+                                mask.new_zeros(shape))
+        return blocks
+
+    def forward(self, input_ids, attention_mask, mask, target_hidden=None, t_logits=None):
+        from draftsmith.train import steps
+
+        b, t = input_ids.shape
+        blocks = self._blocks(mask)
+        ids = torch.cat([input_ids, torch.full_like(blocks.anchor, self.mask_id)], dim=1)         # [B, T+M]
+        positions = torch.cat([torch.arange(t, device=ids.device).expand(b, -1), blocks.anchor + blocks.depth], 1)
+        attend = block_attention(attention_mask, blocks)
+        if self._float_mask:
+            attend = torch.zeros(attend.shape, device=ids.device).masked_fill(~attend, torch.finfo(torch.float32).min)
+        base = getattr(self.model, self.model.base_model_prefix)
+        hidden = base(input_ids=ids, attention_mask=attend, position_ids=positions).last_hidden_state  # [B, T+M, H]
+
+        # rows: depth 0 on the trained positions, then every kept element; p_row = the position predicted from
+        where = blocks.anchor + blocks.depth                                                    # [B, M]
+        row_of = torch.cumsum(mask.flatten(), 0).view(mask.shape) - 1                            # [B, R] -> t row
+        el_rows = row_of.gather(1, where.clamp(max=t - 2))[blocks.real]                           # [Ne]
+        h = torch.cat([hidden[:, : t - 1][mask], hidden[:, t:][blocks.real]])
+        logits = self._head(h)                                                                    # [N0 + Ne, V]
+        labels0 = input_ids[:, 1:][mask]
+        labels = torch.cat([labels0, labels0[el_rows]])
+        weights = torch.ones(labels.shape[0], device=ids.device)
+        if self.cat:
+            w = torch.stack(cat_weights(t_logits, labels0, mask, self.k))                       # [K, B, R]
+            weights[labels0.shape[0]:] = w[blocks.depth, torch.arange(b, device=ids.device)[:, None],
+                                           blocks.anchor][blocks.real]
+        t_rows = None if t_logits is None else torch.cat([t_logits, t_logits[el_rows]])
+        loss = steps.distill_loss(self.loss_cfg, t_rows, logits, labels, weights)
+        if labels.numel() == 0:   # no trained row: a zero that still reaches every weight (DDP's buckets)
+            loss = loss + 0.0 * hidden.sum()
+        n0 = labels0.shape[0]
+        if not self.training and t_logits is not None:
+            self._depth_stats(logits[n0:].detach(), t_logits[el_rows], blocks.depth[blocks.real],
+                              logits[:n0].detach(), t_logits)
+        return logits[:n0], loss
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head over the target's vocabulary only (the mask token is never drafted)."""
+        head = self.model.get_output_embeddings()
+        weight = head.weight[: self.vocab]
+        bias = None if getattr(head, "bias", None) is None else head.bias[: self.vocab]
+        if self.frozen_head:
+            weight, bias = weight.detach(), None if bias is None else bias.detach()
+        return torch.nn.functional.linear(h, weight, bias)
+
+    @torch.no_grad()
+    def _depth_stats(self, el_logits, el_t, el_depth, logits0, t0) -> None:
+        """Greedy agreement with the target per depth, and the chain tau(k=K) they predict."""
+        stats = {"parallel_greedy_match_depth0": float((logits0.argmax(-1) == t0.argmax(-1)).float().mean())}
+        hit = el_logits.argmax(-1) == el_t.argmax(-1)
+        for d in range(1, self.k):
+            rows = el_depth == d
+            stats[f"parallel_greedy_match_depth{d}"] = float(hit[rows].float().mean()) if rows.any() else float("nan")
+        tau, prod = 1.0, 1.0
+        for d in range(self.k):
+            rate = stats[f"parallel_greedy_match_depth{d}"]
+            if rate != rate:
+                break
+            prod *= rate
+            tau += prod
+        stats[f"parallel_tau_greedy_k{self.k}"] = tau
+        self.step_stats = stats
