@@ -1,27 +1,35 @@
-"""The built-in speculative decoder: chain drafting, one target forward per step, lossless verify.
+"""The built-in speculative decoder: one target forward per step verifies a chain or a tree of drafts.
 
 It never branches on drafter kind. A drafter is a `Proposer`: it sees the decode state (all
-tokens so far, and the target's hidden states for newly committed positions) and proposes up to k
-tokens with their draft distributions. Steps, after gpt-fast's `speculative_decode`:
+tokens so far, and the target's hidden states for newly committed positions) and proposes a draft
+(eval/drafting.py: a chain, or a tree of nodes with parents). Steps, after gpt-fast's
+`speculative_decode` and SpecInfer/EAGLE-2's tree verification:
 
   0. prefill: the target reads the prompt and emits the first token (not a verify step);
-  1. draft: the proposer drafts d_1..d_k from the state;
-  2. verify: ONE target forward over [last token, d_1..d_k] gives p at k+1 positions;
-  3. accept: greedy match or speculative sampling (verify.py) accepts n drafts and yields one
-     more token (correction or bonus);
-  4. roll back: the target cache keeps the last token and d_1..d_n; the proposer is shown the
-     target's hidden states for exactly those positions.
+  1. draft: the proposer drafts up to depth k (with `--k auto`, the draft-length rule of
+     eval/draft_length.py stops it when another node does not pay for itself, and keeps the
+     best-first prefix of nodes that maximises expected tokens per second);
+  2. verify: ONE target forward over [last token, draft nodes] (a tree attention mask when the draft
+     branches) gives p at every node;
+  3. accept: greedy match or recursive rejection sampling (eval/tree.py) accepts a path of n nodes
+     and yields one more token (correction or bonus);
+  4. keep: the target cache keeps the last token and the accepted path (gathered, not recomputed);
+     the proposer is shown the target's hidden states for exactly those positions.
 """
 
 from __future__ import annotations
 
+import inspect
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.verify import Sampling, sample, verify_greedy, verify_sampling, warp
+from draftsmith.eval.drafting import Draft, DraftSampler, TreeShape
+from draftsmith.eval.tree import is_chain
+from draftsmith.eval.verify import Sampling, verify_tree_greedy, verify_tree_sampling, warp
 from draftsmith.models.target import Target
 
 
@@ -36,18 +44,13 @@ class DecodeState:
     hidden_start: int
 
 
-@dataclass
-class Draft:
-    tokens: list[int]
-    q: torch.Tensor | None = None   # [len(tokens), V] warped draft probabilities; None = deterministic
-
-
-# sampler(logits [V]) -> (token, warped q [V] or None in greedy mode)
+# sampler(logits [V]) -> (token, warped q [V] or None in greedy mode); a DraftSampler in the decoder
 Sampler = Callable[[torch.Tensor], "tuple[int, torch.Tensor | None]"]
 
 
 class Proposer(Protocol):
-    """The drafter interface. `hidden_layers`: target layers it reads (empty for token drafters)."""
+    """The drafter interface. `hidden_layers`: target layers it reads (empty for token drafters).
+    `propose` drafts up to depth k; it takes `tree=` (a TreeShape) when it can draft trees."""
 
     hidden_layers: tuple[int, ...]
 
@@ -69,16 +72,19 @@ class NoDraft:
     def observe(self, state: DecodeState) -> None:
         pass
 
-    def propose(self, state: DecodeState, k: int, sampler: Sampler) -> Draft:
+    def propose(self, state: DecodeState, k: int, sampler: Sampler, tree=None) -> Draft:
         return Draft([])
 
 
 @dataclass
 class GenerationResult:
     tokens: list[int]                                    # new tokens only
-    proposed: list[int] = field(default_factory=list)    # draft tokens proposed, per verify step
+    proposed: list[int] = field(default_factory=list)    # draft nodes verified, per verify step
     accepted: list[int] = field(default_factory=list)    # draft tokens accepted, per verify step
     emitted: list[int] = field(default_factory=list)     # tokens emitted, per verify step
+    depth: list[int] = field(default_factory=list)       # longest drafted path, per verify step
+    draft_s: float = 0.0                                 # seconds in propose()
+    verify_s: float = 0.0                                # seconds in the target's verify forwards
     stop_reason: str = "max_new_tokens"
 
     @property
@@ -91,22 +97,26 @@ class GenerationResult:
         return sum(self.emitted) / self.steps if self.steps else float("nan")
 
 
-def make_sampler(sampling: Sampling, generator: torch.Generator | None) -> Sampler:
-    if sampling.greedy:
-        return lambda logits: (int(logits.argmax()), None)
+def make_sampler(sampling: Sampling, generator: torch.Generator | None, rule=None) -> DraftSampler:
+    return DraftSampler(sampling, generator, rule)
 
-    def draw(logits: torch.Tensor):
-        q = warp(logits, sampling)
-        return sample(q, generator), q
-    return draw
+
+def takes_tree(proposer) -> bool:
+    try:
+        return "tree" in inspect.signature(proposer.propose).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @torch.inference_mode()
 def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[int], *, k: int = 4,
                          max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                          eos_token_ids: tuple[int, ...] = (), generator: torch.Generator | None = None,
-                         ) -> GenerationResult:
-    """Generate from `target` with drafts from `proposer`; the output law is the target's."""
+                         tree: TreeShape | None = None, rule=None) -> GenerationResult:
+    """Generate from `target` with drafts from `proposer`; the output law is the target's.
+
+    k: the deepest draft path; tree: a TreeShape (None: a chain); rule: a DraftLengthRule for
+    `--k auto` (None: every step drafts k, or the whole tree)."""
     if k < 0:
         raise DraftsmithError("k (draft length) must be >= 0", k)
     if max_new_tokens < 1:
@@ -116,8 +126,11 @@ def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[in
     if len(prompt_ids) >= target.max_length:
         raise DraftsmithError(f"The prompt is longer than the target's context of {target.max_length} tokens",
                               len(prompt_ids), "Shorten the prompt or pick a target with a longer context")
+    if tree is not None and k > 0 and not takes_tree(proposer):
+        raise DraftsmithError("This drafter drafts chains only", type(proposer).__name__, "Use --tree none")
     layers = tuple(proposer.hidden_layers)
-    sampler = make_sampler(sampling, generator)
+    sampler = make_sampler(sampling, generator, rule)
+    tree_kw = {"tree": tree} if tree is not None else {}
     eos = set(eos_token_ids)
     cache = target.new_cache()
 
@@ -140,17 +153,26 @@ def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[in
             break
         k_step = min(k, max_new_tokens - len(result.tokens) - 1, room)
         # 1. draft
-        draft = proposer.propose(state, k_step, sampler) if k_step > 0 else Draft([])
-        d = draft.tokens[:k_step]
-        # 2. verify: one forward over the last token and the drafts
-        out = target.forward([state.tokens[-1]] + d, cache, layers)
+        started = time.perf_counter()
+        draft = proposer.propose(state, k_step, sampler, **tree_kw) if k_step > 0 else Draft([])
+        drafted_s = time.perf_counter() - started
+        d, parents, q, conf = _clip(draft, k_step)
+        if rule is not None and d:
+            n = rule.choose(conf, parents, drafted_s)
+            d, parents = d[:n], parents[:n]
+            q, conf = (None if q is None else q[:n]), (None if conf is None else conf[:n])
+        # 2. verify: one forward over the last token and the draft nodes
+        verify_start = time.perf_counter()
+        chain = is_chain(parents)
+        out = target.forward([state.tokens[-1]] + d, cache, layers, parents=None if chain else parents)
         # 3. accept
         if sampling.greedy:
-            n, nxt = verify_greedy(d, out.logits)
+            path, nxt = verify_tree_greedy(d, parents, out.logits)
         else:
-            q = None if draft.q is None else draft.q[: len(d)]
-            n, nxt = verify_sampling(d, q, warp(out.logits, sampling), generator)
-        new = d[:n] + [nxt]
+            path, nxt = verify_tree_sampling(d, parents, q, warp(out.logits, sampling), generator)
+        result.verify_s += time.perf_counter() - verify_start
+        result.draft_s += drafted_s
+        new = [d[i] for i in path] + [nxt]
         for i, t in enumerate(new):              # EOS in the middle of a step ends the sequence there
             if t in eos:
                 new = new[: i + 1]
@@ -159,17 +181,47 @@ def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[in
         new = new[: max_new_tokens - len(result.tokens)]
         result.tokens += new
         result.proposed.append(len(d))
-        result.accepted.append(n)
+        result.accepted.append(len(path))
         result.emitted.append(len(new))
+        result.depth.append(_depth(parents))
+        if rule is not None:
+            rule.update(conf, parents, path, len(draft.tokens), drafted_s,
+                        time.perf_counter() - started, len(new))
         if result.stop_reason == "eos":
             break
-        # 4. roll back the rejected drafts; show the proposer what the target computed for the kept ones
-        kept = state.committed + 1 + n
-        target.rollback(cache, kept)
-        state = DecodeState(tokens=state.tokens + new, committed=kept,
-                            hidden=[h[: n + 1] for h in out.hidden], hidden_start=state.committed)
+        # 4. keep the root and the accepted path; show the proposer what the target computed there
+        rows = [0] + [i + 1 for i in path]
+        target.keep(cache, state.committed, rows)
+        state = DecodeState(tokens=state.tokens + new, committed=state.committed + len(rows),
+                            hidden=[h[rows] for h in out.hidden], hidden_start=state.committed)
         proposer.observe(state)
     return result
+
+
+def _clip(draft: Draft, k: int):
+    """The draft's nodes of depth <= k, as (tokens, parents, q, conf); a chain gets chain parents."""
+    n = len(draft.tokens)
+    parents = list(draft.parents) if draft.parents is not None else list(range(-1, n - 1))
+    keep, depth = [], []
+    for i, parent in enumerate(parents[:n]):
+        depth.append(1 if parent < 0 else depth[parent] + 1)
+        if depth[-1] <= k and (parent < 0 or parent in keep):
+            keep.append(i)
+    if len(keep) < n:
+        index = {old: new for new, old in enumerate(keep)}
+        tokens = [draft.tokens[i] for i in keep]
+        parents = [index[parents[i]] if parents[i] >= 0 else -1 for i in keep]
+        q = None if draft.q is None else draft.q[keep]
+        conf = None if draft.conf is None else [draft.conf[i] for i in keep]
+        return tokens, parents, q, conf
+    return list(draft.tokens), parents[:n], draft.q, (None if draft.conf is None else list(draft.conf))
+
+
+def _depth(parents: list[int]) -> int:
+    depth: list[int] = []
+    for parent in parents:
+        depth.append(1 if parent < 0 else depth[parent] + 1)
+    return max(depth, default=0)
 
 
 def autoregressive_generate(target: Target, prompt_ids: list[int], **kwargs) -> GenerationResult:

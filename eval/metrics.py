@@ -25,6 +25,9 @@ class PromptRecord:
     divergence: dict | None = None        # greedy only: where SD first differs from the baseline
     hf_divergence: dict | None = None
     extra: dict = field(default_factory=dict)
+    depth: list[int] | None = None         # longest drafted path per step (= proposed for chains)
+    draft_s: float = 0.0                   # seconds drafting, and in the target's verify forwards
+    verify_s: float = 0.0
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -32,11 +35,13 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def acceptance_by_position(records: list[PromptRecord], k: int) -> list[float | None]:
-    """α_i: P(draft i accepted | drafts < i accepted), over steps that proposed at least i drafts."""
+    """α_i: P(a token at depth i accepted | depths < i accepted), over steps that drafted depth i
+    (for a tree: the chance that some node at depth i was accepted)."""
     alphas = []
     for i in range(1, k + 1):
-        reached = sum(1 for r in records for p, a in zip(r.proposed, r.accepted) if p >= i and a >= i - 1)
-        accepted = sum(1 for r in records for p, a in zip(r.proposed, r.accepted) if p >= i and a >= i)
+        steps = [(p, a) for r in records for p, a in zip(r.depth or r.proposed, r.accepted)]
+        reached = sum(1 for p, a in steps if p >= i and a >= i - 1)
+        accepted = sum(1 for p, a in steps if p >= i and a >= i)
         alphas.append(_ratio(accepted, reached))
     return alphas
 
@@ -75,6 +80,9 @@ def summarize(records: list[PromptRecord], k: int, greedy: bool) -> dict:
         "ar_tokens_per_s": ar_tps,
         "sd_tokens_per_s": sd_tps,
         "speedup": _ratio(sd_tps or 0.0, ar_tps or 0.0),
+        "draft_ms_per_step": _ratio(sum(r.draft_s for r in records) * 1e3, steps),
+        "verify_ms_per_step": _ratio(sum(r.verify_s for r in records) * 1e3, steps),
+        "nodes_per_step": _ratio(proposed, steps),
         "hf_assisted_tokens_per_s": hf_tps,
         "hf_assisted_speedup": _ratio(hf_tps, ar_tps) if hf_tps else None,
         "lossless_match_rate": (sum(r.sd_tokens == r.ar_tokens for r in records) / len(records)

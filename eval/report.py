@@ -9,21 +9,18 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from draftsmith.errors import DraftsmithError
 from draftsmith.eval.metrics import PromptRecord
+from draftsmith.folders import marker_kind, write_marker
 
 REPORT_FILES = ("report.json", "report.md", "acceptance.png")
 
 
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse to clobber an earlier report unless asked; called before any work starts."""
-    out = Path(out)
-    if (out / "report.json").exists() and not overwrite:
-        raise DraftsmithError("The output folder already holds a report", str(out),
-                              "Pick another --out, or pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise DraftsmithError("--out must be a folder", str(out))
-    return out
+    """Refuse to write into a non-empty folder unless asked, and then only over an earlier eval report
+    (folders.py has the rule); called before any work starts."""
+    from draftsmith.folders import check_output_folder
+
+    return check_output_folder(out, overwrite, "eval")
 
 
 def prompt_row(r: PromptRecord, greedy: bool) -> dict:
@@ -49,7 +46,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# draftsmith eval: {c['drafter']} drafting for {c['target']}",
         "",
-        f"bench `{c['bench']}` ({report['num_prompts']} prompts), k={c['k']}, temperature={c['temperature']}, "
+        f"bench `{c['bench']}` ({report['num_prompts']} prompts), k={c['k']}, tree={c.get('tree') or 'none'}, "
+        f"temperature={c['temperature']}, "
         f"top_p={c['top_p']}, top_k={c['top_k']}, max_new_tokens={c['max_new_tokens']}, "
         f"dtype {c['dtype']}, device {c['device']} ({report['environment']['device_name']})",
         "",
@@ -60,12 +58,22 @@ def markdown(report: dict) -> str:
         lines[3:3] = [f"**Interrupted: {i['prompts_done']} of {i['prompts_planned']} prompts ran; "
                       "every figure covers those.**", ""]
     keys = ["tau", "tau_per_request_mean", "acceptance_rate", "steps", "new_tokens", "ar_tokens_per_s",
-            "sd_tokens_per_s", "speedup", "hf_assisted_tokens_per_s", "hf_assisted_speedup",
+            "sd_tokens_per_s", "speedup", "nodes_per_step", "draft_ms_per_step", "verify_ms_per_step",
+            "hf_assisted_tokens_per_s", "hf_assisted_speedup",
             "lossless_match_rate", "hf_assisted_match_rate", "divergences_not_near_tie"]
     lines += [f"| {k} | {_fmt(report.get(k))} |" for k in keys]
     alphas = " ".join(f"α{i + 1}={_fmt(a, '.3f')}" for i, a in enumerate(report["acceptance_by_position"]))
     lines += [f"| acceptance_by_position | {alphas} |",
               f"| accepted_length_histogram | {report['accepted_length_histogram']} |", ""]
+    dl = report.get("draft_length") or {}
+    if dl.get("mode") == "auto":
+        curve = dl["cost_curve"]
+        lines += ["## Draft length (--k auto)", "",
+                  f"draft nodes verified per step: {dl['nodes_per_step_histogram']}; drafting "
+                  f"{dl['draft_ms_per_node']:.2f} ms per node", "",
+                  "| target forward, new tokens | " + " | ".join(str(n) for n in curve["tokens"]) + " |",
+                  "|---|" + "---|" * len(curve["tokens"]),
+                  "| ms | " + " | ".join(f"{ms:.1f}" for ms in curve["ms"]) + " |", ""]
     diverged = [row for row in report["prompts"] if row["divergence"]]
     if diverged:
         lines += ["## Greedy divergences from the baseline", "",
@@ -110,6 +118,8 @@ def write_report(report: dict, records: list[PromptRecord], out: str | Path, sav
     greedy = report["config"]["temperature"] == 0
     report["prompts"] = [prompt_row(r, greedy) for r in records]
     out.mkdir(parents=True, exist_ok=True)
+    if marker_kind(out) is None:     # what --overwrite checks before replacing this report (folders.py)
+        write_marker(out, "eval")
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
     try:
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")

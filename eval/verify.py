@@ -4,7 +4,8 @@ Speculative sampling (Leviathan et al. 2211.17192, Alg. 1; Chen et al. 2302.0131
 x ~ q is accepted with probability min(1, p(x)/q(x)); on the first rejection the output is drawn
 from norm(max(0, p − q)). The emitted token then follows p exactly. Temperature, top-k and top-p
 warp p and q identically before the test. Greedy decoding (temperature 0) accepts x iff
-x = argmax p, which reproduces the target's own greedy output.
+x = argmax p, which reproduces the target's own greedy output. Drafts that branch are verified by
+walking the tree (eval/tree.py describes the tree; the walk is below, chains are its special case).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from draftsmith.errors import DraftsmithError
+from draftsmith.eval.tree import chain_parents, children
 
 
 @dataclass(frozen=True)
@@ -77,35 +79,55 @@ def acceptance_probability(p: torch.Tensor, q: torch.Tensor, token: int) -> floa
 
 
 def verify_greedy(draft: list[int], target_logits: torch.Tensor) -> tuple[int, int]:
-    """Accept the longest draft prefix equal to the target's argmax. target_logits: [k+1, V].
-
-    Returns (n accepted, next token): the target's argmax after the accepted prefix (a correction
-    on rejection, the bonus token when all k were accepted).
-    """
-    choice = target_logits.argmax(-1).tolist()  # [k+1]
-    n = 0
-    while n < len(draft) and draft[n] == choice[n]:
-        n += 1
-    return n, choice[n]
+    """A chain: accept the longest draft prefix equal to the target's argmax. target_logits: [k+1, V].
+    Returns (n accepted, next token): a correction on rejection, the bonus token when all k pass."""
+    path, nxt = verify_tree_greedy(draft, chain_parents(len(draft)), target_logits)
+    return len(path), nxt
 
 
 def verify_sampling(draft: list[int], q: torch.Tensor | None, p: torch.Tensor,
                     generator: torch.Generator | None = None) -> tuple[int, int]:
-    """Speculative sampling over a chain. q: [k, V] warped draft probabilities (None: the draft was
-    deterministic, i.e. q is one-hot at each draft token); p: [k+1, V] warped target probabilities.
+    """A chain: speculative sampling. q: [k, V] warped draft probabilities (None: deterministic
+    drafts); p: [k+1, V] warped target probabilities. Returns (n accepted, next token)."""
+    path, nxt = verify_tree_sampling(draft, chain_parents(len(draft)), q, p, generator)
+    return len(path), nxt
 
-    Returns (n accepted, next token) with the next token drawn from the residual after a rejection
-    or from p[k] (the bonus position) when every draft was accepted.
-    """
-    k = len(draft)
-    if q is None:
-        q = torch.nn.functional.one_hot(torch.tensor(draft, dtype=torch.long), p.shape[-1]).float()
-    u = torch.rand(k, generator=generator).tolist() if k else []
-    for i, x in enumerate(draft):
-        if u[i] < acceptance_probability(p[i], q[i], x):
-            continue
-        return i, sample(residual(p[i], q[i]), generator)
-    return k, sample(p[k], generator)
+
+def verify_tree_greedy(tokens: list[int], parents: list[int], target_logits: torch.Tensor) -> tuple[list[int], int]:
+    """target_logits: [n+1, V] (row 0 the root). Returns (accepted nodes root-down, next token)."""
+    choice = target_logits.argmax(-1).tolist()
+    kids = children(parents)
+    path, row = [], 0
+    while True:
+        match = next((c for c in kids[row] if tokens[c] == choice[row]), None)
+        if match is None:
+            return path, choice[row]
+        path.append(match)
+        row = match + 1
+
+
+def verify_tree_sampling(tokens: list[int], parents: list[int], q: torch.Tensor | None, p: torch.Tensor,
+                         generator: torch.Generator | None = None) -> tuple[list[int], int]:
+    """Recursive rejection sampling. q: [n, V] the law each node was drawn from (None: every node is
+    deterministic); p: [n+1, V] warped target probabilities (row 0 the root)."""
+    kids = children(parents)
+    path, row = [], 0
+    while True:
+        law = p[row]
+        for c in kids[row]:
+            x = tokens[c]
+            if q is None:                        # a deterministic node: q is one-hot at x
+                qc = torch.zeros_like(law)
+                qc[x] = 1.0
+            else:
+                qc = q[c]
+            if float(torch.rand((), generator=generator)) < acceptance_probability(law, qc, x):
+                path.append(c)
+                row = c + 1
+                break
+            law = residual(law, qc)
+        else:
+            return path, sample(law, generator)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:

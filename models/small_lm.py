@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.decoder import DecodeState, Draft, Sampler
-from draftsmith.models.target import cache_kwarg, new_cache, rollback
+from draftsmith.eval.decoder import DecodeState, Sampler
+from draftsmith.eval.drafting import Draft, TreeShape, grow_draft
+from draftsmith.eval.tree import depths
+from draftsmith.models.target import attention_inputs, cache_kwarg, new_cache, rollback
 
 
 class SmallLMProposer:
@@ -30,28 +32,48 @@ class SmallLMProposer:
         pass  # token-level drafter: everything it needs is in state.tokens
 
     @torch.inference_mode()
-    def _forward(self, ids: list[int]) -> torch.Tensor:
+    def _forward(self, ids: list[int], last_only: bool = True, **attend) -> torch.Tensor:
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1,
-                         **{cache_kwarg(self.model): self.cache})
+        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1 if last_only else 0,
+                         **{cache_kwarg(self.model): self.cache}, **attend)
         self.fed += ids
-        return out.logits[0, -1].float()
+        return out.logits[0].float()   # [1 or len(ids), V]
 
-    def propose(self, state: DecodeState, k: int, sampler: Sampler) -> Draft:
+    def propose(self, state: DecodeState, k: int, sampler: Sampler, tree: TreeShape | None = None) -> Draft:
         keep = _common_prefix(self.fed, state.tokens)
         keep = min(keep, len(state.tokens) - 1)   # always feed at least the newest token
         rollback(self.cache, keep)
         del self.fed[keep:]
-        logits = self._forward(state.tokens[keep:])
-        tokens, qs = [], []
-        for i in range(k):
-            token, q = sampler(logits)
-            tokens.append(token)
-            qs.append(q)
-            if i + 1 < k:
-                logits = self._forward([token])
-        q = None if qs[0] is None else torch.stack(qs)
-        return Draft(tokens, q)
+        root = self._forward(state.tokens[keep:])[-1]
+        if tree is None:
+            # chain rows stay cached: the next step reuses those the target accepted
+            return grow_draft(lambda nodes, tokens, parents: self._forward([tokens[nodes[0]]]), root, k, sampler)
+        base = len(self.fed)
+        rows: dict[int, int] = {}     # tree node -> its row in the drafter cache
+        draft = grow_draft(lambda nodes, tokens, parents: self._expand(nodes, tokens, parents, base, rows),
+                           root, k, sampler, tree)
+        rollback(self.cache, base)
+        del self.fed[base:]
+        return draft
+
+    def _expand(self, nodes: list[int], tokens: list[int], parents: list[int], base: int,
+                rows: dict[int, int]) -> torch.Tensor:
+        """Feed tree nodes (their ancestors are already cached): each row sees the committed
+        tokens, its ancestors' rows and itself, at position base - 1 + depth."""
+        cached = len(self.fed)
+        see = torch.zeros(len(nodes), cached + len(nodes), dtype=torch.bool)
+        see[:, :base] = True
+        depth = depths(parents)
+        for r, node in enumerate(nodes):
+            parent = parents[node]
+            while parent >= 0:
+                see[r, rows[parent]] = True
+                parent = parents[parent]
+            see[r, cached + r] = True
+            rows[node] = cached + r
+        positions = [base - 1 + depth[node] for node in nodes]
+        return self._forward([tokens[n] for n in nodes], last_only=False,
+                             **attention_inputs(self.model, see, positions))
 
     def hf_assisted_kwargs(self, k: int) -> dict:
         """transformers' assisted generation with the same drafter and a constant draft length k."""

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from draftsmith.errors import DraftsmithError
+from draftsmith.eval.tree import ancestor_mask, depths
 
 
 def cache_root() -> Path:
@@ -29,6 +30,24 @@ def cache_root() -> Path:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str | None) -> str:
+    """The device to run on: None picks cuda when available, else cpu; a named one must exist here
+    (torch's own errors for `tpu` or a CPU-only build are tracebacks)."""
+    if device is None:
+        return default_device()
+    have = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (
+        ["mps"] if torch.backends.mps.is_available() else [])
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DraftsmithError("Unknown device", device, f"Use one of: {', '.join(have)}") from None
+    count = torch.cuda.device_count() if kind.type == "cuda" and torch.cuda.is_available() else 0
+    if kind.type not in have or (kind.type == "cuda" and kind.index is not None and kind.index >= count):
+        raise DraftsmithError("This device is not available on this machine", device,
+                              f"Use one of: {', '.join(have)}" + (f" (cuda:0..cuda:{count - 1})" if count else ""))
+    return device
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -95,19 +114,23 @@ class Target:
 
     @torch.inference_mode()
     def forward(self, input_ids: list[int] | torch.Tensor, cache: DynamicCache,
-                hidden_layers: tuple[int, ...] = (), last_only: bool = False) -> TargetOutput:
+                hidden_layers: tuple[int, ...] = (), last_only: bool = False,
+                parents: list[int] | None = None) -> TargetOutput:
         """Extend `cache` by `input_ids`; return their logits (all, or the last only) and taps.
 
         `hidden_layers` are 0-based decoder-layer output indices; -1 is the last layer's output
-        before the final norm (what EAGLE heads read).
+        before the final norm (what EAGLE heads read). `parents` makes the input a draft tree:
+        input_ids = [root, node 0, ...], node i follows node parents[i] (-1: the root); each row
+        then sees the cache, its ancestors and itself, at position past + depth (eval/tree.py).
         """
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).view(1, -1)
+        tree = {} if parents is None else self._tree_inputs(parents, cache.get_seq_length())
         captured: dict[int, torch.Tensor] = {}
         handles = [self._layers[i].register_forward_hook(_capture(captured, i))
                    for i in sorted({i % self.num_layers for i in hidden_layers})]
         try:
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1 if last_only else 0,
-                             **{cache_kwarg(self.model): cache})
+                             **{cache_kwarg(self.model): cache}, **tree)
         finally:
             for h in handles:
                 h.remove()
@@ -117,6 +140,56 @@ class Target:
     @staticmethod
     def rollback(cache: DynamicCache, length: int) -> None:
         rollback(cache, length)
+
+    @staticmethod
+    def keep(cache: DynamicCache, start: int, rows: list[int]) -> None:
+        """Keep cached positions [:start] and, of those after, only `rows` (offsets from start) in
+        order: the verified root and accepted path of a tree. A chain's path is a prefix: a crop."""
+        if rows == list(range(len(rows))):
+            rollback(cache, start + len(rows))
+            return
+        index = torch.tensor(rows, dtype=torch.long)
+        for layer in _cache_layers(cache):
+            length = layer.keys.shape[-2]
+            if layer.get_seq_length() != length:   # a sliding layer past its window (refused before)
+                raise DraftsmithError("Cannot keep tree rows in a truncated sliding-window cache", length)
+            for name in ("keys", "values"):
+                t = getattr(layer, name)
+                setattr(layer, name, torch.cat([t[..., :start, :], t[..., start + index.to(t.device), :]], dim=-2))
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = start + len(rows)
+
+    def _tree_inputs(self, parents: list[int], past: int) -> dict:
+        """The 4-D additive attention mask and position ids of a draft tree after `past` cached tokens."""
+        n = len(parents) + 1
+        window = getattr(self.model.config, "sliding_window", None)
+        if window and "sliding_attention" in (getattr(self.model.config, "layer_types", None) or ()) \
+                and past + n > window - 1:
+            raise DraftsmithError("Tree verification past the target's sliding window is not supported",
+                                  past + n, f"Use --tree none for contexts over {window - 1} tokens")
+        see = torch.ones(n, past + n, dtype=torch.bool)
+        see[:, past:] = ancestor_mask(parents)
+        return attention_inputs(self.model, see, [past] + [past + d for d in depths(parents)])
+
+
+def attention_inputs(model: torch.nn.Module, see: torch.Tensor, positions: list[int]) -> dict:
+    """Keyword arguments that make a transformers causal LM attend as `see` says: see [new, cached +
+    new] bool (True: may attend) -> a 4-D additive mask (per attention type where the model has
+    several, e.g. Gemma 3's sliding and full layers) and explicit position ids."""
+    param = next(model.parameters())
+    mask = torch.zeros(see.shape, dtype=param.dtype).masked_fill(~see, torch.finfo(param.dtype).min)
+    mask = mask[None, None].to(param.device)                      # [1, 1, new, cached + new]
+    if getattr(model.config, "layer_types", None):
+        mask = {kind: mask for kind in set(model.config.layer_types)}
+    return {"attention_mask": mask, "position_ids": torch.tensor([positions], device=param.device)}
+
+
+def _cache_layers(cache: DynamicCache) -> list:
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise DraftsmithError("Tree verification needs a transformers version whose DynamicCache has `layers`",
+                              type(cache).__name__, "Upgrade transformers to 5.x, or use --tree none")
+    return layers
 
 
 def _capture(store: dict, index: int):
@@ -138,7 +211,7 @@ def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def load_target(spec: str, dtype: str | torch.dtype | None = "auto", device: str | None = None) -> Target:
     """Load a frozen target from an asset name, a transformers folder, a GGUF file or a hub id."""
-    device = device or default_device()
+    device = check_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     folder, name = resolve_model_folder(spec)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device)
@@ -182,7 +255,26 @@ def resolve_model_folder(spec: str) -> tuple[str, str]:
     if path.exists() or spec.startswith((".", "/", "~")):
         raise DraftsmithError("Cannot load a target from this path", spec,
                               "Give a transformers folder, a .gguf file, or an asset name such as smollm2-135m-instruct")
-    return spec, spec  # a hub id: from_pretrained raises its own error when offline
+    return _reachable_hub_id(spec), spec
+
+
+def _reachable_hub_id(spec: str) -> str:
+    """`spec` if it names a model on a reachable hub (or in the hub cache); else a clear error. A
+    mistyped asset name lands here, and transformers' offline error would not say so."""
+    import difflib
+
+    from transformers import AutoConfig
+
+    from draftsmith import assets
+
+    try:
+        AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError):
+        near = difflib.get_close_matches(spec, list(assets.TARGETS), n=1)
+        raise DraftsmithError("The target is neither an asset name, a folder, a .gguf file nor a reachable hub id",
+                              spec, (f"Did you mean {near[0]}? " if near else "") +
+                              f"Asset names: {', '.join(sorted(assets.TARGETS))}") from None
+    return spec
 
 
 def gguf_to_folder(gguf: Path) -> Path:

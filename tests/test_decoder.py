@@ -98,9 +98,9 @@ def test_cache_rollback_equals_fresh_forward(target):
 
 def test_prompt_lookup_finds_most_recent_longest_match():
     tokens = [1, 2, 3, 9, 1, 2, 4, 5, 7, 1, 2]
-    assert lookup(tokens, k=3) == [4, 5, 7]          # "1 2" most recently followed by 4 5 7
+    assert lookup(tokens, k=3) == [[4, 5, 7]]          # "1 2" most recently followed by 4 5 7
     assert lookup([5, 6, 7, 8], k=2) == []            # nothing repeats
-    assert lookup([3, 1, 4, 1], k=5, min_ngram=1) == [4, 1]   # unigram "1", truncated at the end
+    assert lookup([3, 1, 4, 1], k=5, min_ngram=1) == [[4, 1]]   # unigram "1", truncated at the end
     assert lookup([3, 1, 4, 1], k=5) == []                    # bigrams only by default
     assert lookup([7, 8, 7, 8], k=2, min_ngram=3) == []
 

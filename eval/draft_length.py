@@ -1,0 +1,170 @@
+"""Cost-aware draft length (`--k auto`): how many draft nodes a step verifies.
+
+A step that verifies n draft nodes costs c(n+1) (one target forward over the root and n nodes; the
+curve is measured on the actual device, see `measure_cost_curve`) plus the drafting time, and
+emits 1 + Σ_i P_i tokens in expectation, where P_i is the chance that node i and all its ancestors
+are accepted. P_i is estimated as the product of a(conf) along the node's path: the drafter's own
+probability of each token (`conf`), mapped to an acceptance probability by an online calibration
+(a Beta-smoothed histogram of what the verifier accepted at that confidence; by depth for drafters
+without a confidence, such as prompt lookup). The rule maximises expected tokens per second:
+
+- while drafting, a node is worth drafting and verifying iff its expected tokens per marginal cost
+  (P / (c'(n) + per-node draft cost)) beat the rate the decoder currently achieves;
+- after drafting, the verified draft is the best-first prefix that maximises
+  (1 + Σ P_i) / (c(n+1) + drafting time).
+
+Adaptive draft lengths in the literature: SpecDec++ (Huang et al. 2404.19124) stops drafting on a
+predicted rejection; EAGLE-2 (2406.16858) sizes trees by cumulative draft confidence; transformers'
+`num_assistant_tokens_schedule="heuristic"` grows or shrinks k on full or partial acceptance.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from draftsmith.eval.tree import children
+
+
+@dataclass
+class CostCurve:
+    """Seconds of one target forward over n new tokens, measured at a few n, interpolated."""
+
+    sizes: list[int]
+    seconds: list[float]
+
+    def __call__(self, n: int) -> float:
+        i = bisect.bisect_left(self.sizes, n)
+        if i < len(self.sizes) and self.sizes[i] == n:
+            return self.seconds[i]
+        if i == 0:
+            return self.seconds[0]
+        if i == len(self.sizes):   # beyond the last measurement: extend the last slope
+            i -= 1
+        (n0, s0), (n1, s1) = (self.sizes[i - 1], self.seconds[i - 1]), (self.sizes[i], self.seconds[i])
+        return s0 + (s1 - s0) * (n - n0) / (n1 - n0)
+
+    def as_dict(self) -> dict:
+        return {"tokens": self.sizes, "ms": [round(s * 1e3, 3) for s in self.seconds]}
+
+
+DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
+
+
+@torch.inference_mode()
+def measure_cost_curve(target, sizes=DEFAULT_SIZES, context: int = 128, reps: int = 3,
+                       hidden_layers: tuple[int, ...] = ()) -> CostCurve:
+    """Time the target's forward over n new tokens after `context` cached ones (median of `reps`)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, target.vocab_size, (context + max(sizes),), generator=g).tolist()
+    cache = target.new_cache()
+    target.forward(ids[:context], cache, hidden_layers, last_only=True)
+    target.forward(ids[context:context + 4], cache, hidden_layers)   # warm-up
+    target.rollback(cache, context)
+    seconds = []
+    for n in sizes:
+        runs = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            target.forward(ids[context:context + n], cache, hidden_layers)
+            runs.append(time.perf_counter() - start)
+            target.rollback(cache, context)
+        seconds.append(sorted(runs)[len(runs) // 2])
+    # a forward over more tokens never costs less: keep the curve monotone against timing noise
+    for i in range(1, len(seconds)):
+        seconds[i] = max(seconds[i], seconds[i - 1])
+    return CostCurve(list(sizes), seconds)
+
+
+@dataclass
+class Calibration:
+    """Acceptance probability of a draft node given the drafter's confidence (or its depth)."""
+
+    bins: int = 10
+    prior_weight: float = 2.0
+    counts: dict = field(default_factory=dict)   # key -> [accepted, reached]
+
+    def key(self, conf: float | None, depth: int):
+        if conf is None:
+            return ("depth", min(depth, 16))
+        return ("conf", min(int(conf * self.bins), self.bins - 1))
+
+    def prior(self, key) -> float:
+        if key[0] == "conf":
+            return (key[1] + 0.5) / self.bins
+        return 0.5
+
+    def __call__(self, conf: float | None, depth: int) -> float:
+        key = self.key(conf, depth)
+        accepted, reached = self.counts.get(key, (0, 0))
+        return (accepted + self.prior_weight * self.prior(key)) / (reached + self.prior_weight)
+
+    def record(self, conf: float | None, depth: int, accepted: bool) -> None:
+        c = self.counts.setdefault(self.key(conf, depth), [0, 0])
+        c[0] += int(accepted)
+        c[1] += 1
+
+
+class DraftLengthRule:
+    """The decoder's draft-length policy for `--k auto` (see the module docstring)."""
+
+    def __init__(self, curve: CostCurve, ema: float = 0.1):
+        self.curve = curve
+        self.calibration = Calibration()
+        self.ema = ema
+        self.node_s = 0.0                    # drafting seconds per node, running mean
+        self.rate = 1.0 / curve(1)           # tokens per second the decoder achieves, running mean
+        self.chosen: list[int] = []          # nodes verified per step (the report's histogram)
+
+    def value(self, parent_value: float, conf: float | None, depth: int) -> float:
+        return parent_value * self.calibration(conf, depth)
+
+    def worth(self, value: float, nodes: int) -> bool:
+        """Is one more node with path acceptance `value`, after `nodes` nodes, worth its cost?"""
+        marginal = self.curve(nodes + 2) - self.curve(nodes + 1) + self.node_s
+        return value >= self.rate * max(marginal, 1e-6)
+
+    def path_values(self, conf: list | None, parents: list[int]) -> list[float]:
+        values: list[float] = []
+        depth: list[int] = []
+        for i, parent in enumerate(parents):
+            d = 1 if parent < 0 else depth[parent] + 1
+            base = 1.0 if parent < 0 else values[parent]
+            depth.append(d)
+            values.append(self.value(base, None if conf is None else conf[i], d))
+        return values
+
+    def choose(self, conf: list | None, parents: list[int], draft_s: float) -> int:
+        """How many of the draft's nodes (a best-first prefix) to verify."""
+        values = self.path_values(conf, parents)
+        best_n, best_rate, expected = 0, 1.0 / (self.curve(1) + draft_s), 1.0
+        for n, v in enumerate(values, start=1):
+            expected += v
+            rate = expected / (self.curve(n + 1) + draft_s)
+            if rate > best_rate:
+                best_n, best_rate = n, rate
+        return best_n
+
+    def update(self, conf: list | None, parents: list[int], path: list[int], drafted: int,
+               draft_s: float, step_s: float, emitted: int) -> None:
+        """Learn from one verified step: which reached nodes were accepted, and what things cost."""
+        on_path = set(path)
+        kids = children(parents)
+        depth = 0
+        for row in [0] + [c + 1 for c in path]:
+            depth += 1
+            for c in kids[row]:
+                self.calibration.record(None if conf is None else conf[c], depth, c in on_path)
+        self.chosen.append(len(parents))
+        if drafted:
+            self.node_s += self.ema * (draft_s / drafted - self.node_s)
+        self.rate += self.ema * (emitted / step_s - self.rate)
+
+    def histogram(self) -> dict[int, int]:
+        hist: dict[int, int] = {}
+        for n in self.chosen:
+            hist[n] = hist.get(n, 0) + 1
+        return dict(sorted(hist.items()))

@@ -1,0 +1,238 @@
+"""What the decoder hands a proposer, and the one tree builder every neural proposer uses.
+
+`DraftSampler` turns draft logits into a token (greedy argmax, or a draw from the warped law q) and
+carries the decoder's draft-length rule: `value` (a node's calibrated chance to be accepted with
+its ancestors) and `worth` (whether one more node pays for itself). With a fixed k both are
+neutral: the value is the cumulative draft probability and every node is worth it.
+
+`grow_draft` builds a chain, a static tree (Medusa-style choice list) or an EAGLE-2 dynamic tree
+from one primitive of the proposer, `expand(nodes, tokens, parents) -> logits [len(nodes), V]`:
+the drafter reads the given nodes (each after its own ancestors) and returns the draft logits that
+follow each. Proposers differ only in that primitive; the shapes of drafts live here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from draftsmith.errors import DraftsmithError
+from draftsmith.eval.verify import Sampling, sample, warp
+
+
+@dataclass
+class Draft:
+    """A draft: a chain (parents None) or a tree whose nodes come parents first, best first.
+
+    `q[i]` is the law node i's token was drawn from, independently of its siblings (None: every
+    node is deterministic, e.g. an argmax, a top-k child or a lookup). `conf[i]` is the drafter's
+    probability of node i's token given its parent (None: the drafter has no such number)."""
+
+    tokens: list[int]
+    q: torch.Tensor | None = None
+    parents: list[int] | None = None
+    conf: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """`dynamic`: EAGLE-2 (expand the `topk` best frontier nodes by cumulative value, `topk`
+    children each, `depth` levels, keep the best `nodes`); `static`: a fixed list of rank paths."""
+
+    kind: str
+    depth: int
+    topk: int = 1
+    nodes: int = 0
+    paths: tuple[tuple[int, ...], ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str | None) -> "TreeShape | None":
+        """`none`, `dynamic[:depth,topk,nodes]` or `static:FILE` (JSON list of rank paths)."""
+        if spec in (None, "", "none", "chain"):
+            return None
+        kind, _, rest = spec.partition(":")
+        if kind == "dynamic":
+            try:
+                values = [int(x) for x in rest.split(",")] if rest else []
+            except ValueError:
+                values = None
+            if values is None or len(values) > 3 or any(v < 1 for v in values):
+                raise DraftsmithError("--tree dynamic takes up to three positive integers: depth,topk,nodes",
+                                      spec, "e.g. --tree dynamic:6,8,48")
+            depth, topk, nodes = values + [6, 8, 48][len(values):]
+            return cls("dynamic", depth, topk, nodes)
+        if kind == "static":
+            return cls.static_from_file(rest)
+        raise DraftsmithError("Unknown tree spec", spec, "Use none, dynamic[:depth,topk,nodes] or static:FILE")
+
+    @classmethod
+    def static_from_file(cls, path: str) -> "TreeShape":
+        try:
+            raw = json.loads(Path(path).read_text())
+            paths = sorted({tuple(int(r) for r in p) for p in raw}, key=lambda p: (len(p), p))
+        except (OSError, ValueError, TypeError) as e:
+            raise DraftsmithError("Cannot read the static tree file", path,
+                                  f"Give a JSON list of rank paths, e.g. [[0], [1], [0, 0]] ({e})") from None
+        known = set(paths)
+        bad = [p for p in paths if not p or min(p) < 0 or (len(p) > 1 and p[:-1] not in known)]
+        if bad:
+            raise DraftsmithError("A static tree path is empty, negative or lacks its parent path", list(bad[0]),
+                                  "List every prefix of every path, e.g. [[0], [0, 1]] not [[0, 1]]")
+        return cls("static", max(len(p) for p in paths), max(max(p) for p in paths) + 1, len(paths), tuple(paths))
+
+
+class DraftSampler:
+    """Callable `sampler(logits [V]) -> (token, warped q [V] or None in greedy mode)` + the rule."""
+
+    def __init__(self, sampling: Sampling, generator: torch.Generator | None = None, rule=None):
+        self.sampling = sampling
+        self.generator = generator
+        self.rule = rule
+
+    def __call__(self, logits: torch.Tensor):
+        if self.sampling.greedy:
+            return int(logits.argmax()), None
+        q = warp(logits, self.sampling)
+        return sample(q, self.generator), q
+
+    def law(self, logits: torch.Tensor) -> torch.Tensor:
+        """The draft law whose probabilities are the nodes' confidences (softmax in greedy mode)."""
+        if self.sampling.greedy:
+            return logits.float().softmax(-1)
+        return warp(logits, self.sampling)
+
+    def value(self, parent_value: float, conf: float | None, depth: int) -> float:
+        if self.rule is None:
+            return parent_value * (1.0 if conf is None else conf)
+        return self.rule.value(parent_value, conf, depth)
+
+    def worth(self, value: float, nodes: int) -> bool:
+        return True if self.rule is None else self.rule.worth(value, nodes)
+
+
+Expand = Callable[[list[int], list[int], list[int]], torch.Tensor]
+
+
+def grow_draft(expand: Expand, root_logits: torch.Tensor, k: int, sampler: DraftSampler,
+               tree: TreeShape | None = None) -> Draft:
+    """A draft of depth <= k from the logits after the root and the proposer's `expand`."""
+    if k < 1:
+        return Draft([])
+    if tree is None:
+        return _chain(expand, root_logits, k, sampler)
+    if tree.kind == "static":
+        return _static(expand, root_logits, k, sampler, tree)
+    return _dynamic(expand, root_logits, k, sampler, tree)
+
+
+def _chain(expand: Expand, logits: torch.Tensor, k: int, sampler: DraftSampler) -> Draft:
+    tokens, qs, conf, parents = [], [], [], []
+    value = 1.0
+    for i in range(k):
+        token, q = sampler(logits)
+        c = float((q if q is not None else sampler.law(logits))[token])
+        value = sampler.value(value, c, i + 1)
+        if i and not sampler.worth(value, i):
+            break
+        tokens.append(token)
+        qs.append(q)
+        conf.append(c)
+        parents.append(i - 1)
+        if i + 1 < k:
+            logits = expand([i], tokens, parents)[0]
+    return Draft(tokens, None if qs[0] is None else torch.stack(qs), None, conf)
+
+
+def _order(tokens, parents, conf, values, keep: int) -> Draft:
+    """The `keep` best nodes by value (ancestors always kept), parents first, best first."""
+    rank = sorted(range(len(tokens)), key=lambda i: -values[i])
+    chosen: set[int] = set()
+    for i in rank:
+        if len(chosen) >= keep:
+            break
+        node = i
+        while node >= 0 and node not in chosen:   # values fall along a path, so ancestors come first
+            chosen.add(node)
+            node = parents[node]
+    order = sorted(chosen, key=lambda i: (-values[i], i))
+    # a child whose value ties its parent's must still come after it
+    placed, out = set(), []
+    pending = list(order)
+    while pending:
+        for i in pending:
+            if parents[i] < 0 or parents[i] in placed:
+                out.append(i)
+                placed.add(i)
+                pending.remove(i)
+                break
+    index = {old: new for new, old in enumerate(out)}
+    return Draft([tokens[i] for i in out], None, [index[parents[i]] if parents[i] >= 0 else -1 for i in out],
+                 [conf[i] for i in out])
+
+
+def _top(sampler: DraftSampler, logits: torch.Tensor, width: int):
+    law = sampler.law(logits)
+    probs, ids = law.topk(min(width, law.shape[-1]))
+    return [(int(t), float(p)) for t, p in zip(ids, probs) if p > 0]
+
+
+def _dynamic(expand: Expand, root_logits, k: int, sampler: DraftSampler, tree: TreeShape) -> Draft:
+    """EAGLE-2 (Li et al. 2406.16858): expand the `topk` frontier nodes of highest cumulative value,
+    `topk` children each, for up to `depth` levels; verify the best `nodes` of all drafted."""
+    tokens, parents, conf, values, depth_of = [], [], [], [], []
+
+    def add(children_of: list[tuple[int, list]]) -> list[int]:
+        new = []
+        for parent, kids in children_of:
+            base = 1.0 if parent < 0 else values[parent]
+            d = 1 if parent < 0 else depth_of[parent] + 1
+            for token, c in kids:
+                tokens.append(token)
+                parents.append(parent)
+                conf.append(c)
+                depth_of.append(d)
+                values.append(sampler.value(base, c, d))
+                new.append(len(tokens) - 1)
+        return new
+
+    level = add([(-1, _top(sampler, root_logits, tree.topk))])
+    for _ in range(min(tree.depth, k) - 1):
+        frontier = sorted(level, key=lambda i: -values[i])[: tree.topk]
+        frontier = [i for i in frontier if sampler.worth(values[i], len(tokens))]
+        if not frontier:
+            break
+        logits = expand(frontier, tokens, parents)
+        level = add([(i, _top(sampler, logits[j], tree.topk)) for j, i in enumerate(frontier)])
+    return _order(tokens, parents, conf, values, tree.nodes)
+
+
+def _static(expand: Expand, root_logits, k: int, sampler: DraftSampler, tree: TreeShape) -> Draft:
+    """A fixed tree of rank paths (Medusa's `medusa_choices`): path (r1, .., rd) is the r_d-th most
+    likely child of path (r1, .., r_{d-1}), the root's when d = 1."""
+    tokens, parents, conf, values = [], [], [], []
+    node_of: dict[tuple[int, ...], int] = {}
+    tops = {(): _top(sampler, root_logits, tree.topk)}
+    for depth in range(1, min(tree.depth, k) + 1):
+        paths = [p for p in tree.paths if len(p) == depth and p[:-1] in tops]
+        for p in paths:
+            options = tops[p[:-1]]
+            if p[-1] >= len(options):
+                continue
+            token, c = options[p[-1]]
+            parent = node_of.get(p[:-1], -1)
+            tokens.append(token)
+            parents.append(parent)
+            conf.append(c)
+            values.append(sampler.value(1.0 if parent < 0 else values[parent], c, depth))
+            node_of[p] = len(tokens) - 1
+        grow = [p for p in paths if p in node_of and any(len(c) == depth + 1 and c[:-1] == p for c in tree.paths)]
+        if not grow or depth == min(tree.depth, k):
+            break
+        logits = expand([node_of[p] for p in grow], tokens, parents)
+        for j, p in enumerate(grow):
+            tops[p] = _top(sampler, logits[j], tree.topk)
+    return _order(tokens, parents, conf, values, len(tokens))

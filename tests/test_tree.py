@@ -1,0 +1,260 @@
+"""Draft trees: the target's tree forward equals a chain forward per path, the cache keeps exactly the
+accepted path, greedy trees (static, dynamic, lookup branches) reproduce the target's output for
+every proposer, and tree sampling's output law is exactly p (computed, not sampled)."""
+
+import copy
+import itertools
+import json
+
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+from draftsmith.errors import DraftsmithError
+from draftsmith.eval.decoder import DecodeState, autoregressive_generate, speculative_generate
+from draftsmith.eval.drafting import TreeShape
+from draftsmith.eval.tree import ancestor_mask, children, depths
+from draftsmith.eval.verify import (Sampling, acceptance_probability, residual, verify_tree_greedy,
+                                    verify_tree_sampling, warp)
+from draftsmith.models.eagle3 import Eagle3Proposer
+from draftsmith.models.prompt_lookup import PromptLookupProposer, trie
+from draftsmith.models.small_lm import SmallLMProposer
+from draftsmith.models.target import Target
+
+from conftest import VOCAB, prompts, tiny_llama
+from test_eagle3 import random_head
+from test_verify import SAMPLINGS, random_logits
+
+TREES = [TreeShape.parse("dynamic:4,3,10"), TreeShape.parse("dynamic:6,2,16"), TreeShape.parse("dynamic:3,5,40")]
+
+
+def tiny_gemma3(seed: int = 0) -> Gemma3ForCausalLM:
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
+                              max_position_embeddings=512, layer_types=["sliding_attention", "full_attention"])
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+def test_structure():
+    parents = [-1, -1, 0, 0, 2]
+    assert depths(parents) == [1, 1, 2, 2, 3]
+    assert children(parents) == [[0, 1], [2, 3], [], [4], [], []]
+    mask = ancestor_mask(parents)
+    assert mask[5].tolist() == [True, True, False, True, False, True]   # node 4: root, 0, 2, itself
+    with pytest.raises(ValueError):
+        depths([0])
+    assert trie([[5, 6, 7], [5, 8], [9]]) == ([5, 6, 7, 8, 9], [-1, 0, 1, 0, -1])
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(0), tiny_gemma3])
+def test_tree_forward_equals_chain_forward_per_path(make):
+    target = Target(make(), tokenizer=None)
+    prompt = prompts(1, length=10)[0]
+    tokens, parents = [11, 12, 13, 14, 15, 16], [-1, -1, 0, 0, 2, 1]
+    cache = target.new_cache()
+    target.forward(prompt, cache)
+    tree = target.forward([7] + tokens, cache, hidden_layers=(0, -1), parents=parents)
+    for node in range(len(tokens)):
+        path, n = [], node
+        while n >= 0:
+            path.insert(0, n)
+            n = parents[n]
+        fresh = target.new_cache()
+        chain = target.forward(prompt + [7] + [tokens[i] for i in path], fresh, hidden_layers=(0, -1))
+        torch.testing.assert_close(tree.logits[node + 1], chain.logits[-1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(tree.hidden[1][node + 1], chain.hidden[1][-1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(0), tiny_gemma3])
+def test_keep_leaves_the_cache_of_the_accepted_path(make):
+    target = Target(make(), tokenizer=None)
+    prompt = prompts(1, length=10)[0]
+    tokens, parents = [11, 12, 13, 14], [-1, -1, 1, 2]
+    cache = target.new_cache()
+    target.forward(prompt, cache)
+    target.forward([7] + tokens, cache, parents=parents)
+    target.keep(cache, len(prompt), [0, 2, 3, 4])              # root, nodes 1, 2, 3
+    assert cache.get_seq_length() == len(prompt) + 4
+    after = target.forward([20], cache).logits[-1]
+    fresh = target.forward(prompt + [7, 12, 13, 14, 20], target.new_cache()).logits[-1]
+    torch.testing.assert_close(after, fresh, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_tree_verify_takes_the_matching_path():
+    logits = torch.full((6, 30), -5.0)
+    for row, best in enumerate([3, 9, 4, 8, 2, 1]):   # argmax after root, node 0, ..., node 4
+        logits[row, best] = 5.0
+    # root -> {0: 9 (wrong), 1: 3 (right)}; node 1 -> {2: 4 (right)}; node 2 -> {3: 7 (wrong)}, node 4 -> 5
+    tokens, parents = [9, 3, 4, 7, 5], [-1, -1, 1, 2, 2]
+    path, nxt = verify_tree_greedy(tokens, parents, logits)
+    assert path == [1, 2] and nxt == 8
+
+
+def test_proposer_without_trees_is_refused(target):
+    class ChainOnly:
+        hidden_layers = ()
+
+        def reset(self):
+            pass
+
+        def observe(self, state):
+            pass
+
+        def propose(self, state, k, sampler):
+            return None
+
+    with pytest.raises(DraftsmithError, match="chains only"):
+        speculative_generate(target, ChainOnly(), prompts(1)[0], k=3, tree=TREES[0])
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_greedy_equality_small_lm_trees(target, tree):
+    noisy = copy.deepcopy(target.model)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for w in noisy.parameters():
+            w.add_(torch.randn_like(w) * w.std() * 0.5)
+    proposer = SmallLMProposer(noisy)
+    accepted = 0
+    for prompt in prompts(3, seed=7):
+        ar = autoregressive_generate(target, prompt, max_new_tokens=30)
+        sd = speculative_generate(target, proposer, prompt, k=tree.depth, tree=tree, max_new_tokens=30)
+        assert sd.tokens == ar.tokens
+        assert all(p <= tree.nodes for p in sd.proposed)
+        accepted += sum(sd.accepted)
+    assert accepted > 0
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_greedy_equality_eagle3_trees(tree):
+    target4 = Target(tiny_llama(0, layers=4), tokenizer=None)
+    proposer = Eagle3Proposer(random_head(target4), target4.model)
+    for prompt in prompts(3, seed=11):
+        ar = autoregressive_generate(target4, prompt, max_new_tokens=24)
+        sd = speculative_generate(target4, proposer, prompt, k=tree.depth, tree=tree, max_new_tokens=24)
+        assert sd.tokens == ar.tokens
+
+
+def test_tree_beats_chain_for_a_noisy_drafter(target):
+    """Branching must find accepted tokens the chain misses (same depth)."""
+    noisy = copy.deepcopy(target.model)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for w in noisy.parameters():
+            w.add_(torch.randn_like(w) * w.std() * 0.7)
+    chain, tree = [], []
+    for prompt in prompts(4, seed=2):
+        chain.append(speculative_generate(target, SmallLMProposer(noisy), prompt, k=4, max_new_tokens=40).tau)
+        tree.append(speculative_generate(target, SmallLMProposer(noisy), prompt, k=4, max_new_tokens=40,
+                                         tree=TreeShape.parse("dynamic:4,4,30")).tau)
+    assert sum(tree) > sum(chain)
+
+
+def test_drafter_equal_to_target_accepts_the_whole_depth(target):
+    proposer = SmallLMProposer(copy.deepcopy(target.model))
+    sd = speculative_generate(target, proposer, prompts(1)[0], k=4, tree=TreeShape.parse("dynamic:4,3,12"),
+                              max_new_tokens=1 + 3 * 5)
+    assert sd.accepted == [4, 4, 4]
+
+
+def test_static_tree_from_file(target, tmp_path):
+    spec = tmp_path / "tree.json"
+    spec.write_text(json.dumps([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]))
+    tree = TreeShape.parse(f"static:{spec}")
+    assert (tree.depth, tree.topk, tree.nodes) == (3, 2, 6)
+    proposer = SmallLMProposer(tiny_llama(1))
+    for prompt in prompts(2, seed=4):
+        ar = autoregressive_generate(target, prompt, max_new_tokens=20)
+        sd = speculative_generate(target, proposer, prompt, k=3, tree=tree, max_new_tokens=20)
+        assert sd.tokens == ar.tokens
+        assert max(sd.proposed) <= 6
+    spec.write_text(json.dumps([[0, 1]]))
+    with pytest.raises(DraftsmithError, match="parent path"):
+        TreeShape.parse(f"static:{spec}")
+
+
+def test_prompt_lookup_branches(target):
+    tokens = [5, 6, 40, 41, 42, 9, 5, 6, 43, 44, 9, 5, 6]     # "5 6" followed by 40 41 .. and by 43 44 ..
+    state = DecodeState(tokens=tokens, committed=len(tokens) - 1, hidden=[], hidden_start=0)
+    draft = PromptLookupProposer().propose(state, 3, None, tree=TreeShape.parse("dynamic:3,3,12"))
+    assert (draft.tokens, draft.parents) == ([43, 44, 9, 40, 41, 42], [-1, 0, 1, -1, 3, 4])
+    prompt = prompts(1, length=8, seed=1)[0] * 3
+    ar = autoregressive_generate(target, prompt, max_new_tokens=20)
+    sd = speculative_generate(target, PromptLookupProposer(), prompt, k=3,
+                              tree=TreeShape.parse("dynamic:3,3,12"), max_new_tokens=20)
+    assert sd.tokens == ar.tokens
+
+
+@pytest.mark.parametrize("bad", ["dynamic:0", "dynamic:a,b", "dynamic:1,2,3,4", "ring"])
+def test_bad_tree_specs(bad):
+    with pytest.raises(DraftsmithError):
+        TreeShape.parse(bad)
+
+
+# ------------------------------------------------------------------------- exact law of tree sampling
+
+def rrs_law(p: torch.Tensor, kids: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
+    """Law of the first token verify_tree_sampling emits, given the drawn children (token, q or None),
+    from the building blocks it uses: accept with acceptance_probability, else go on with the residual."""
+    if not kids:
+        return p
+    x, q = kids[0]
+    if q is None:
+        q = torch.nn.functional.one_hot(torch.tensor(x), len(p)).float()
+    a = acceptance_probability(p, q, x)
+    law = (1 - a) * rrs_law(residual(p, q), kids[1:])
+    law[x] += a
+    return law
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_exact_law_sampled_siblings(sampling, width):
+    """Siblings drawn i.i.d. from q (SpecInfer): averaged over the draws, the law is exactly p."""
+    v = 6
+    p = warp(random_logits(width, v=v), sampling)
+    q = warp(random_logits(width + 30, v=v), sampling)
+    law = torch.zeros(v)
+    for draw in itertools.product(range(v), repeat=width):
+        weight = torch.prod(torch.stack([q[x] for x in draw]))
+        if weight > 0:
+            law += weight * rrs_law(p, [(x, q) for x in draw])
+    torch.testing.assert_close(law, p, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_exact_law_deterministic_siblings(sampling):
+    """Top-k children (EAGLE-2's dynamic tree, static trees, lookups) are deterministic: exactly p."""
+    p = warp(random_logits(7), sampling)
+    for kids in ([3], [3, 5], [5, 3, 0], [3, 3]):
+        torch.testing.assert_close(rrs_law(p, [(x, None) for x in kids]), p, rtol=0, atol=1e-6)
+
+
+def test_implementation_follows_the_law_it_is_checked_against():
+    """verify_tree_sampling makes exactly rrs_law's decisions: the empirical law of its first token
+    over many seeded runs matches rrs_law for a fixed tree (sampled child + deterministic child)."""
+    v = 5
+    p = warp(random_logits(1, v=v), Sampling(1.0))
+    q = warp(random_logits(2, v=v), Sampling(1.0))
+    tokens, parents = [1, 3], [-1, -1]
+    qs = torch.stack([q, torch.nn.functional.one_hot(torch.tensor(3), v).float()])
+    expect = rrs_law(p, [(1, q), (3, qs[1])])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(v)
+    n = 6000
+    for _ in range(n):
+        path, nxt = verify_tree_sampling(tokens, parents, qs, torch.stack([p, p, p]), g)
+        counts[tokens[path[0]] if path else nxt] += 1
+    assert (counts / n - expect).abs().max() < 4 * (0.25 / n) ** 0.5
+
+
+def test_sampling_with_trees_runs_end_to_end(target):
+    proposer = SmallLMProposer(tiny_llama(1))
+    out = speculative_generate(target, proposer, prompts(1)[0], k=3, tree=TreeShape.parse("dynamic:3,3,8"),
+                               sampling=Sampling(0.8, top_k=20), max_new_tokens=20,
+                               generator=torch.Generator().manual_seed(0))
+    assert len(out.tokens) == 20
