@@ -1,4 +1,4 @@
-"""`draftsmith` command line: train | export | eval | recipes | data prepare."""
+"""`draftsmith` command line: train | export | eval | recipes | data prepare | data regenerate."""
 
 from __future__ import annotations
 
@@ -88,6 +88,9 @@ def add_data_parser(sub) -> None:
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
     q.set_defaults(func=cmd_data_prepare)
+    from draftsmith.data_cli import add_regenerate_parser
+
+    add_regenerate_parser(verbs)
 
 
 def cmd_data_prepare(args) -> int:

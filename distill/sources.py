@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from draftsmith.distill.data import log_skips, normalize_conversation
+from draftsmith.distill.regenerate import is_regenerated, read_regenerated
 from draftsmith.errors import DraftsmithError
 
 if TYPE_CHECKING:
@@ -19,7 +20,8 @@ def load_conversations(source: str) -> list[dict]:
     """Conversations as [{"id": str, "messages": [...]}, ...] from a named source or a path.
 
     `source` is "sharegpt" (the packaged ShareGPT V3), a `.jsonl` file (one OpenAI-messages
-    or ShareGPT record per line), or a folder written by `datasets.Dataset.save_to_disk`.
+    or ShareGPT record per line), a folder written by `draftsmith data regenerate`, or a folder
+    written by `datasets.Dataset.save_to_disk`.
     The id is the record's "id", else its line number (jsonl, from 1) or row index (folder);
     malformed records are skipped and the counts logged.
     """
@@ -28,6 +30,8 @@ def load_conversations(source: str) -> list[dict]:
         from draftsmith import assets
 
         rows = list(enumerate(assets.load_sharegpt()))
+    elif is_regenerated(path):     # a `draftsmith data regenerate` folder
+        rows = read_regenerated(path)
     elif path.is_dir():
         rows = list(enumerate(_load_saved(path)))
     elif path.is_file() and path.suffix == ".jsonl":

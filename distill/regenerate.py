@@ -1,0 +1,367 @@
+"""`draftsmith data regenerate`: the target answers every user turn of every conversation itself.
+
+A drafter learns what the target says; trained on answers other models wrote it learns the wrong
+distribution, and acceptance falls (SpecForge, speculators and ModelOpt all regenerate for this
+reason; METHODS.md). Multi-turn conversations are regenerated turn by turn: the system prompt and
+the user turns come from the source, and each answer is conditioned on the target's own earlier
+answers, never on the source's.
+
+    draftsmith data regenerate --target smollm2-135m-instruct --source sharegpt --out data/regen
+    draftsmith data regenerate --target T --source S --out DIR --endpoint http://localhost:8000
+
+Output folder:
+    manifest.json          plan (target, source, sampling, shard size), engines, counts, versions;
+                           "complete": true once every shard is written
+    shards/NNNNN.jsonl     one ShareGPT record per line: {"id", "conversations": [{"from", "value"}],
+                           "truncated"}; written atomically (temporary file + rename), so a killed
+                           job restarts at the first missing shard with nothing duplicated or lost
+    shards/NNNNN.json      the shard's counts (written before its .jsonl)
+    conversations.jsonl    every shard's records in order, written when the last shard is
+
+A conversation whose answer hit max_new_tokens is kept up to that answer and marked
+`"truncated": true` (later turns would be conditioned on a cut answer, so none follow it).
+A conversation stops early, unmarked, when the next prompt would not fit the context
+(`max_prompt_tokens`) or the target answers with nothing; one with no answer at all is dropped.
+Both are counted in the manifest. `data.source=DIR` and `draftsmith data prepare` read the folder
+like any ShareGPT file (distill/sources.py); the held-out split keys on the source's ids, so it is
+the same as the source's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from draftsmith.errors import DraftsmithError
+
+FORMAT = "draftsmith-regenerated/1"
+_ROLE_TO_SHAREGPT = {"system": "system", "user": "human", "assistant": "gpt"}
+_STATS = ("conversations", "dropped", "answers", "truncated", "stopped_context", "stopped_empty",
+          "new_tokens", "seconds")
+
+
+@dataclass
+class RegenerateConfig:
+    target: str
+    """Asset name, transformers folder, .gguf file or hub id (the endpoint engine loads its tokenizer only)."""
+    source: str
+    """Conversations: sharegpt, a .jsonl file, a saved dataset folder (as data.source)."""
+    out: str
+    """Output folder; a second run with the same plan resumes it."""
+    max_conversations: int | None = None
+    """Regenerate the first N conversations of the source; null = all."""
+    max_new_tokens: int = 512
+    """Tokens per answer; an answer that reaches it is marked truncated."""
+    max_prompt_tokens: int | None = None
+    """Stop a conversation once its next prompt is longer (set it near the recipe's data.max_length:
+    turns past it are never trained on); null = the target's context minus max_new_tokens."""
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    seed: int = 0
+    """Sampling seed: shard s starts from seed + s (the endpoint engine sends seed + conversation index)."""
+    shard_size: int | None = None
+    """Conversations per shard (the unit of resumption); null = 8 x the batch size (concurrency)."""
+    batch_size: int | None = None
+    """Built-in engine: sequences per generate call; null = chosen from free GPU memory (8 on CPU)."""
+    dtype: str = "auto"
+    """Built-in engine: auto = bf16 on CUDA where supported (else fp16), fp32 on CPU."""
+    device: str | None = None
+    endpoint: str | None = None
+    """URL of an OpenAI-compatible server (vLLM, SGLang, transformers serve); null = built-in engine."""
+    model: str | None = None
+    """Endpoint: the served model's name; null = the only model the server lists."""
+    concurrency: int = 8
+    """Endpoint: conversations in flight."""
+    timeout: float = 600.0
+    """Endpoint: seconds per request."""
+    retries: int = 3
+    """Endpoint: further tries of a request that failed with a timeout, a lost connection or HTTP 429/5xx."""
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        positive = {"max_new_tokens": self.max_new_tokens, "concurrency": self.concurrency,
+                    "timeout": self.timeout, "max_conversations": self.max_conversations,
+                    "shard_size": self.shard_size, "batch_size": self.batch_size,
+                    "max_prompt_tokens": self.max_prompt_tokens}
+        for name, value in positive.items():
+            if value is not None and not value > 0:
+                raise DraftsmithError(f"--{name.replace('_', '-')} must be positive", value)
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.retries < 0:
+            raise DraftsmithError("invalid sampling or retry settings",
+                                  {"temperature": self.temperature, "top_p": self.top_p, "retries": self.retries},
+                                  "Use --temperature >= 0 (0 = greedy), --top-p in (0, 1], --retries >= 0")
+
+
+# ------------------------------------------------------------------------------- one conversation
+
+@dataclass
+class Dialogue:
+    """One conversation under regeneration: the source's system and user turns, the target's answers."""
+
+    id: str
+    source: list[dict]
+    messages: list[dict] = field(default_factory=list)
+    pos: int = 0
+    truncated: bool = False
+    stopped: str | None = None
+    new_tokens: int = 0
+    answers: int = 0
+
+    def prompt(self) -> list[dict] | None:
+        """The messages the target answers next: every source turn up to the source's next answer,
+        after the target's own earlier answers; None when the conversation is finished."""
+        if self.stopped is not None:
+            return None
+        while self.pos < len(self.source) and self.source[self.pos]["role"] != "assistant":
+            self.messages.append(self.source[self.pos])
+            self.pos += 1
+        if self.pos >= len(self.source):
+            self.stopped = "end"
+            return None
+        return list(self.messages)
+
+    def answer(self, text: str, truncated: bool, new_tokens: int) -> None:
+        self.new_tokens += new_tokens
+        self.pos += 1
+        while self.pos < len(self.source) and self.source[self.pos]["role"] == "assistant":
+            self.pos += 1          # consecutive source answers: the target answers once
+        if not text.strip():       # nothing to learn, and ShareGPT readers reject empty turns
+            self.stop("empty")
+            return
+        self.messages.append({"role": "assistant", "content": text})
+        self.answers += 1
+        if truncated:
+            self.truncated = True
+            self.stop("truncated")
+
+    def stop(self, why: str) -> None:
+        self.stopped = why
+
+    def remaining_turns(self) -> int:
+        """Answers the source still asks for (the turn a stopped prompt was for included)."""
+        return answer_turns(self.source[self.pos:])
+
+    def record(self) -> dict | None:
+        """The ShareGPT record, or None when the target gave no answer."""
+        messages = list(self.messages)
+        while messages and messages[-1]["role"] != "assistant":
+            messages.pop()
+        if not messages:
+            return None
+        return {"id": self.id, "conversations": [{"from": _ROLE_TO_SHAREGPT[m["role"]], "value": m["content"]}
+                                                 for m in messages], "truncated": self.truncated}
+
+
+def answer_turns(messages: list[dict]) -> int:
+    """How many answers regeneration asks for: one per run of source assistant turns."""
+    return sum(m["role"] == "assistant" and (i == 0 or messages[i - 1]["role"] != "assistant")
+               for i, m in enumerate(messages))
+
+
+# ------------------------------------------------------------------------------------ the folder
+
+def _plan(cfg: RegenerateConfig, conversations: list[dict], shard_size: int, sampling: dict) -> dict:
+    digest = hashlib.sha256()
+    for c in conversations:
+        digest.update(json.dumps(c, sort_keys=True).encode())
+        digest.update(b"\n")
+    return {"target": cfg.target, "source": cfg.source, "max_conversations": cfg.max_conversations,
+            "conversations": len(conversations), "inputs_sha256": digest.hexdigest()[:20],
+            "shard_size": shard_size, "shards": -(-len(conversations) // shard_size),
+            "max_new_tokens": cfg.max_new_tokens, "max_prompt_tokens": cfg.max_prompt_tokens, "sampling": sampling}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DraftsmithError("The folder's manifest.json is not valid JSON", f"{path}: {err}",
+                              "Pass --overwrite to start again, or choose another --out") from None
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _shard_path(folder: Path, index: int) -> Path:
+    return folder / "shards" / f"{index:05d}.jsonl"
+
+
+def _open_folder(folder: Path, plan: dict, cfg: RegenerateConfig) -> None:
+    """Start a new folder, or check that the folder's plan is this run's (then it is resumed)."""
+    manifest = _read_manifest(folder)
+    if manifest is not None and cfg.overwrite:
+        import shutil
+
+        shutil.rmtree(folder)
+        manifest = None
+    if manifest is not None:
+        if manifest.get("format") != FORMAT:
+            raise DraftsmithError("The output folder holds something else than regenerated conversations",
+                                  f"{folder}: format {manifest.get('format')!r}", "Choose another --out")
+        differ = {k: (manifest["plan"].get(k), v) for k, v in plan.items() if manifest["plan"].get(k) != v}
+        if differ:
+            raise DraftsmithError("The output folder holds a regeneration with another plan",
+                                  ", ".join(f"{k}: folder {a!r}, now {b!r}" for k, (a, b) in differ.items()),
+                                  "Rerun with the folder's settings to resume it, pass --overwrite, or choose another --out")
+        return
+    manifest = {"format": FORMAT, "plan": plan, "complete": False, "engines": {}, "versions": versions()}
+    (folder / "shards").mkdir(parents=True, exist_ok=True)
+    _write_atomically(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    from draftsmith import __version__ as draftsmith_version
+
+    return {"draftsmith": draftsmith_version, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def write_shard(folder: Path, index: int, dialogues: list[Dialogue], seconds: float, engine: str) -> dict:
+    """Counts first, records last: the .jsonl's existence is what marks the shard done."""
+    records = [r for r in (d.record() for d in dialogues) if r is not None]
+    stats = {"conversations": len(records), "dropped": len(dialogues) - len(records),
+             "answers": sum(d.answers for d in dialogues), "truncated": sum(d.truncated for d in dialogues),
+             "stopped_context": sum(d.stopped == "context" for d in dialogues),
+             "stopped_empty": sum(d.stopped == "empty" for d in dialogues),
+             "new_tokens": sum(d.new_tokens for d in dialogues), "seconds": seconds, "engine": engine}
+    path = _shard_path(folder, index)
+    _write_atomically(path.with_suffix(".json"), json.dumps(stats) + "\n")
+    _write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return stats
+
+
+def finalize(folder: Path, manifest: dict) -> dict:
+    """Once every shard is written: conversations.jsonl and the counts; returns the manifest."""
+    n = manifest["plan"]["shards"]
+    if any(not _shard_path(folder, i).is_file() for i in range(n)):
+        return manifest
+    totals = dict.fromkeys(_STATS, 0)
+    with open(folder / ".conversations.jsonl.tmp", "w", encoding="utf-8") as out:
+        for i in range(n):
+            path = _shard_path(folder, i)
+            stats = json.loads(path.with_suffix(".json").read_text())
+            for key in _STATS:
+                totals[key] += stats[key]
+            out.write(path.read_text(encoding="utf-8"))
+    os.replace(folder / ".conversations.jsonl.tmp", folder / "conversations.jsonl")
+    totals["new_tokens_per_s"] = totals["new_tokens"] / max(totals["seconds"], 1e-9)
+    manifest = {**manifest, "counts": totals, "complete": True}
+    _write_atomically(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def is_regenerated(path: Path) -> bool:
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def read_regenerated(folder: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of a finished regeneration, for distill/sources.py."""
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    if not manifest.get("complete"):
+        n = manifest.get("plan", {}).get("shards", "?")
+        done = len(list((folder / "shards").glob("*.jsonl")))
+        raise DraftsmithError("This regeneration is not finished", f"{folder}: {done} of {n} shards written",
+                              "Rerun the same `draftsmith data regenerate` command: it resumes where it stopped")
+    with open(folder / "conversations.jsonl", encoding="utf-8") as f:
+        return [(i, json.loads(line)) for i, line in enumerate(f, start=1) if line.strip()]
+
+
+# --------------------------------------------------------------------------------------- the run
+
+def _distributed():
+    """(rank, world size, barrier) under `accelerate launch` / torchrun, else one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, lambda: None
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state.wait_for_everyone
+
+
+def _make_engine(cfg: RegenerateConfig, rank: int):
+    if cfg.endpoint is not None:
+        from draftsmith.distill.endpoint import EndpointEngine
+
+        return EndpointEngine(cfg)
+    from draftsmith.distill.local_engine import BuiltinEngine
+
+    return BuiltinEngine(cfg, rank)
+
+
+def regenerate(cfg: RegenerateConfig) -> dict:
+    """Regenerate `cfg.source` with the target into `cfg.out`; returns the manifest."""
+    from tqdm.auto import tqdm
+
+    from draftsmith.distill.sources import load_conversations
+
+    rank, world, barrier = _distributed()
+    conversations = load_conversations(cfg.source)[: cfg.max_conversations]
+    if not conversations:
+        raise DraftsmithError("The source holds no conversation to regenerate", cfg.source)
+    engine = _make_engine(cfg, rank)
+    shard_size = cfg.shard_size or 8 * engine.parallelism
+    folder = Path(cfg.out)
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
+    if (folder / "manifest.json").is_file() and cfg.shard_size is None and not cfg.overwrite:
+        shard_size = (_read_manifest(folder).get("plan") or {}).get("shard_size", shard_size)   # resume as planned
+    plan = _plan(cfg, conversations, shard_size, sampling)
+    if rank == 0:
+        _open_folder(folder, plan, cfg)
+    barrier()
+    missing = [i for i in range(plan["shards"]) if not _shard_path(folder, i).is_file()]
+    mine = missing[rank::world]
+    chunks = {i: conversations[i * shard_size:(i + 1) * shard_size] for i in mine}
+    turns = sum(answer_turns(c["messages"]) for chunk in chunks.values() for c in chunk)
+    if rank == 0:
+        print(f"[draftsmith] {plan['conversations']} conversations in {plan['shards']} shards of {shard_size}, "
+              f"{plan['shards'] - len(missing)} already written; engine {engine.describe()['engine']}; "
+              f"{turns} answers to write on this process", flush=True)
+    bar = tqdm(total=turns, unit="answer", desc="regenerate", disable=rank != 0, dynamic_ncols=True)
+    start, tokens = time.time(), 0
+
+    def progress(answers: int, new_tokens: int) -> None:
+        nonlocal tokens
+        tokens += new_tokens
+        bar.update(answers)
+        bar.set_postfix(tok_s=f"{tokens / max(time.time() - start, 1e-9):.0f}", refresh=False)
+
+    for index in mine:
+        import torch
+
+        torch.manual_seed(cfg.seed + index)
+        dialogues = [Dialogue(id=c["id"], source=c["messages"]) for c in chunks[index]]
+        began = time.time()
+        engine.run(dialogues, progress, first_index=index * shard_size)
+        write_shard(folder, index, dialogues, time.time() - began, engine.describe()["engine"])
+    bar.close()
+    barrier()
+    manifest = _read_manifest(folder)
+    if rank != 0:
+        return manifest
+    manifest["engines"] = {**manifest.get("engines", {}), engine.describe()["engine"]: engine.describe()}
+    _write_atomically(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return finalize(folder, manifest)
