@@ -309,3 +309,17 @@ def test_train_export_load_and_eval(setup, tmp_path, capsys):
     capsys.readouterr()
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["lossless_match_rate"] == 1.0
+
+
+def test_parallel_recipes_load_with_pard_settings():
+    from draftsmith.train.config import load_recipe
+
+    quick = load_recipe("smollm2-135m/parallel-kd-quick")
+    d = quick.drafter
+    assert (d.kind, d.parallel_k, d.cod_ratio, d.cod_floor, d.freeze_embeddings) == ("parallel", 4, 0.7, 0.2, True)
+    # the same token budget as the other quick recipes, whatever the wall clock
+    assert (quick.train.max_steps, quick.train.batch_size, quick.data.max_length, quick.train.max_minutes) == \
+        (532, 4, 256, None)
+    assert quick.train.weight_decay == 0.0 and quick.loss.data_ce_weight == 0.1
+    cluster = load_recipe("llama-3.1-8b/parallel-kd-8gpu")
+    assert cluster.drafter.init_from == "meta-llama/Llama-3.2-1B-Instruct" and cluster.drafter.parallel_k == 8

@@ -84,9 +84,9 @@ def _activation_bytes(cfg, tcfg, drafter) -> dict[str, float]:
         from draftsmith.models.parallel_train import cod_fractions
 
         blocks = rows * (sum(cod_fractions(d.parallel_k, d.cod_ratio, d.cod_floor)) - 1)   # mask elements kept
-        dh = d.hidden_size or h
-        di = d.intermediate_size or tcfg.intermediate_size
-        out["drafter activations (sequence + mask blocks)"] = d.num_layers * (rows + blocks) * (12 * dh + 3 * di) * act
+        c = drafter.model.config      # init_from brings its own architecture
+        out["drafter activations (sequence + mask blocks)"] = (c.num_hidden_layers * (rows + blocks)
+                                                               * (12 * c.hidden_size + 3 * c.intermediate_size) * act)
         out["mask-block attention mask (bool)"] = b * (t + blocks / b) ** 2
         out["drafter logits (fp32, grad)"] = (rows + blocks) * v * 4 * 3
     elif d.kind == "eagle":
