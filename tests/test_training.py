@@ -27,7 +27,8 @@ from draftsmith.cli import main
 from draftsmith.train import steps
 from draftsmith.train.data import BatchSchedule
 from draftsmith.train.run import train
-from draftsmith.train.trainer import TrainingDiverged, is_complete, latest_checkpoint
+from draftsmith.train.checkpoints import is_complete, latest_checkpoint
+from draftsmith.train.trainer import TrainingDiverged
 
 from conftest import tiny_llama
 from tiny import make_tiny_tokenizer
@@ -123,13 +124,12 @@ def assert_equal_tree(a, b, where: str = "") -> None:
 
 
 def assert_same_checkpoint(a: Path, b: Path) -> None:
-    """Same drafter weights, AdamW state and lr schedule, bit for bit."""
-    assert_equal_tree(load_file(a / "drafter" / "model.safetensors"), load_file(b / "drafter" / "model.safetensors"),
-                      "drafter")
-    assert_equal_tree(torch.load(a / "accelerate" / "optimizer.bin", weights_only=True),
-                      torch.load(b / "accelerate" / "optimizer.bin", weights_only=True), "optimizer")
-    assert_equal_tree(torch.load(a / "accelerate" / "custom_checkpoint_0.pkl", weights_only=False),
-                      torch.load(b / "accelerate" / "custom_checkpoint_0.pkl", weights_only=False), "scheduler")
+    """Same drafter weights, AdamW state, lr schedule and random states, bit for bit."""
+    for name in ("drafter/model.safetensors", "state/optimizer.safetensors"):
+        assert_equal_tree(load_file(a / name), load_file(b / name), name)
+    assert_equal_tree(json.loads((a / "state" / "trainer.json").read_text()),
+                      json.loads((b / "state" / "trainer.json").read_text()), "scheduler")
+    assert (a / "state" / "rng-0.safetensors").read_bytes() == (b / "state" / "rng-0.safetensors").read_bytes()
     meta_a, meta_b = (json.loads((c / "meta.json").read_text()) for c in (a, b))
     assert (meta_a["step"], meta_a["micro_step"]) == (meta_b["step"], meta_b["micro_step"])
 
@@ -237,7 +237,7 @@ def test_two_process_ddp_gloo(setup, tmp_path):
              "-m", "draftsmith.cli", "train", str(setup / "recipe.yaml"), f"run.out_dir={tmp_path}", "run.name=ddp"])
     ddp = ckpt_path(tmp_path / "ddp", 8)
     assert is_complete(ddp)
-    assert {"accelerate/random_states_0.pkl", "accelerate/random_states_1.pkl"} <= set(
+    assert {"state/rng-0.safetensors", "state/rng-1.safetensors"} <= set(
         json.loads((ddp / "meta.json").read_text())["files"])
     train(str(setup / "recipe.yaml"), [f"run.out_dir={tmp_path}", "run.name=ref", "train.grad_accum=2"])
     ref = ckpt_path(tmp_path / "ref", 8)
@@ -433,9 +433,9 @@ def test_prepared_data_trains_like_the_raw_data(setup, tmp_path, capsys):
     assert f"data.source={prepared}" in capsys.readouterr().out
     common = [f"run.out_dir={tmp_path}", "train.max_steps=3"]
     train(recipe, [*common, "run.name=raw"])
-    train(recipe, [*common, "run.name=prepared", f"data.source={prepared}"])
+    train(recipe, [*common, "run.name=from-prepared", f"data.source={prepared}"])
     assert_equal_tree(load_file(ckpt_path(tmp_path / "raw", 3) / "drafter" / "model.safetensors"),
-                      load_file(ckpt_path(tmp_path / "prepared", 3) / "drafter" / "model.safetensors"), "drafter")
+                      load_file(ckpt_path(tmp_path / "from-prepared", 3) / "drafter" / "model.safetensors"), "drafter")
     # a second prepare into the same folder is refused without --overwrite
     assert main(["data", "prepare", recipe, "--out", str(prepared)]) == 2
     assert "--overwrite" in capsys.readouterr().err

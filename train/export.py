@@ -8,8 +8,10 @@ SGLang load (models/formats.py, docs/formats.md). Every export carries a model c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import yaml
@@ -21,12 +23,15 @@ SERVING_FORMATS = ("speculators", "sglang")   # EAGLE heads for vLLM and SGLang
 
 
 def _checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
-    from draftsmith.train.trainer import is_complete, latest_checkpoint
+    """The checkpoint to export, its files checked against the sha256 in its meta.json."""
+    from draftsmith.train.checkpoints import latest_checkpoint, verify
 
     if checkpoint:
         ckpt = Path(checkpoint) if Path(checkpoint).is_dir() else run_dir / "checkpoints" / checkpoint
-        if not is_complete(ckpt):
-            raise DraftsmithError("This checkpoint is missing or incomplete", str(ckpt))
+        why = verify(ckpt)
+        if why is not None:
+            raise DraftsmithError("This checkpoint cannot be exported", f"{ckpt}: {why}",
+                                  "Export another checkpoint (--checkpoint step-N), or the latest usable one")
         return ckpt
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
@@ -36,8 +41,12 @@ def _checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
 
 
 def _eval_reports(run_dir: Path) -> list[tuple[str, dict]]:
+    """The eval reports kept in the run folder (symbolic links are not followed)."""
     found = []
-    for path in sorted(run_dir.glob("**/report.json")):
+    for folder, _, files in sorted(os.walk(run_dir, followlinks=False)):
+        path = Path(folder) / "report.json"
+        if "report.json" not in files or path.is_symlink():
+            continue
         try:
             found.append((str(path.parent.relative_to(run_dir)), json.loads(path.read_text())))
         except (OSError, ValueError):
@@ -84,16 +93,18 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, checkpoint: str | Non
            overwrite: bool = False) -> Path:
     from transformers import AutoTokenizer
 
+    from draftsmith.folders import check_output_folder, replace_folder, write_marker
     from draftsmith.models.target import resolve_model_folder
 
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:
         raise DraftsmithError("Unknown export format", fmt, f"Use one of: {', '.join(FORMATS)}")
-    if not (run_dir / "config.yaml").exists():
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file() or config_path.is_symlink():
         raise DraftsmithError("Not a draftsmith run folder (no config.yaml)", str(run_dir))
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DraftsmithError("The export folder is not empty", str(out), "Pick another --out or pass --overwrite")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    protect = [run_dir] + ([Path(checkpoint)] if checkpoint and Path(checkpoint).is_dir() else [])
+    check_output_folder(out, overwrite, "export", protect=protect)
+    config = yaml.safe_load(config_path.read_text())
     kind = config["drafter"]["kind"]
     if fmt in SERVING_FORMATS and kind not in ("eagle", "eagle3"):
         raise DraftsmithError(f"--format {fmt} writes EAGLE heads (kinds eagle, eagle3); this run trained another kind",
@@ -104,8 +115,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, checkpoint: str | Non
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
         if fmt == "hf":
-            for f in (ckpt / "drafter").iterdir():
-                shutil.copy2(f, tmp / f.name)
+            _copy_regular_files(ckpt / "drafter", tmp)
             folder, _ = resolve_model_folder(config["target"]["name"])
             AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)   # a drafter shares the target's tokenizer
         else:
@@ -114,13 +124,22 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, checkpoint: str | Non
         (tmp / "draftsmith.json").write_text(json.dumps(
             {"kind": kind, "format": fmt, "target": config["target"]["name"], "step": json.loads(
                 (ckpt / "meta.json").read_text())["step"], "run": str(run_dir)}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        write_marker(tmp, "export")
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _copy_regular_files(src: Path, dst: Path) -> None:
+    """Copy the files of a checkpoint's drafter folder; a symbolic link (planted: draftsmith writes none) is
+    skipped with a warning, never followed."""
+    for f in sorted(src.iterdir()):
+        if f.is_symlink() or not f.is_file():
+            warnings.warn(f"export skips {f}: not a regular file" + (" (a symbolic link)" if f.is_symlink() else ""))
+            continue
+        shutil.copyfile(f, dst / f.name, follow_symlinks=False)
 
 
 def _write_serving(fmt: str, ckpt: Path, out: Path, config: dict) -> None:

@@ -12,6 +12,7 @@ it refuses a folder tokenised with another tokenizer or with other data settings
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def write_rows(rows, path: Path) -> dict:
 
 
 def read_rows(path: Path) -> TokenRows:
-    with np.load(path) as f:
+    with np.load(path, allow_pickle=False) as f:   # an .npz may hold pickled object arrays: never load them
         ids, packed, offsets = f["input_ids"], f["loss_mask"], f["offsets"]
     mask = np.unpackbits(packed, count=len(ids)).astype(bool)
     return TokenRows(ids, mask, offsets)
@@ -90,6 +91,7 @@ def read_meta(folder: Path) -> dict:
 def prepare(recipe: str, overrides: list[str], out: str, overwrite: bool = False) -> dict:
     """Tokenise a recipe's data (its target's tokenizer, its data section) into `out`."""
     from draftsmith.distill.data import tokenizer_fingerprint
+    from draftsmith.folders import check_output_folder, prepare_output_folder
     from draftsmith.models.target import load_target
     from draftsmith.train.config import load_recipe, resolve_recipe_path
     from draftsmith.train.run import load_data
@@ -98,13 +100,11 @@ def prepare(recipe: str, overrides: list[str], out: str, overwrite: bool = False
     if is_prepared(cfg.data.source):
         raise DraftsmithError("data.source is already prepared data", cfg.data.source,
                               "Point data.source at raw data: sharegpt, a .jsonl file or a saved dataset folder")
-    folder = Path(out)
-    if (folder / "meta.json").exists() and not overwrite:
-        raise DraftsmithError("The output folder already holds prepared data", str(folder),
-                              "Pass --overwrite to replace it, or choose another --out")
+    protect = [Path(cfg.data.source)] if Path(cfg.data.source).exists() else []
+    check_output_folder(out, overwrite, "data", protect=protect)    # before the (long) tokenisation
     target = load_target(cfg.target.name, "fp32", device="cpu")
     train_rows, heldout_rows = load_data(cfg, target.tokenizer)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = prepare_output_folder(out, overwrite, "data", protect=protect)
     meta = {"format": FORMAT, "source": cfg.data.source, "target": cfg.target.name,
             "tokenizer": tokenizer_fingerprint(target.tokenizer), "vocab_size": len(target.tokenizer),
             **{key: getattr(cfg.data, key) for key in SETTINGS},
@@ -131,4 +131,8 @@ def load_prepared(cfg, tokenizer) -> tuple[TokenRows, TokenRows]:
         raise DraftsmithError("The prepared data was made with other data settings than this run's",
                               ", ".join(f"data.{k}: prepared {a!r}, run {b!r}" for k, (a, b) in differ.items()),
                               "Pass the prepared values as overrides, or prepare the data again")
-    return read_rows(folder / "train.npz"), read_rows(folder / "heldout.npz")
+    try:
+        return read_rows(folder / "train.npz"), read_rows(folder / "heldout.npz")
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise DraftsmithError("The prepared data's token files cannot be read", f"{folder}: {err}",
+                              "Prepare the data again with `draftsmith data prepare`") from None

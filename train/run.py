@@ -28,17 +28,92 @@ def make_accelerator(cfg):
                        kwargs_handlers=handlers)
 
 
-def prepare_run_dir(cfg, resume: bool, overwrite: bool, is_main: bool) -> Path:
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    has_checkpoints = any((run_dir / "checkpoints").glob("step-*"))
-    if has_checkpoints and not (resume or overwrite):
+def run_folder(cfg) -> Path:
+    """`run.out_dir/run.name`, refused unless the name is one plain folder name inside out_dir."""
+    name, out_dir = cfg.run.name, Path(cfg.run.out_dir)
+    plain = (isinstance(name, str) and name.strip() == name and name not in ("", ".", "..")
+             and not any(sep in name for sep in ("/", "\\", "\0")) and Path(name).name == name)
+    if not plain:
+        raise DraftsmithError("run.name must be one plain folder name", name,
+                              "Use letters, digits, '-', '_' or '.', without slashes; not '.' or '..'")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DraftsmithError("run.out_dir is a file, not a folder", str(out_dir),
+                              "Set run.out_dir to a folder (default: runs)")
+    run_dir = out_dir / name
+    if out_dir.resolve() != run_dir.resolve().parent:
+        raise DraftsmithError("The run folder resolves outside run.out_dir (a symbolic link?)",
+                              f"{run_dir} -> {run_dir.resolve()}", "Use another run.name")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DraftsmithError("The run folder is a file", str(run_dir), "Use another run.name")
+    return run_dir
+
+
+def open_run_dir(run_dir: Path, resume: bool, overwrite: bool, lock) -> Path | None:
+    """On the main process: check the run folder against --resume / --overwrite, create it (with its
+    marker), lock it, empty it for --overwrite, remove what interrupted saves left, and return the
+    checkpoint to resume from."""
+    from draftsmith.folders import check_output_folder, marker_kind, write_marker
+    from draftsmith.train.checkpoints import clean_stale, list_checkpoints, resume_checkpoint
+    from draftsmith.train.lock import LOCK_NAME
+
+    if resume and overwrite:
+        raise DraftsmithError("--resume and --overwrite contradict each other", "both given",
+                              "Pass --resume to continue the run, or --overwrite to start it again")
+    if resume and not run_dir.is_dir():
+        raise DraftsmithError("--resume found no run folder to continue", str(run_dir),
+                              "Train without --resume to start the run, or check run.name / run.out_dir")
+    if resume and marker_kind(run_dir) != "run" and not (run_dir / "config.yaml").is_file():
+        raise DraftsmithError("--resume: this folder is not a draftsmith run (no marker, no config.yaml)",
+                              str(run_dir), "Check run.name / run.out_dir")
+    if list_checkpoints(run_dir) and not (resume or overwrite):
         raise DraftsmithError("The run folder already holds checkpoints", str(run_dir),
                               "Pass --resume to continue it, --overwrite to start again, or set run.name=...")
-    if overwrite and is_main and run_dir.exists():
-        shutil.rmtree(run_dir)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    if overwrite:
+        check_output_folder(run_dir, True, "run", option="the run folder", other="Set another run.name")
+    elif not resume and run_dir.is_dir() and any(run_dir.iterdir()) and marker_kind(run_dir) != "run":
+        raise DraftsmithError("The run folder exists, is not empty and is not a draftsmith run", str(run_dir),
+                              "Set run.name (or run.out_dir) to a new or empty folder")
+    fresh = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        write_marker(run_dir, "run")
+    lock.acquire()
+    if overwrite:   # the lock file stays: another process must not slip in while the folder is emptied
+        for entry in run_dir.iterdir():
+            if entry.name != LOCK_NAME:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    removed = clean_stale(run_dir)
+    if removed:
+        print(f"[draftsmith] removed what interrupted saves left in {run_dir / 'checkpoints'}: "
+              f"{', '.join(removed)}", flush=True)
+    ckpt = resume_checkpoint(run_dir) if resume else None
+    if marker_kind(run_dir) != "run":   # an empty folder, or a run from before markers that resumes
+        write_marker(run_dir, "run")
+    return ckpt
+
+
+def on_main(acc, fn):
+    """fn() on the main process; every process returns its result or raises its DraftsmithError (a
+    process that raised alone would leave the others waiting at the next barrier)."""
+    result, error = None, None
+    if acc.is_main_process:
+        try:
+            result = fn()
+        except DraftsmithError as err:
+            error = str(err)
+        except Exception as err:
+            error = f"the main process failed: {type(err).__name__}: {err}"
+            if acc.num_processes == 1:
+                raise
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [result, error]
+        broadcast_object_list(box)
+        result, error = box
+    if error is not None:
+        raise DraftsmithError(error)
+    return result
 
 
 def load_data(cfg, tokenizer):
@@ -173,19 +248,31 @@ def draft_vocab(train_rows, vocab_size: int, size: int):
 def train(recipe: str, overrides: list[str] = (), resume: bool = False, overwrite: bool = False) -> dict:
     from accelerate.utils import set_seed
 
-    from draftsmith.models.target import load_target
-    from draftsmith.train.config import load_recipe, resolve_recipe_path, save_resolved
-    from draftsmith.train.trainer import Trainer, latest_checkpoint
+    from draftsmith.train.config import load_recipe, resolve_recipe_path
+    from draftsmith.train.lock import RunLock
 
     path = resolve_recipe_path(recipe)
     cfg = load_recipe(path, overrides)
     if cfg.run.name is None:
         cfg.run.name = path.stem
+    run_dir = run_folder(cfg)
     acc = make_accelerator(cfg)
     set_seed(cfg.train.seed)
-    run_dir = prepare_run_dir(cfg, resume, overwrite, acc.is_main_process)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
+    # one process trains into a run folder: the main process holds the lock until training ends
+    lock = RunLock(run_dir)
+    try:
+        ckpt = on_main(acc, lambda: open_run_dir(run_dir, resume, overwrite, lock))
+        return _train(cfg, acc, run_dir, ckpt)
+    finally:
+        lock.release()
+
+
+def _train(cfg, acc, run_dir: Path, ckpt: Path | None) -> dict:
+    from draftsmith.models.target import load_target
+    from draftsmith.train.config import save_resolved
+    from draftsmith.train.trainer import Trainer
+
+    if acc.is_main_process and ckpt is None:
         save_resolved(cfg, run_dir)
     target = load_target(cfg.target.name, cfg.target.dtype, device=str(acc.device))
     with acc.main_process_first():
@@ -193,12 +280,11 @@ def train(recipe: str, overrides: list[str] = (), resume: bool = False, overwrit
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
     drafter = build_drafter(cfg, target.model, train_rows, pad)
     trainer = Trainer(cfg, run_dir, acc, target, drafter, train_rows, heldout_rows)
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None:
-            trainer.load(ckpt)
-            if acc.is_main_process:
-                print(f"[draftsmith] resumed from {ckpt} (step {trainer.step})", flush=True)
+    if ckpt is not None:
+        trainer.load(Path(ckpt))
+        if acc.is_main_process:
+            save_resolved(cfg, run_dir)   # only now: a refused resume leaves the run's config.yaml as it was
+            print(f"[draftsmith] resumed from {ckpt} (step {trainer.step})", flush=True)
     summary = trainer.fit()
     if acc.is_main_process:
         parts = [f"step {summary['step']}", f"{summary['minutes']:.1f} min", f"{summary['tokens']} tokens"]

@@ -2,29 +2,33 @@
 clipping, mixed precision, held-out evaluation, atomic checkpoints and exact resume.
 
 Run folder: runs/<name>/ with config.yaml (resolved recipe), metrics.jsonl, tb/ (TensorBoard),
-checkpoints/step-XXXXXXX/{accelerate/, drafter/, meta.json}. A checkpoint is complete only when
-its meta.json lists every file with its size; anything else is skipped with a warning.
+checkpoints/step-XXXXXXX/{drafter/, state/, meta.json} (plus accelerate/ under DeepSpeed or FSDP,
+whose engines write their sharded optimizer state). meta.json lists every file with its size and
+sha256 (train/checkpoints.py); the training state holds no pickle (train/state.py).
 SIGTERM (a scheduler's preemption, `timeout`) ends the run after the current step with a checkpoint
 that `--resume` continues from.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import shutil
 import signal
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from draftsmith.errors import DraftsmithError
+from draftsmith.train import state as training_state
+from draftsmith.train.checkpoints import file_digests, is_complete, list_checkpoints, read_meta, remove_checkpoint
 from draftsmith.train.data import BatchSchedule, collate
 from draftsmith.train.steps import forward_batch, heldout_metrics
+from draftsmith.train.weights import load_drafter_weights
 
 
 class TrainingDiverged(DraftsmithError):
@@ -53,32 +57,6 @@ def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
     return factor
 
 
-# ------------------------------------------------------------------------------------ checkpoints
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("step-*"))
-
-
-def is_complete(ckpt: Path) -> bool:
-    try:
-        meta = json.loads((ckpt / "meta.json").read_text())
-        return all((ckpt / rel).stat().st_size == size for rel, size in meta["files"].items())
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        if is_complete(ckpt):
-            return ckpt
-        warnings.warn(f"skipping incomplete or corrupt checkpoint {ckpt} (its meta.json does not match its files)")
-    return None
-
-
-def _file_sizes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 class Trainer:
     def __init__(self, cfg, run_dir: Path, accelerator, target, drafter, train_rows, heldout_rows):
         self.cfg, self.run_dir, self.acc = cfg, run_dir, accelerator
@@ -95,8 +73,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_with_warmup(t.warmup_steps, t.max_steps, t.min_lr_ratio))
         self.drafter, self.optimizer = accelerator.prepare(drafter, optimizer)   # the kind's train module
-        # stepped by hand once per optimizer step (a prepared scheduler steps once per process)
-        accelerator.register_for_checkpointing(self.scheduler)
+        # stepped by hand once per optimizer step (a prepared scheduler steps once per process); saved as
+        # JSON by train/state.py, not registered with accelerate (which would pickle it)
+        # DeepSpeed and FSDP shard the optimizer state: their engines save it (accelerate/ in a checkpoint)
+        self.sharded = accelerator.distributed_type.value in ("DEEPSPEED", "FSDP")
         self.schedule = BatchSchedule(len(train_rows), t.batch_size, accelerator.num_processes,
                                       accelerator.process_index, t.seed)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -145,29 +125,80 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp / "accelerate"))
-        # save_state ends without a barrier: every rank must have written its random_states_<rank>.pkl
-        # before rank 0 lists the folder's files into meta.json and renames it
-        self.acc.wait_for_everyone()
-        state = self.acc.get_state_dict(self.drafter)
+        weights = self.acc.get_state_dict(self.drafter)    # gathers shards under ZeRO-3 / FSDP: every process
+        failure = None
+        try:
+            if self.sharded:
+                self.acc.save_state(str(tmp / "accelerate"))
+            training_state.save_state(tmp / "state", self.optimizer, self.scheduler, self.acc,
+                                      with_optimizer=not self.sharded)
+            if self.acc.is_main_process:
+                model = self.acc.unwrap_model(self.drafter).model
+                model.save_pretrained(tmp / "drafter", state_dict={k.removeprefix("model."): v for k, v in weights.items()})
+        except OSError as err:
+            failure = err
+        # every process has written its part (its random states) before rank 0 lists the files
+        self._agree_on_failure(failure, tmp)
         if self.acc.is_main_process:
-            model = self.acc.unwrap_model(self.drafter).model
-            state = {k.removeprefix("model."): v for k, v in state.items()}
-            model.save_pretrained(tmp / "drafter", state_dict=state)
-            meta = {"step": self.step, "micro_step": self.micro_step, "metrics": metrics or {},
-                    "time": time.time(), "files": _file_sizes(tmp)}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            complete = [c for c in list_checkpoints(self.run_dir) if is_complete(c)]
-            for old in complete[: -self.cfg.checkpoint.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.acc.wait_for_everyone()
+            try:
+                files, digests = file_digests(tmp)
+                meta = {"format": training_state.FORMAT, "step": self.step, "micro_step": self.micro_step,
+                        "metrics": metrics or {}, "time": time.time(), "files": files, "sha256": digests}
+                training_state.write_json(meta, tmp / "meta.json")
+                if final.exists():
+                    remove_checkpoint(final)
+                tmp.rename(final)
+                complete = [c for c in list_checkpoints(self.run_dir) if is_complete(c)]
+                for old in complete[: -self.cfg.checkpoint.keep]:
+                    remove_checkpoint(old)
+            except OSError as err:
+                failure = err
+        self._agree_on_failure(failure, tmp)
         return final
 
+    def _agree_on_failure(self, failure: OSError | None, tmp: Path) -> None:
+        """Every process raises when one failed to write (the others would wait at the next barrier
+        forever); the half-written folder goes. A full disk is said in words."""
+        failed = failure is not None
+        if self.acc.num_processes > 1:
+            flag = torch.tensor(float(failed), device=self.acc.device)
+            failed = bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+        if not failed:
+            return
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if failure is not None and failure.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(tmp.parent if tmp.parent.exists() else self.run_dir).free
+            raise DraftsmithError(f"The disk is full: checkpoint step {self.step} could not be saved",
+                                  f"{failure.filename or tmp}: {free} bytes free",
+                                  "Free some space (or set run.out_dir on a larger disk), then continue with --resume "
+                                  "from the last checkpoint") from None
+        if failure is not None:
+            raise failure
+        raise DraftsmithError(f"Another process failed to write its part of checkpoint step {self.step}", str(tmp),
+                              "Its error is printed above; fix it, then continue with --resume")
+
     def load(self, ckpt: Path) -> None:
-        self.acc.load_state(str(ckpt / "accelerate"))
-        meta = json.loads((ckpt / "meta.json").read_text())
+        """Resume from `ckpt` (checked by train/checkpoints.py): weights, optimizer, scheduler, RNGs, step."""
+        meta = read_meta(ckpt)
+        try:
+            if not self.sharded:   # the engines of DeepSpeed and FSDP load their own (sharded) weights
+                load_drafter_weights(self.acc.unwrap_model(self.drafter).model, ckpt / "drafter")
+            if self.sharded:
+                with training_state.weights_only_loads():
+                    self.acc.load_state(str(ckpt / "accelerate"))
+            if meta.get("format") == training_state.FORMAT:
+                training_state.load_state(ckpt / "state", self.optimizer, self.scheduler, self.acc)
+            else:
+                training_state.load_legacy_state(ckpt / "accelerate", self.optimizer, self.scheduler, self.acc,
+                                                 with_optimizer=not self.sharded)
+        except DraftsmithError:
+            raise
+        except Exception as err:   # a damaged or crafted file: say which checkpoint, not a traceback
+            raise DraftsmithError("This checkpoint's training state could not be loaded", f"{ckpt}: "
+                                  f"{type(err).__name__}: {str(err)[:300]}",
+                                  "Delete this checkpoint folder to resume from an earlier one, or start again "
+                                  "with --overwrite") from None
         self.step, self.micro_step = meta["step"], meta["micro_step"]
 
     # ------------------------------------------------------------------------------ the loop
