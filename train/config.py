@@ -37,6 +37,8 @@ class TargetConfig(Section):
     """Asset name (`smollm2-135m-instruct`, `gemma3-270m`), a model folder, a .gguf file or a hub id."""
     dtype: str = "auto"
     """auto | fp32 | bf16 | fp16 (auto: bf16 on a GPU that has it, else fp32)."""
+    adapter: str | None = None
+    """A peft adapter folder merged into the target at load (a LoRA-tuned target); null = none."""
 
     def validate(self) -> None:
         check(bool(self.name.strip()), "target.name", self.name,
@@ -91,6 +93,10 @@ class DrafterConfig(Section):
     cat: bool = False
     """parallel: PARD-2's confidence-adaptive token weighting (a depth-d row weighs the target's chance
     to accept the d gold tokens before it); needs the target in the loop."""
+    lora: dict | None = None
+    """small_lm / parallel: train LoRA adapters through peft on frozen base weights, a mapping
+    {r, alpha, dropout, target_modules} (defaults 16, 32, 0.0, null = every linear layer but the LM
+    head); export --format hf merges them. null = train the weights themselves."""
 
     def validate(self) -> None:
         from draftsmith.models import DRAFTER_KINDS
@@ -101,6 +107,14 @@ class DrafterConfig(Section):
               self.init_from, "Warm starts are for the eagle, eagle3 and parallel drafters; set drafter.init_from=null")
         check(self.cod_ratio <= 1.0 and self.cod_floor <= 1.0, "drafter.cod_ratio / cod_floor",
               [self.cod_ratio, self.cod_floor], "Use shares in (0, 1], e.g. 0.7 and 0.2 as PARD")
+        if self.lora is not None:
+            from draftsmith.models.lora import lora_settings
+
+            self.lora = lora_settings(self.lora)
+            check(self.kind in ("small_lm", "parallel"), "drafter.lora", self.kind,
+                  "LoRA adapters are for the small_lm and parallel drafters; set drafter.lora=null")
+            check(self.init == "target" or self.init_from is not None, "drafter.lora", "init: random",
+                  "LoRA adapts weights that mean something: use drafter.init=target (or init_from for parallel)")
         if self.aux_layers is not None:
             check(len(self.aux_layers) == 3 and len(set(self.aux_layers)) == 3 and min(self.aux_layers) >= 0,
                   "drafter.aux_layers", self.aux_layers, "Give 3 distinct target layer indices >= 0, or null")

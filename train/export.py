@@ -115,7 +115,12 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, checkpoint: str | Non
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
         if fmt == "hf":
-            _copy_regular_files(ckpt / "drafter", tmp)
+            if config["drafter"].get("lora"):   # LoRA adapters merged: a plain transformers LM
+                from draftsmith.models.lora import merged_from_folder
+
+                merged_from_folder(ckpt / "drafter").save_pretrained(tmp)
+            else:
+                _copy_regular_files(ckpt / "drafter", tmp)
             folder, _ = resolve_model_folder(config["target"]["name"])
             AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)   # a drafter shares the target's tokenizer
         else:

@@ -157,8 +157,12 @@ def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False)
                                   "weight decay would still shrink", cfg.train.weight_decay,
                                   "Set train.weight_decay=0 or drafter.freeze_embeddings=false")
         drafter = build_parallel(target_model, d, dry).float()   # fp32 master weights; autocast computes in bf16
+        if d.lora is not None:
+            from draftsmith.models.lora import apply_lora
+
+            apply_lora(drafter, d.lora)    # frozen base; the mask row trains through peft's trainable tokens
         return ParallelTrainModule(drafter, cfg.loss, d.parallel_k, d.cod_ratio, d.cod_floor, d.cat,
-                                   d.freeze_embeddings)
+                                   d.freeze_embeddings and d.lora is None)
     if d.init_from is not None and not dry:
         return _train_module(d, cfg.loss, warm_start(d, target_model), target_model)
     if d.kind == "small_lm":
@@ -166,6 +170,10 @@ def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False)
 
         drafter = build_small_lm(target_model, d.num_layers, d.hidden_size, d.intermediate_size, d.init,
                                  d.layers_from_target)
+        if d.lora is not None:
+            from draftsmith.models.lora import apply_lora
+
+            return SmallLMTrainModule(apply_lora(drafter.float(), d.lora))   # only the adapters train
         if d.freeze_embeddings:
             drafter.get_input_embeddings().requires_grad_(False)
             drafter.get_output_embeddings().requires_grad_(False)
@@ -275,6 +283,10 @@ def _train(cfg, acc, run_dir: Path, ckpt: Path | None) -> dict:
     if acc.is_main_process and ckpt is None:
         save_resolved(cfg, run_dir)
     target = load_target(cfg.target.name, cfg.target.dtype, device=str(acc.device))
+    if cfg.target.adapter is not None:
+        from draftsmith.models.lora import adapted_target
+
+        target = adapted_target(target, cfg.target.adapter)
     with acc.main_process_first():
         train_rows, heldout_rows = load_data(cfg, target.tokenizer)
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0

@@ -51,7 +51,7 @@ def describe(hint) -> str:
     if get_origin(hint) is list:
         plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
         return f"a list of {plural[get_args(hint)[0]]}"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[hint]
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a mapping"}[hint]
 
 
 def coerce(value, hint, key: str):
