@@ -40,7 +40,12 @@ def cmd_eval(args) -> int:
                      top_p=args.top_p, top_k=args.top_k, seed=args.seed, dtype=args.dtype, device=args.device,
                      hf_assisted=not args.no_hf_assisted)
     out = check_out_dir(args.out, args.overwrite)
-    report, records = run_eval(cfg)
+    try:
+        report, records = run_eval(cfg)
+    except KeyboardInterrupt:   # Ctrl-C or SIGTERM before the first prompt finished: nothing to report
+        print("draftsmith: interrupted before the first prompt finished: 0 prompts done, no report written",
+              file=sys.stderr)
+        return 130
     write_report(report, records, out)
     print((out / "report.md").read_text().split("## Per prompt")[0])
     print(f"wrote {out}/report.json, report.md, acceptance.png")

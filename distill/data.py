@@ -101,11 +101,10 @@ def _skip(skips: Counter | None, reason: str) -> None:
 
 
 def log_skips(what: str, kept: int, skips: Counter) -> None:
-    if skips:
-        reasons = ", ".join(f"{reason}: {n}" for reason, n in skips.most_common())
-        logger.info("%s: kept %d, skipped %d (%s)", what, kept, sum(skips.values()), reasons)
-    else:
-        logger.info("%s: kept %d, skipped 0", what, kept)
+    """Print kept / skipped counts with the reasons, always: dropped rows must never go unnoticed."""
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in skips.most_common())
+    print(f"[draftsmith] {what}: kept {kept}, skipped {sum(skips.values())}" + (f" ({reasons})" if skips else ""),
+          flush=True)
 
 
 # --------------------------------------------------------------------------- masking

@@ -16,14 +16,16 @@ if TYPE_CHECKING:
     import datasets
 
 
-def load_conversations(source: str) -> list[dict]:
+def load_conversations(source: str, max_malformed_fraction: float | None = None) -> list[dict]:
     """Conversations as [{"id": str, "messages": [...]}, ...] from a named source or a path.
 
     `source` is "sharegpt" (the packaged ShareGPT V3), a `.jsonl` file (one OpenAI-messages
     or ShareGPT record per line), a folder written by `draftsmith data regenerate`, or a folder
     written by `datasets.Dataset.save_to_disk`.
     The id is the record's "id", else its line number (jsonl, from 1) or row index (folder);
-    malformed records are skipped and the counts logged.
+    malformed records (not UTF-8, not JSON, not a conversation) are skipped and the counts printed.
+    None usable, or more than `max_malformed_fraction` of them malformed (None: no limit), is
+    refused: that is the wrong file or the wrong format, not noise.
     """
     path = Path(source)
     if source == "sharegpt":
@@ -46,22 +48,54 @@ def load_conversations(source: str) -> list[dict]:
     skips: Counter = Counter()
     conversations = []
     for index, record in rows:
+        if isinstance(record, _Unreadable):
+            skips[record.reason] += 1
+            continue
         messages = normalize_conversation(record, skips)
         if messages is not None:
             rid = record.get("id") if isinstance(record, dict) else None
             conversations.append({"id": str(index if rid is None else rid), "messages": messages})
     log_skips(f"conversations from {source}", len(conversations), skips)
+    check_malformed(source, len(rows), skips, max_malformed_fraction)
     return conversations
 
 
+def check_malformed(source: str, total: int, skips: Counter, max_fraction: float | None) -> None:
+    """Refuse data of which none, or more than `max_fraction`, is usable (see load_conversations)."""
+    malformed = sum(skips.values())
+    if not total or (malformed < total and (max_fraction is None or malformed <= max_fraction * total)):
+        return
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in skips.most_common(4))
+    raise DraftsmithError(
+        f"{malformed} of {total} records in {source} are malformed ({reasons})",
+        seen="no usable conversation" if malformed == total else
+        f"{malformed / total:.1%} > data.max_malformed_fraction {max_fraction}",
+        fix='Check it holds conversations, one {"messages": [{"role": ..., "content": ...}, ...]} or ShareGPT '
+        '{"conversations": [{"from": ..., "value": ...}, ...]} per line; or raise data.max_malformed_fraction '
+        "to train on the rest",
+    )
+
+
+class _Unreadable:
+    """A .jsonl line that is not a record at all (counted as malformed, with this reason)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
 def _read_jsonl(path: Path) -> Iterable[tuple[int, object]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:   # bytes, decoded per line: one binary line does not stop the file
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield line_no, _Unreadable("not UTF-8 text")
+                continue
             if line.strip():
                 try:
                     yield line_no, json.loads(line)
-                except json.JSONDecodeError:
-                    yield line_no, None  # counted as malformed by normalize_conversation
+                except (json.JSONDecodeError, RecursionError):
+                    yield line_no, _Unreadable("not JSON")
 
 
 def _load_saved(path: Path) -> datasets.Dataset:

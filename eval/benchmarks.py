@@ -119,8 +119,14 @@ def _load_jsonl(path: Path) -> list[BenchItem]:
             fix=f"Check the path, or use one of {', '.join(BENCH_NAMES)}",
         )
     items = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:   # bytes, decoded line by line: a binary file is refused naming its line
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DraftsmithError(f"{path}, line {line_no}: not UTF-8 text (is this a binary file?)",
+                                      seen=raw[:40], fix="Give a .jsonl text file: one JSON object per line, "
+                                      "of one of these shapes: " + "; ".join(_JSONL_SHAPES)) from None
             if not line.strip():
                 continue
             try:
@@ -142,6 +148,8 @@ def _parse_line(line: str, default_id: str, bench: str) -> BenchItem:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
         raise _BadLine(f"not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise _BadLine("not valid JSON (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise _BadLine(f"expected a JSON object, found {type(obj).__name__}")
     shapes = [key for key in ("prompt", "turns", "messages", "conversations") if key in obj]
@@ -187,3 +195,30 @@ _TURN_READERS = {
     "messages": lambda v: _user_values(v, "messages", "role", "content", ("user",)),
     "conversations": lambda v: _user_values(v, "conversations", "from", "value", _HUMAN_SPEAKERS),
 }
+
+
+# --------------------------------------------------------------------------- lengths
+
+
+def check_prompt_lengths(items: list[BenchItem], encode, context: int, max_new_tokens: int) -> None:
+    """Refuse, before anything is generated, every prompt that cannot fit the target's context.
+
+    `encode(turns, answers)` gives a turn's prompt ids. A later turn's prompt holds the earlier answers,
+    which do not exist yet: each is counted at its longest, max_new_tokens (a bound; the harness still
+    checks the real prompt). Refusing rather than skipping keeps a benchmark's prompt set what its name
+    says; the error lists the prompts so they can be dropped from a custom file.
+    """
+    too_long = []
+    for index, item in enumerate(items, start=1):
+        for turn in range(len(item.turns)):
+            length = len(encode(item.turns[: turn + 1], [""] * turn)) + turn * max_new_tokens
+            if length + max_new_tokens > context:
+                too_long.append(f"prompt {index} (id {item.id!r}, turn {turn + 1}): {length} + {max_new_tokens}")
+    if too_long:
+        raise DraftsmithError(
+            f"{len(too_long)} prompt(s) do not fit the target's context of {context} tokens with "
+            f"max_new_tokens {max_new_tokens}; nothing was generated",
+            seen="; ".join(too_long[:5]) + (f"; and {len(too_long) - 5} more" if len(too_long) > 5 else ""),
+            fix="Drop those prompts from the benchmark file (or keep fewer with --num-prompts), "
+            "or lower --max-new-tokens or --turns",
+        )

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.benchmarks import BenchItem, load_bench
+from draftsmith.eval.benchmarks import BenchItem, check_prompt_lengths, load_bench
 from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
 from draftsmith.eval.metrics import PromptRecord, first_divergence, summarize
 from draftsmith.eval.verify import Sampling
@@ -166,6 +166,9 @@ class Runner:
         self.run_prompt(prompt, self.cfg.seed, max_new_tokens=min(16, self.cfg.max_new_tokens))
 
     def evaluate(self, items: list[BenchItem], progress: bool = True) -> list[PromptRecord]:
+        # every prompt is checked before the first runs: a late too-long prompt must not waste the others
+        check_prompt_lengths(items, lambda turns, answers: encode_turn(self.target, turns, answers),
+                             self.target.max_length, self.cfg.max_new_tokens)
         work = [(item, turn) for item in items for turn in range(len(item.turns))]
         answers: dict[str, list[str]] = {}
         records = []

@@ -7,7 +7,6 @@ tokenizer (kind small_lm). Adding a kind = one file in models/ + one line in DRA
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from draftsmith.errors import DraftsmithError
@@ -36,22 +35,45 @@ def load_drafter(spec: str, target: Target, dtype=None):
             "Use prompt-lookup, truncated:N, or a folder holding an exported drafter (config.json)")
     from draftsmith.models.formats import proposer_for, read_head_folder
 
-    kind = json.loads((path / "config.json").read_text()).get("draftsmith_kind", "small_lm")
+    from draftsmith.models.checks import TargetShape, read_config_json
+
+    kind = read_config_json(path).get("draftsmith_kind", "small_lm")
     if kind not in DRAFTER_KINDS:
         raise DraftsmithError("Unknown drafter kind in config.json", kind, f"Known kinds: {', '.join(DRAFTER_KINDS)}")
     if kind == "parallel":
         from draftsmith.models.parallel import load_parallel
 
         return load_parallel(path, target, dtype)
-    head = read_head_folder(path, target.num_layers)   # EAGLE heads in any layout; None for LMs
+    shape = TargetShape(target.model.config.hidden_size, target.vocab_size, target.num_layers)
+    head = read_head_folder(path, shape)   # EAGLE heads in any layout, checked against the target; None for LMs
     if head is not None:
-        check_vocab(head.config.vocab_size, target.vocab_size, str(path))
         return proposer_for(head, target.model)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype or target.dtype, str(target.device)))
+    model = load_small_lm(path, shape, resolve_dtype(dtype or target.dtype, str(target.device)))
     check_vocab(model.get_output_embeddings().weight.shape[0], target.vocab_size, str(path))
     return SmallLMProposer(model.to(target.device))
+
+
+def load_small_lm(path: Path, target, dtype):
+    """A transformers causal LM drafter, its config checked against the target (models.checks.TargetShape)
+    and its weights' shapes against its config before the model is built."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from draftsmith.models.checks import check_lm_fits_target, check_shapes, meta_shapes, weight_shapes
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise DraftsmithError("The drafter's config.json is not a transformers model config", f"{path}: {err}",
+                              "Point at a folder written by draftsmith export or save_pretrained") from None
+    check_lm_fits_target(config, target, str(path))
+    try:
+        expected = meta_shapes(lambda: AutoModelForCausalLM.from_config(config))
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise DraftsmithError("transformers cannot build a model from the drafter's config.json",
+                              f"{path}: {err}", "Point at a folder written by draftsmith export") from None
+    tied = ("lm_head.weight",) if getattr(config, "tie_word_embeddings", False) else ()
+    check_shapes(expected, weight_shapes(path), str(path), optional=tied)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
 __all__ = ["Target", "load_target", "load_drafter", "DRAFTER_KINDS"]

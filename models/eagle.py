@@ -135,6 +135,7 @@ class HeadIO:
     """Save / load of a head as config.json (its dataclass config) + model.safetensors."""
 
     config_class: type = EagleConfig
+    optional_tensors: tuple[str, ...] = ()   # left out by some layouts; from_state refuses or fills them
 
     def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
         from safetensors.torch import save_file
@@ -158,12 +159,15 @@ class HeadIO:
         return head
 
     @classmethod
-    def from_pretrained(cls, path: str | Path):
-        from safetensors.torch import load_file
+    def from_pretrained(cls, path: str | Path, target=None):
+        """A head from a draftsmith folder. config.json is read strictly and checked against `target`
+        (a models.checks.TargetShape, or a layer count) and the weights' shapes against the config
+        before the head is built: a hostile folder cannot make it allocate what it declares."""
+        from draftsmith.models.checks import checked_state, config_from_dict, read_config_json
 
         path = Path(path)
-        config = cls.config_class(**json.loads((path / "config.json").read_text()))
-        return cls.from_state(config, load_file(str(path / "model.safetensors")), str(path))
+        config = config_from_dict(cls.config_class, read_config_json(path), str(path))
+        return cls.from_state(config, checked_state(cls, config, path, target), str(path))
 
 
 class EagleHead(HeadIO, nn.Module):

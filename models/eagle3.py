@@ -70,6 +70,7 @@ class Eagle3Head(HeadIO, nn.Module):
     """fc + one decoder layer + norm + draft LM head, with the d2t / t2d maps as buffers."""
 
     config_class = Eagle3Config
+    optional_tensors = ("d2t", "t2d")   # from_state refuses a folder without them, saying why
 
     def __init__(self, config: Eagle3Config):
         super().__init__()

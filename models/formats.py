@@ -1,26 +1,25 @@
-"""Serving formats of the EAGLE heads: vLLM's speculators checkpoints (`eagle`, `eagle3`) and
-SGLang's `LlamaForCausalLMEagle` / `LlamaForCausalLMEagle3`.
+"""Serving formats of the EAGLE heads: vLLM's speculators checkpoints (`eagle3`) and SGLang's
+`LlamaForCausalLMEagle` / `LlamaForCausalLMEagle3`; and what an `hf` export must not carry over.
 
-Kind eagle (EAGLE-1 layout):
-  draftsmith / SGLang               speculators
-  fc.weight [H, 2H], fc.bias        fusion_fc.weight, fusion_fc.bias
-  layers.0.<...>                    transformer.<...>  (self_attn.{q,k,v,o}_proj, post_attention_layernorm,
-                                                        mlp.{gate,up,down}_proj; no input norm)
-The target's embedding and LM head are shared, never written.
+Kind eagle (EAGLE-1 layout): SGLang's names are draftsmith's (fc.weight [H, 2H], fc.bias, layers.0.<...>,
+no input norm). speculators 0.9.0 has no EAGLE-1 type (its types: eagle3, peagle, dflash, mtp, ...), so
+`--format speculators` refuses kind eagle; folders draftsmith wrote earlier in speculators' old `eagle`
+layout (fusion_fc.*, transformer.*) are still read. The target's embedding and LM head are shared.
 
-Kind eagle3: both formats hold the same tensors as draftsmith's own eagle3 folder:
+Kind eagle3: both formats hold draftsmith's own eagle3 tensors:
 
   draftsmith / speculators          SGLang
   fc.weight [H, 3H]                 fc.weight
   layers.0.<...>                    midlayer.<...>   (input_layernorm, hidden_norm, self_attn.{q,k,v,o}_proj,
                                                       post_attention_layernorm, mlp.{gate,up,down}_proj)
   norm.weight, lm_head.weight [Vd, H], d2t [Vd] int64, t2d [V] bool   (same names)
+  embed_tokens.weight [V, H]        -                (speculators only: the target's, see write_speculators)
 
-The token embedding is the target's and is not written: vLLM and SGLang share the target's
-embedding with a draft checkpoint that has none. Layer ids: draftsmith counts target layer outputs
-(0-based); speculators' `eagle_aux_hidden_state_layer_ids` count the residual stream entering a layer
-(vLLM), i.e. +1; SGLang's `eagle_config.eagle_aux_hidden_state_layer_ids` count outputs like
-draftsmith (SGLang adds 1 when it captures). docs/formats.md documents every field.
+Layer ids: draftsmith counts target layer outputs (0-based); speculators' `eagle_aux_hidden_state_layer_ids`
+count the residual stream entering a layer (vLLM), i.e. +1; SGLang's `eagle_config.eagle_aux_hidden_state_layer_ids`
+count outputs like draftsmith (SGLang adds 1 when it captures). Both engines fuse the tapped layers in
+layer order, so an export writes them ascending with fc's column blocks permuted to match.
+docs/formats.md documents every field.
 """
 
 from __future__ import annotations
@@ -31,10 +30,16 @@ from pathlib import Path
 import torch
 
 from draftsmith.errors import DraftsmithError
+from draftsmith.models.checks import TargetShape, checked_state, read_config_json
 from draftsmith.models.eagle import EagleConfig, EagleHead
 from draftsmith.models.eagle3 import Eagle3Config, Eagle3Head
 
-SPECULATORS_VERSION = "0.3.0"
+SPECULATORS_VERSION = "0.9.0"
+"""The speculators release whose Eagle3 model these checkpoints were checked against (bench/speculators_peer.py)."""
+
+TARGET_ONLY_CONFIG_KEYS = ("quantization_config", "_model_name_or_path")
+"""Keys a GGUF-converted target leaves in a copied config: serving engines read `quantization_config`
+and would treat the dequantised drafter as GGUF-quantized; `_model_name_or_path` is the GGUF's own name."""
 
 
 def _layer_config(c: EagleConfig, dtype: str) -> dict:
@@ -65,24 +70,33 @@ def _speculators_config(algorithm: str, verifier: str, verifier_arch: list[str],
             "verifier": {"name_or_path": verifier, "architectures": verifier_arch}}
 
 
-def write_speculators(head, out: Path, verifier: str, verifier_arch: list[str], k: int = 4) -> None:
-    c = head.config
+def in_layer_order(head: Eagle3Head) -> tuple[list[int], dict]:
+    """(aux layers ascending, the state dict with fc's column blocks permuted to match): the same head
+    for engines that concatenate the tapped layers in layer order (SGLang, vLLM)."""
+    c, state = head.config, dict(head.state_dict())
+    order = sorted(range(len(c.aux_layers)), key=lambda i: c.aux_layers[i])
+    width = c.target_hidden_size or c.hidden_size
+    blocks = state["fc.weight"].split(width, dim=1)
+    state["fc.weight"] = torch.cat([blocks[i] for i in order], dim=1)
+    return [c.aux_layers[i] for i in order], state
+
+
+def write_speculators(head, out: Path, verifier: str, verifier_arch: list[str], embed_tokens: torch.Tensor | None,
+                      k: int = 4) -> None:
+    """An eagle3 head as speculators' Eagle3 checkpoint. `embed_tokens` [V, H] is the target's input
+    embedding: speculators' own save always writes it, and its Eagle3 model loaded under transformers 5
+    keeps a checkpoint without it at all-zero embeddings instead of fetching the verifier's."""
     if isinstance(head, EagleHead):
-        config = {
-            "speculators_model_type": "eagle",
-            "architectures": ["EagleSpeculator", "LlamaDecoderLayer"],
-            "transformer_layer_architecture": "LlamaDecoderLayer",
-            "transformer_layer_config": _layer_config(c, _dtype_name(head)),
-            "layernorms": False,
-            "fusion_bias": True,
-            "speculators_config": _speculators_config("eagle", verifier, verifier_arch, k),
-            "speculators_version": SPECULATORS_VERSION,
-            "torch_dtype": _dtype_name(head),
-        }
-        (out / "config.json").write_text(json.dumps(config, indent=2))
-        _save({k.replace("fc.", "fusion_fc.", 1).replace("layers.0.", "transformer.", 1): v
-               for k, v in head.state_dict().items()}, out)
-        return
+        raise DraftsmithError("speculators has no EAGLE-1 checkpoint type (0.9.0 knows eagle3, peagle, dflash, "
+                              "mtp, ...), so vLLM would refuse this export", "--format speculators with kind eagle",
+                              "Export it with --format sglang (SGLang's LlamaForCausalLMEagle) or --format hf "
+                              "(draftsmith eval), or train kind eagle3 for vLLM")
+    c = head.config
+    if embed_tokens is None or tuple(embed_tokens.shape) != (c.vocab_size, c.hidden_size):
+        raise DraftsmithError("A speculators eagle3 export needs the target's input embedding [vocab, hidden]",
+                              None if embed_tokens is None else list(embed_tokens.shape),
+                              f"Pass the target's embed_tokens weight of shape [{c.vocab_size}, {c.hidden_size}]")
+    aux_layers, state = in_layer_order(head)
     config = {
         "speculators_model_type": "eagle3",
         "architectures": ["Eagle3Speculator"],
@@ -90,14 +104,14 @@ def write_speculators(head, out: Path, verifier: str, verifier_arch: list[str], 
         "draft_vocab_size": c.draft_vocab_size,
         "norm_before_residual": c.norm_before_residual,
         "target_hidden_size": c.target_hidden_size or c.hidden_size,
-        "eagle_aux_hidden_state_layer_ids": [i + 1 for i in c.aux_layers],
+        "eagle_aux_hidden_state_layer_ids": [i + 1 for i in aux_layers],
         "embed_requires_grad": False,
         "speculators_config": _speculators_config("eagle3", verifier, verifier_arch, k),
         "speculators_version": SPECULATORS_VERSION,
         "torch_dtype": _dtype_name(head),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    _save(head.state_dict(), out)
+    _save({**state, "embed_tokens.weight": embed_tokens.to(state["fc.weight"].dtype)}, out)
 
 
 def write_sglang(head, out: Path) -> None:
@@ -110,83 +124,124 @@ def write_sglang(head, out: Path) -> None:
     if c.norm_before_residual:
         raise DraftsmithError("SGLang's LlamaForCausalLMEagle3 keeps the un-normed feature as the residual",
                               "norm_before_residual: true", "Export with --format speculators instead")
+    aux_layers, state = in_layer_order(head)
     config = {**_layer_config(c, _dtype_name(head)),
               "architectures": ["LlamaForCausalLMEagle3"],
               "draft_vocab_size": c.draft_vocab_size,
               "target_hidden_size": c.target_hidden_size or c.hidden_size,
-              "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(c.aux_layers), "use_aux_hidden_state": True}}
+              "eagle_config": {"eagle_aux_hidden_state_layer_ids": aux_layers, "use_aux_hidden_state": True}}
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    _save({k.replace("layers.0.", "midlayer.", 1): v for k, v in head.state_dict().items()}, out)
+    _save({k.replace("layers.0.", "midlayer.", 1): v for k, v in state.items()}, out)
 
 
-def _load_state(path: Path) -> dict:
-    if (path / "model.safetensors").exists():
-        from safetensors.torch import load_file
+def target_embedding(target_spec: str) -> torch.Tensor:
+    """The target's input embedding [V, H], read alone from its safetensors files (no model is built)."""
+    from safetensors import safe_open
 
-        return load_file(str(path / "model.safetensors"))
-    if (path / "pytorch_model.bin").exists():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise DraftsmithError("No weights in this drafter folder", str(path),
-                          "Expected model.safetensors or pytorch_model.bin beside config.json")
+    from draftsmith.models.target import resolve_model_folder
 
-
-def _config_from_llama(layer: dict, cls=Eagle3Config, **extra):
-    heads = layer["num_attention_heads"]
-    theta = layer.get("rope_theta") or (layer.get("rope_parameters") or {}).get("rope_theta") or 10000.0
-    return cls(hidden_size=layer["hidden_size"], intermediate_size=layer["intermediate_size"],
-                        num_attention_heads=heads, num_key_value_heads=layer.get("num_key_value_heads", heads),
-                        head_dim=layer.get("head_dim") or layer["hidden_size"] // heads,
-                        rms_norm_eps=layer["rms_norm_eps"], rope_theta=float(theta), vocab_size=layer["vocab_size"],
-                        **extra)
+    folder = Path(resolve_model_folder(target_spec)[0])
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            name = next((n for n in f.keys() if n.endswith("embed_tokens.weight")), None)
+            if name is not None:
+                return f.get_tensor(name)
+    raise DraftsmithError("Cannot find the target's embed_tokens weight in its safetensors files", str(folder),
+                          "Export from a run whose target is a local folder, a .gguf file or an asset")
 
 
-def read_head_folder(path: Path, target_num_layers: int | None = None):
-    """An EagleHead or Eagle3Head from a draftsmith, speculators or SGLang folder; None for other drafters."""
-    raw = json.loads((path / "config.json").read_text())
+def strip_target_leftovers(config_file: Path) -> None:
+    """Drop what a drafter's config.json inherited from a GGUF-converted target (TARGET_ONLY_CONFIG_KEYS)."""
+    raw = json.loads(config_file.read_text())
+    if any(key in raw for key in TARGET_ONLY_CONFIG_KEYS):
+        config_file.write_text(json.dumps({k: v for k, v in raw.items() if k not in TARGET_ONLY_CONFIG_KEYS},
+                                          indent=2, sort_keys=True) + "\n")
+
+
+def _config_from_llama(layer: dict, where: str, cls=Eagle3Config, **extra):
+    """A head config from a Llama config dict (speculators' transformer_layer_config, SGLang's config)."""
+    try:
+        heads = layer["num_attention_heads"]
+        theta = layer.get("rope_theta") or (layer.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+        return cls(hidden_size=layer["hidden_size"], intermediate_size=layer["intermediate_size"],
+                   num_attention_heads=heads, num_key_value_heads=layer.get("num_key_value_heads", heads),
+                   head_dim=layer.get("head_dim") or layer["hidden_size"] // heads,
+                   rms_norm_eps=layer["rms_norm_eps"], rope_theta=float(theta), vocab_size=layer["vocab_size"],
+                   **extra)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+        raise DraftsmithError("The drafter's config.json lacks a valid Llama layer config", f"{where}: {err!r}",
+                              "Re-export the drafter, or check its config.json against docs/formats.md") from None
+
+
+def _layer_ids(raw: dict, key: str, where: str) -> list:
+    ids = raw.get(key)
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise DraftsmithError(f"The drafter's config.json needs {key} as a list of layer ids", f"{where}: {ids!r}",
+                              "Re-export the drafter, or check its config.json against docs/formats.md")
+    return ids
+
+
+def read_head_folder(path: Path, target: TargetShape | int | None = None):
+    """An EagleHead or Eagle3Head from a draftsmith, speculators or SGLang folder; None for other drafters.
+
+    `target` (a TargetShape, or only its layer count) is what the head must fit; config.json and the
+    weights' shapes are checked against it and each other before any module is built (models/checks.py)."""
+    path = Path(path)
+    raw, where = read_config_json(path), str(path)
+    target = TargetShape.coerce(target)
     if raw.get("draftsmith_kind") == "eagle3":
-        return Eagle3Head.from_pretrained(path)
+        return Eagle3Head.from_pretrained(path, target)
     if raw.get("draftsmith_kind") == "eagle":
-        return EagleHead.from_pretrained(path)
+        return EagleHead.from_pretrained(path, target)
     drop = ("embed_tokens.", "verifier", "lm_head.", "model.embed_tokens.")
-    if raw.get("speculators_model_type") == "eagle":
+    if raw.get("speculators_model_type") == "eagle":   # written by draftsmith before 0.9.0 refused it
         if raw.get("layernorms"):
             raise DraftsmithError("draftsmith serves the EAGLE-1 layout (speculators layernorms: false)",
                                   "layernorms: true", "Use an eagle3 speculator or an EAGLE-1/2 checkpoint")
-        c = _config_from_llama(raw["transformer_layer_config"], cls=EagleConfig)
-        state = {k.replace("fusion_fc.", "fc.", 1).replace("transformer.", "layers.0.", 1): v
-                 for k, v in _load_state(path).items() if not k.startswith(drop)}
+        c = _config_from_llama(raw.get("transformer_layer_config") or {}, where, cls=EagleConfig)
+        state = checked_state(EagleHead, c, path, target, optional=("fc.bias",), rename=lambda k: None
+                              if k.startswith(drop) else k.replace("fusion_fc.", "fc.", 1).replace("transformer.", "layers.0.", 1))
         state.setdefault("fc.bias", torch.zeros(c.hidden_size, dtype=state["fc.weight"].dtype))
-        return EagleHead.from_state(c, state, str(path))
-    if "LlamaForCausalLMEagle" in raw.get("architectures", []):
-        c = _config_from_llama(raw, cls=EagleConfig)
-        state = {k.removeprefix("model."): v for k, v in _load_state(path).items()}
-        return EagleHead.from_state(c, {k: v for k, v in state.items() if not k.startswith(drop)}, str(path))
+        return EagleHead.from_state(c, state, where)
+    if "LlamaForCausalLMEagle" in (raw.get("architectures") or []):
+        c = _config_from_llama(raw, where, cls=EagleConfig)
+        state = checked_state(EagleHead, c, path, target,
+                              rename=lambda k: None if k.removeprefix("model.").startswith(drop) else k.removeprefix("model."))
+        return EagleHead.from_state(c, state, where)
     if "speculators_model_type" in raw:
         if raw["speculators_model_type"] != "eagle3":
-            raise DraftsmithError("draftsmith reads speculators checkpoints of type eagle and eagle3",
-                                  raw["speculators_model_type"], "Use an eagle or eagle3 speculator")
-        layer = raw["transformer_layer_config"]
-        c = _config_from_llama(layer, draft_vocab_size=raw["draft_vocab_size"],
-                               aux_layers=[i - 1 for i in raw["eagle_aux_hidden_state_layer_ids"]],
-                               target_hidden_size=raw.get("target_hidden_size") or layer["hidden_size"],
+            raise DraftsmithError("draftsmith reads speculators checkpoints of type eagle3 (and EAGLE-1 ones it wrote)",
+                                  raw["speculators_model_type"], "Use an eagle3 speculator")
+        layer = raw.get("transformer_layer_config") or {}
+        if layer.get("num_hidden_layers", 1) != 1:
+            raise DraftsmithError("draftsmith reads EAGLE-3 speculators with one decoder layer",
+                                  f"{where}: num_hidden_layers {layer.get('num_hidden_layers')}",
+                                  "Use a one-layer EAGLE-3 speculator")
+        ids = _layer_ids(raw, "eagle_aux_hidden_state_layer_ids", where)
+        c = _config_from_llama(layer, where, draft_vocab_size=raw.get("draft_vocab_size"),
+                               aux_layers=[i - 1 for i in ids],
+                               target_hidden_size=raw.get("target_hidden_size") or layer.get("hidden_size"),
                                norm_before_residual=bool(raw.get("norm_before_residual", False)))
-        state = {k: v for k, v in _load_state(path).items() if not k.startswith(("embed_tokens.", "verifier"))}
-        return Eagle3Head.from_state(c, state, str(path))
-    if "LlamaForCausalLMEagle3" in raw.get("architectures", []):
-        ids = (raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-        if ids is None:
-            if target_num_layers is None:
-                raise DraftsmithError("This SGLang EAGLE-3 config names no aux layers", str(path),
+        state = checked_state(Eagle3Head, c, path, target,
+                              rename=lambda k: None if k.startswith(("embed_tokens.", "verifier")) else k)
+        return Eagle3Head.from_state(c, state, where)
+    if "LlamaForCausalLMEagle3" in (raw.get("architectures") or []):
+        if (raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") is None:
+            if target.num_layers is None:
+                raise DraftsmithError("This SGLang EAGLE-3 config names no aux layers", where,
                                       "Load it against a target (SGLang's default is 2, N/2, N-3 before-layer)")
-            n = target_num_layers
+            n = target.num_layers
             ids = [2 - 1, n // 2 - 1, n - 3 - 1]
-        vd = raw.get("draft_vocab_size") or raw["vocab_size"]
-        c = _config_from_llama(raw, draft_vocab_size=vd, aux_layers=list(ids),
-                               target_hidden_size=raw.get("target_hidden_size") or raw["hidden_size"])
-        state = {k.removeprefix("model.").replace("midlayer.", "layers.0.", 1): v
-                 for k, v in _load_state(path).items()}
-        state = {k: v for k, v in state.items() if not k.startswith("embed_tokens.")}
-        return Eagle3Head.from_state(c, state, str(path))
+        else:
+            ids = _layer_ids(raw["eagle_config"], "eagle_aux_hidden_state_layer_ids", where)
+        c = _config_from_llama(raw, where, draft_vocab_size=raw.get("draft_vocab_size") or raw.get("vocab_size"),
+                               aux_layers=list(ids), target_hidden_size=raw.get("target_hidden_size") or raw.get("hidden_size"))
+
+        def rename(k: str) -> str | None:
+            k = k.removeprefix("model.").replace("midlayer.", "layers.0.", 1)
+            return None if k.startswith("embed_tokens.") else k
+
+        return Eagle3Head.from_state(c, checked_state(Eagle3Head, c, path, target, rename=rename), where)
     return None
 
 

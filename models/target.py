@@ -267,14 +267,21 @@ def _reachable_hub_id(spec: str) -> str:
 
     from draftsmith import assets
 
-    try:
-        AutoConfig.from_pretrained(spec)
+    try:   # the hub cache first; then one short question to the hub (transformers would retry for ~30 s)
+        AutoConfig.from_pretrained(spec, local_files_only=True)
+        return spec
     except (OSError, ValueError):
+        pass
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(spec, timeout=10)
+        return spec
+    except Exception as err:  # noqa: BLE001 - offline, unknown, gated or malformed: the same answer
         near = difflib.get_close_matches(spec, list(assets.TARGETS), n=1)
         raise DraftsmithError("The target is neither an asset name, a folder, a .gguf file nor a reachable hub id",
                               spec, (f"Did you mean {near[0]}? " if near else "") +
-                              f"Asset names: {', '.join(sorted(assets.TARGETS))}") from None
-    return spec
+                              f"Asset names: {', '.join(sorted(assets.TARGETS))} (hub: {type(err).__name__})") from None
 
 
 def gguf_to_folder(gguf: Path) -> Path:

@@ -86,7 +86,7 @@ def test_prompt_longer_than_context(tiny_folders, tmp_path, capsys):
     long_bench.write_text(json.dumps({"prompt": "word " * 600}) + "\n")
     assert run(["--target", tiny_folders / "target", "--drafter", "prompt-lookup", "--bench", long_bench,
                 "--out", tmp_path / "out"]) == 2
-    assert "longer than the target's context of 512 tokens" in capsys.readouterr().err
+    assert "do not fit the target's context of 512 tokens" in capsys.readouterr().err
     assert not (tmp_path / "out" / "report.json").exists()
 
 

@@ -82,21 +82,24 @@ def test_load_drafter_dispatches_on_kind(target, tmp_path):
         load_drafter(str(tmp_path / "eagle"), small)
 
 
-@pytest.mark.parametrize("fmt", ["speculators", "sglang"])
+@pytest.mark.parametrize("fmt", ["speculators-legacy", "sglang"])
 def test_serving_formats_round_trip_with_identical_draft_logits(target, tmp_path, fmt):
-    """EAGLE-1 layout in vLLM speculators (`eagle`, fusion_fc / transformer.*) and SGLang
-    (LlamaForCausalLMEagle) names: read back bit-identical, and decoding with it is unchanged."""
+    """EAGLE-1 layout in SGLang (LlamaForCausalLMEagle) names, and in the speculators `eagle` layout
+    (fusion_fc / transformer.*) that draftsmith wrote before speculators 0.9.0 dropped the type (now
+    refused on export, still read): read back bit-identical, and decoding with it is unchanged."""
     import json
 
     from safetensors.torch import load_file
 
-    from draftsmith.models.formats import read_head_folder, write_sglang, write_speculators
+    from draftsmith.models.formats import read_head_folder, write_sglang
+
+    from test_formats_peers import write_legacy_speculators_eagle
 
     head = random_head(target)
     out = tmp_path / fmt
     out.mkdir()
-    if fmt == "speculators":
-        write_speculators(head, out, "tiny", ["LlamaForCausalLM"])
+    if fmt == "speculators-legacy":
+        write_legacy_speculators_eagle(head, out)
         raw = json.loads((out / "config.json").read_text())
         assert raw["speculators_model_type"] == "eagle" and raw["layernorms"] is False and raw["fusion_bias"]
         assert {"fusion_fc.weight", "fusion_fc.bias", "transformer.self_attn.q_proj.weight"} <= set(

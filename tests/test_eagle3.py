@@ -183,7 +183,7 @@ def test_export_round_trip_gives_identical_draft_logits(target4, tmp_path, fmt):
     out = tmp_path / fmt
     out.mkdir()
     if fmt == "speculators":
-        write_speculators(head, out, "tiny", ["LlamaForCausalLM"])
+        write_speculators(head, out, "tiny", ["LlamaForCausalLM"], target4.model.get_input_embeddings().weight)
         raw = json.loads((out / "config.json").read_text())
         assert raw["speculators_model_type"] == "eagle3"
         assert raw["eagle_aux_hidden_state_layer_ids"] == [i + 1 for i in head.config.aux_layers]

@@ -359,7 +359,10 @@ def test_eagle_trains_exports_and_decodes_losslessly(setup, tmp_path, capsys):
     out = tmp_path / "export"
     assert main(["export", str(tmp_path / "eagle"), "--format", "hf", "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["draftsmith_kind"] == "eagle"
-    for fmt in ("speculators", "sglang"):      # vLLM's and SGLang's EAGLE-1 layouts load back losslessly
+    # speculators 0.9.0 has no EAGLE-1 type, so vLLM's format is refused for kind eagle (nothing written)
+    assert main(["export", str(tmp_path / "eagle"), "--format", "speculators", "--out", str(tmp_path / "spec")]) == 2
+    assert "speculators has no EAGLE-1" in capsys.readouterr().err and not (tmp_path / "spec").exists()
+    for fmt in ("sglang",):      # SGLang's EAGLE-1 layout loads back losslessly
         assert main(["export", str(tmp_path / "eagle"), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
         assert main(["eval", "--target", str(setup / "target"), "--drafter", str(tmp_path / fmt), "--bench",
                      str(setup / "bench.jsonl"), "--max-new-tokens", "12", "--k", "3", "--device", "cpu",

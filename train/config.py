@@ -11,6 +11,7 @@ The resolved config (defaults and overrides applied) is written into the run fol
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterable, get_type_hints
@@ -18,7 +19,8 @@ from typing import ClassVar, Iterable, get_type_hints
 import yaml
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.train.schema import Dumper, Loader, Section, check, check_choice, parse_yaml
+from draftsmith.train.schema import (Dumper, Loader, Section, apply_override, check, check_choice, parse_yaml,
+                                     section_from_dict, unknown_key)
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 """The repository's `recipes/` folder; names like `smollm2-135m/small_lm-kd` resolve under it."""
@@ -118,6 +120,12 @@ class DrafterConfig(Section):
         if self.aux_layers is not None:
             check(len(self.aux_layers) == 3 and len(set(self.aux_layers)) == 3 and min(self.aux_layers) >= 0,
                   "drafter.aux_layers", self.aux_layers, "Give 3 distinct target layer indices >= 0, or null")
+            if self.aux_layers != sorted(self.aux_layers):
+                # SGLang and vLLM concatenate the tapped layers in layer order: a head trained on
+                # another order would read its inputs permuted there
+                print(f"[draftsmith] drafter.aux_layers {self.aux_layers} sorted to {sorted(self.aux_layers)}: "
+                      "serving engines fuse the tapped layers in layer order", file=sys.stderr, flush=True)
+                self.aux_layers = sorted(self.aux_layers)
         layers = self.layers_from_target
         if layers is None:
             return
@@ -132,7 +140,8 @@ class DrafterConfig(Section):
 @dataclass
 class DataConfig(Section):
     section: ClassVar[str] = "data"
-    at_least: ClassVar = {"max_length": 2, "heldout_fraction": 0.0, "max_conversations": 1}
+    at_least: ClassVar = {"max_length": 2, "heldout_fraction": 0.0, "max_conversations": 1,
+                          "max_malformed_fraction": 0.0}
     source: str = "sharegpt"
     """sharegpt (the bundled ShareGPT V3 asset) | a .jsonl file of conversations | a saved dataset folder |
     a folder written by `draftsmith data prepare` (already tokenised; its data settings must match)."""
@@ -146,12 +155,17 @@ class DataConfig(Section):
     """Use at most this many conversations; null = all."""
     cache_dir: str | None = None
     """Where tokenized datasets are cached; null = the default cache folder."""
+    max_malformed_fraction: float = 0.1
+    """Refuse the data when more than this share of its records are malformed (not a conversation:
+    unknown role, empty text, no assistant turn, not JSON or not UTF-8); the packaged ShareGPT has 2%."""
 
     def validate(self) -> None:
         check(bool(self.source.strip()), "data.source", self.source,
               "Use sharegpt, a path to a .jsonl file, a saved dataset folder or a prepared data folder")
         check(self.heldout_fraction < 1.0, "data.heldout_fraction", self.heldout_fraction,
               "Use a fraction in [0, 1), e.g. 0.02")
+        check(self.max_malformed_fraction <= 1.0, "data.max_malformed_fraction", self.max_malformed_fraction,
+              "Use a fraction in [0, 1], e.g. 0.1 (1 accepts any share of malformed records)")
 
 
 @dataclass
@@ -297,10 +311,6 @@ SECTIONS: dict[str, type[Section]] = {
 
 # ---------------------------------------------------------------- loading
 
-def _unknown_key(where: str, key: object, valid: Iterable[str]) -> DraftsmithError:
-    return DraftsmithError(f"unknown key in {where}", key, f"Valid keys: {', '.join(valid)}")
-
-
 def _from_dict(raw: object) -> RecipeConfig:
     if not isinstance(raw, dict):
         raise DraftsmithError("a recipe must be a YAML mapping of sections", type(raw).__name__,
@@ -308,49 +318,11 @@ def _from_dict(raw: object) -> RecipeConfig:
     top_keys = ["description", *SECTIONS]
     for key in raw:
         if key not in top_keys:
-            raise _unknown_key("the recipe's top level", key, top_keys)
+            raise unknown_key("the recipe's top level", key, top_keys)
     if "description" not in raw:
         raise DraftsmithError("description is required", fix="Add a one-line `description:` at the top")
-    sections = {}
-    for name, cls in SECTIONS.items():
-        values = raw.get(name) or {}
-        if not isinstance(values, dict):
-            raise DraftsmithError(f"{name} must be a mapping of keys", values,
-                                  f"Write `{name}:` followed by indented `key: value` lines")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in valid:
-                raise _unknown_key(f"section {name}", key, valid)
-        for f in dataclasses.fields(cls):
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if required and f.name not in values:
-                raise DraftsmithError(f"{name}.{f.name} is required", fix=f"Add `{f.name}:` under `{name}:`")
-        sections[name] = cls(**values)
+    sections = {name: section_from_dict(cls, name, raw.get(name) or {}) for name, cls in SECTIONS.items()}
     return RecipeConfig(description=raw["description"], **sections)
-
-
-def apply_override(raw: dict, override: str) -> None:
-    """Set `section.key=value` (value read as YAML) in the raw recipe mapping `raw`."""
-    if "=" not in override:
-        raise DraftsmithError("an override needs the form section.key=value", override,
-                              "e.g. train.lr=1e-4 or run.name=null")
-    key, text = override.split("=", 1)
-    parts = key.strip().split(".")
-    value = parse_yaml(text, f"the value of override {key.strip()}")
-    if parts == ["description"]:
-        raw["description"] = value
-        return
-    if len(parts) != 2 or parts[0] not in SECTIONS:
-        raise DraftsmithError("an override must name section.key", override,
-                              f"Sections: {', '.join(SECTIONS)}")
-    section, name = parts
-    valid = [f.name for f in dataclasses.fields(SECTIONS[section])]
-    if name not in valid:
-        raise _unknown_key(f"override of section {section}", name, valid)
-    if raw.get(section) is None:
-        raw[section] = {}
-    if isinstance(raw[section], dict):  # otherwise loading reports the malformed section
-        raw[section][name] = value
 
 
 def resolve_recipe_path(name_or_path: str | Path) -> Path:
@@ -372,12 +344,17 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> RecipeConfig
     `run.name` left null is filled with the recipe file's stem, so the result is fully resolved.
     """
     path = resolve_recipe_path(path)
-    raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DraftsmithError(f"{path} is not a YAML recipe: not UTF-8 text ({err.reason} at byte {err.start})",
+                              fix="Give a recipe YAML file; list them with `draftsmith recipes`") from None
+    raw = parse_yaml(text, str(path))
     raw = {} if raw is None else raw
     try:
         if isinstance(raw, dict):
             for override in overrides:
-                apply_override(raw, override)
+                apply_override(raw, override, SECTIONS)
         cfg = _from_dict(raw)
     except DraftsmithError as e:
         raise DraftsmithError(f"{path}: {e}") from None
@@ -414,7 +391,7 @@ def list_recipes(root: str | Path | None = None) -> list[tuple[str, str]]:
         try:
             raw = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
             description = str(raw.get("description", "")) if isinstance(raw, dict) else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, UnicodeDecodeError):
             description = "(invalid YAML)"
         rows.append((rel.with_suffix("").as_posix(), description))
     return rows

@@ -94,6 +94,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, checkpoint: str | Non
     from transformers import AutoTokenizer
 
     from draftsmith.folders import check_output_folder, replace_folder, write_marker
+    from draftsmith.models.formats import strip_target_leftovers
     from draftsmith.models.target import resolve_model_folder
 
     run_dir, out = Path(run_dir), Path(out)
@@ -121,6 +122,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, checkpoint: str | Non
                 merged_from_folder(ckpt / "drafter").save_pretrained(tmp)
             else:
                 _copy_regular_files(ckpt / "drafter", tmp)
+            strip_target_leftovers(tmp / "config.json")   # a GGUF target's quantization_config, copied by small_lm
             folder, _ = resolve_model_folder(config["target"]["name"])
             AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)   # a drafter shares the target's tokenizer
         else:
@@ -148,7 +150,7 @@ def _copy_regular_files(src: Path, dst: Path) -> None:
 
 
 def _write_serving(fmt: str, ckpt: Path, out: Path, config: dict) -> None:
-    from draftsmith.models.formats import read_head_folder, write_sglang, write_speculators
+    from draftsmith.models.formats import read_head_folder, target_embedding, write_sglang, write_speculators
 
     head = read_head_folder(ckpt / "drafter")
     if fmt == "sglang":
@@ -158,4 +160,6 @@ def _write_serving(fmt: str, ckpt: Path, out: Path, config: dict) -> None:
     from draftsmith.assets import TARGETS
 
     asset = TARGETS.get(name)
-    write_speculators(head, out, asset.hub_id if asset else name, [asset.architecture if asset else "LlamaForCausalLM"])
+    embed = target_embedding(name) if head.config.draftsmith_kind == "eagle3" else None   # kind eagle is refused
+    write_speculators(head, out, asset.hub_id if asset else name, [asset.architecture if asset else "LlamaForCausalLM"],
+                      embed)

@@ -127,7 +127,7 @@ def load_data(cfg, tokenizer):
     from draftsmith.distill.sources import load_conversations
     from draftsmith.distill.splits import split_conversations
 
-    conversations = load_conversations(cfg.data.source)
+    conversations = load_conversations(cfg.data.source, cfg.data.max_malformed_fraction)
     train, heldout = split_conversations(conversations, cfg.data.heldout_fraction)
     if cfg.data.max_conversations is not None:
         train = train[: cfg.data.max_conversations]

@@ -119,3 +119,49 @@ class Section:
 
     def validate(self) -> None:
         """Checks beyond types, choices and bounds; raise DraftsmithError naming `section.key`."""
+
+
+def unknown_key(where: str, key: object, valid: Iterable[str]) -> DraftsmithError:
+    return DraftsmithError(f"unknown key in {where}", key, f"Valid keys: {', '.join(valid)}")
+
+
+def section_from_dict(cls: type[Section], name: str, values: object) -> Section:
+    """Section `name` of a recipe from its YAML mapping: unknown keys fail with the valid ones listed,
+    required keys must be present, then the section checks its values."""
+    if not isinstance(values, dict):
+        raise DraftsmithError(f"{name} must be a mapping of keys", values,
+                              f"Write `{name}:` followed by indented `key: value` lines")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in valid:
+            raise unknown_key(f"section {name}", key, valid)
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in values:
+            raise DraftsmithError(f"{name}.{f.name} is required", fix=f"Add `{f.name}:` under `{name}:`")
+    return cls(**values)
+
+
+def apply_override(raw: dict, override: str, sections: dict[str, type[Section]]) -> None:
+    """Set `section.key=value` (value read as YAML) in the raw recipe mapping `raw`; `sections` maps
+    section names to their classes."""
+    if "=" not in override:
+        raise DraftsmithError("an override needs the form section.key=value", override,
+                              "e.g. train.lr=1e-4 or run.name=null")
+    key, text = override.split("=", 1)
+    parts = key.strip().split(".")
+    value = parse_yaml(text, f"the value of override {key.strip()}")
+    if parts == ["description"]:
+        raw["description"] = value
+        return
+    if len(parts) != 2 or parts[0] not in sections:
+        raise DraftsmithError("an override must name section.key", override,
+                              f"Sections: {', '.join(sections)}")
+    section, name = parts
+    valid = [f.name for f in dataclasses.fields(sections[section])]
+    if name not in valid:
+        raise unknown_key(f"override of section {section}", name, valid)
+    if raw.get(section) is None:
+        raw[section] = {}
+    if isinstance(raw[section], dict):  # otherwise loading reports the malformed section
+        raw[section][name] = value

@@ -1,0 +1,261 @@
+"""Hostile and mistaken inputs get clear errors through the real CLI (exit 2: what, the value seen,
+what to do), never a traceback (issue 9): binary bench and data files, a mistyped target, a device
+that is not there, a recipe that is not YAML, broken drafter folders, a drafter sized to exhaust
+memory, a too-long prompt late in a benchmark, mostly malformed training data, and SIGTERM / Ctrl-C
+during the first eval prompt."""
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import pytest
+import torch
+import yaml
+
+from draftsmith.cli import main
+from draftsmith.eval import harness
+from draftsmith.models.eagle import EagleHead, build_eagle
+from draftsmith.models.eagle3 import build_eagle3
+
+from conftest import tiny_llama
+from tiny import make_tiny_tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """target/ (2 layers, 64 positions), eagle/ and eagle3/ heads for it, bench.jsonl, chats.jsonl."""
+    root = tmp_path_factory.mktemp("safety")
+    tok = make_tiny_tokenizer()
+    target = tiny_llama(0, layers=2, vocab=len(tok), max_positions=64)
+    target.config.eos_token_id = tok.eos_token_id
+    target.save_pretrained(root / "target")
+    tok.save_pretrained(root / "target")
+    build_eagle(target, 1.0).save_pretrained(root / "eagle")
+    (root / "bench.jsonl").write_text('{"prompt": "Hello! How can I help you today?"}\n'
+                                      '{"prompt": "What is the capital of France?"}\n')
+    chats = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                           {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(30)]
+    (root / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    return root
+
+
+def eval_args(root, out, **flags) -> list[str]:
+    args = {"--target": root / "target", "--drafter": "prompt-lookup", "--bench": root / "bench.jsonl",
+            "--max-new-tokens": 8, "--k": 2, "--device": "cpu", "--out": out, **flags}
+    return ["eval", *[str(x) for kv in args.items() for x in kv], "--no-hf-assisted"]
+
+
+def clear_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert "draftsmith: error:" in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+# ------------------------------------------------------------------------------- A: clear errors
+
+def test_binary_bench_file(root, tmp_path, capsys):
+    (tmp_path / "b.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00" * 50)
+    assert main(eval_args(root, tmp_path / "out", **{"--bench": tmp_path / "b.jsonl"})) == 2
+    clear_error(capsys, "not UTF-8 text", "line 1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_mistyped_target_is_not_looked_up_as_a_hub_model(root, tmp_path, capsys):
+    assert main(eval_args(root, tmp_path / "out", **{"--target": "smolm2-135m-instruct"})) == 2
+    clear_error(capsys, "neither an asset name, a folder, a .gguf file nor a reachable hub id",
+                "Did you mean smollm2-135m-instruct?", "gemma3-270m")
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda", "cuda:7", "mps"])
+def test_device_that_is_not_here(root, tmp_path, capsys, device):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that GPU")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    assert main(eval_args(root, tmp_path / "out", **{"--device": device})) == 2
+    clear_error(capsys, device, "Use one of: cpu")
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"\x7fELF\x02\x01\x01\x00\xff\xfe" * 20, "not UTF-8 text"),
+    (b"print('hello')\n", "must be a YAML mapping"),
+    (b"[1, 2, 3]\n", "must be a YAML mapping"),
+    (b"target: {name: x\n  bad", "not valid YAML"),
+])
+def test_recipe_that_is_not_a_yaml_recipe(tmp_path, capsys, content, needle):
+    (tmp_path / "r.yaml").write_bytes(content)
+    assert main(["train", str(tmp_path / "r.yaml")]) == 2
+    clear_error(capsys, needle)
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda raw: "{not json", "config.json is not valid JSON"),
+    (lambda raw: b"\xff\xfe\x00binary", "config.json is not valid JSON"),
+    (lambda raw: json.dumps([1, 2]), "must hold a JSON object"),
+    (lambda raw: json.dumps({**raw, "hiden_size": 64}), "Unknown key in the drafter's config.json"),
+    (lambda raw: json.dumps({k: v for k, v in raw.items() if k != "head_dim"}), "lacks required keys"),
+    (lambda raw: json.dumps({**raw, "num_attention_heads": "four"}), "Invalid num_attention_heads"),
+])
+def test_broken_drafter_config(root, tmp_path, capsys, edit, needle):
+    folder = tmp_path / "drafter"
+    shutil.copytree(root / "eagle", folder)
+    text = edit(json.loads((folder / "config.json").read_text()))
+    (folder / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert main(eval_args(root, tmp_path / "out", **{"--drafter": folder})) == 2
+    clear_error(capsys, needle)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_interrupt_during_the_first_prompt_reports_zero_prompts(root, tmp_path, capsys, monkeypatch, how):
+    def interrupted_warm_up(self, prompt):
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)   # the harness turns it into KeyboardInterrupt
+            time.sleep(5)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness.Runner, "warm_up", interrupted_warm_up)
+    assert main(eval_args(root, tmp_path / "out")) == 130
+    err = capsys.readouterr().err
+    assert "interrupted before the first prompt finished: 0 prompts done, no report written" in err
+    assert "Traceback" not in err and not (tmp_path / "out" / "report.json").exists()
+
+
+# ------------------------------------------------------------------------- B: prompt lengths
+
+def test_too_long_prompt_is_refused_before_any_prompt_runs(root, tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(harness.Runner, "run_prompt", lambda self, *a, **k: calls.append(1))
+    bench = tmp_path / "b.jsonl"
+    bench.write_text('{"prompt": "Hi"}\n{"prompt": "Hello"}\n' + json.dumps({"prompt": "word " * 80, "id": "long"}))
+    assert main(eval_args(root, tmp_path / "out", **{"--bench": bench})) == 2
+    clear_error(capsys, "1 prompt(s) do not fit the target's context of 64 tokens", "prompt 3 (id 'long', turn 1)",
+                "nothing was generated")
+    assert calls == []
+
+
+# ------------------------------------------------------------------------ C: training data rows
+
+def write_recipe(root, tmp_path, source) -> str:
+    recipe = {"description": "tiny", "target": {"name": str(root / "target"), "dtype": "fp32"},
+              "drafter": {"kind": "small_lm", "num_layers": 1},
+              "data": {"source": str(source), "max_length": 48, "heldout_fraction": 0.2,
+                       "cache_dir": str(tmp_path / "cache")},
+              "train": {"max_steps": 0, "batch_size": 2, "mixed_precision": "no"},
+              "eval": {"batches": 1}, "log": {"tensorboard": False}, "run": {"out_dir": str(tmp_path / "runs")}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    return str(tmp_path / "r.yaml")
+
+
+def test_binary_data_file(root, tmp_path, capsys):
+    (tmp_path / "data.jsonl").write_bytes(b"\x1f\x8b\x08\x00\xff\xfe" * 40 + b"\n" + b"\x80\x81\n" * 5)
+    assert main(["train", write_recipe(root, tmp_path, tmp_path / "data.jsonl")]) == 2
+    clear_error(capsys, "6 of 6 records", "not UTF-8 text", "no usable conversation")
+
+
+def test_malformed_rows_are_counted_and_refused_over_the_limit(root, tmp_path, capsys):
+    good = (root / "chats.jsonl").read_text().splitlines()
+    bad = [json.dumps({"messages": [{"role": "bing", "content": "q"}]})] * 20 + ["{oops"] * 10
+    (tmp_path / "data.jsonl").write_text("\n".join(good + bad) + "\n")
+    recipe = write_recipe(root, tmp_path, tmp_path / "data.jsonl")
+    assert main(["train", recipe]) == 2
+    err = clear_error(capsys, "30 of 60 records", "50.0% > data.max_malformed_fraction 0.1")
+    assert "unknown role 'bing': 20" in err and "not JSON: 10" in err
+    assert main(["train", recipe, "data.max_malformed_fraction=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "kept 30, skipped 30 (unknown role 'bing': 20, not JSON: 10)" in out
+    assert "tokenized conversations: kept" in out     # the second stage's counts are printed too
+
+
+@pytest.mark.parametrize("value,needle", [("1.5", "Use a fraction in [0, 1]"), ("-0.1", "Use a value >= 0.0"),
+                                          ("many", "must be a number")])
+def test_max_malformed_fraction_is_validated(value, needle, capsys):
+    assert main(["train", "smollm2-135m/small_lm-kd-quick", f"data.max_malformed_fraction={value}", "--dry-run"]) == 2
+    clear_error(capsys, "data.max_malformed_fraction", needle)
+
+
+# ------------------------------------------------------------- D: drafter sizes checked first
+
+@pytest.fixture
+def no_real_heads(monkeypatch):
+    """Fail the test if an EAGLE head is built off the meta device with more than the target's width:
+    that is the allocation the checks must prevent (65536 wide would be 64 GiB)."""
+    real = EagleHead.__init__
+
+    def guarded(self, config):
+        if torch.empty(0).device.type != "meta" and config.hidden_size > 64:
+            raise AssertionError(f"a {config.hidden_size}-wide head was allocated before any check")
+        real(self, config)
+
+    monkeypatch.setattr(EagleHead, "__init__", guarded)
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"hidden_size": 65536}, "hidden_size differs from the target's hidden size"),
+    ({"hidden_size": 65536, "intermediate_size": 1 << 20}, "hidden_size differs"),
+    ({"vocab_size": 1 << 24}, "vocabulary (vocab_size) differs"),
+    ({"target_layer": 40}, "reads target layers this target does not have"),
+    ({"intermediate_size": 4096}, "weights do not match its config.json"),
+])
+def test_oversized_or_mismatched_eagle_config_is_refused_before_allocation(root, tmp_path, capsys, no_real_heads,
+                                                                            edit, needle):
+    folder = tmp_path / "drafter"
+    shutil.copytree(root / "eagle", folder)
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, **edit}))
+    assert main(eval_args(root, tmp_path / "out", **{"--drafter": folder})) == 2
+    clear_error(capsys, needle)
+
+
+def test_damaged_weights_are_refused_from_the_header(root, tmp_path, capsys):
+    folder = tmp_path / "drafter"
+    shutil.copytree(root / "eagle", folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])   # cut mid-tensor
+    assert main(eval_args(root, tmp_path / "out", **{"--drafter": folder})) == 2
+    clear_error(capsys, "weights file is damaged")
+    (folder / "model.safetensors").write_bytes((1 << 40).to_bytes(8, "little") + b"{}")   # absurd header size
+    assert main(eval_args(root, tmp_path / "out", **{"--drafter": folder})) == 2
+    clear_error(capsys, "weights file is damaged", "header claims")
+
+
+def test_eagle3_head_reading_layers_the_target_lacks(root, tmp_path, capsys):
+    vocab = json.loads((root / "target" / "config.json").read_text())["vocab_size"]
+    head = build_eagle3(tiny_llama(0, layers=4, vocab=vocab), [0, 1, 3], torch.arange(50))   # a 4-layer target's
+    head.save_pretrained(tmp_path / "e3")
+    assert main(eval_args(root, tmp_path / "out", **{"--drafter": tmp_path / "e3"})) == 2
+    clear_error(capsys, "reads target layers this target does not have", "[0, 1, 3]")
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"num_hidden_layers": 64}, "num_hidden_layers exceeds the target's"),
+    ({"hidden_size": 65536}, "hidden_size exceeds the target's"),
+    ({"intermediate_size": 96}, "weights do not match its config.json"),
+])
+def test_small_lm_config_checked_before_allocation(root, tmp_path, capsys, monkeypatch, edit, needle):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(1, layers=1, vocab=json.loads((root / "target" / "config.json").read_text())["vocab_size"])
+    model.save_pretrained(tmp_path / "lm")
+    raw = json.loads((tmp_path / "lm" / "config.json").read_text())
+    (tmp_path / "lm" / "config.json").write_text(json.dumps({**raw, **edit}))
+    real = AutoModelForCausalLM.from_pretrained
+
+    def guarded(path, *args, **kwargs):
+        assert str(path) != str(tmp_path / "lm"), "the drafter was loaded before its config was checked"
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", guarded)
+    assert main(eval_args(root, tmp_path / "out", **{"--drafter": tmp_path / "lm"})) == 2
+    clear_error(capsys, needle)
