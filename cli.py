@@ -1,4 +1,4 @@
-"""`draftsmith` command line: train | export | eval | recipes | data prepare | data regenerate."""
+"""`draftsmith` command line: train | export | eval | recipes | data prepare | data regenerate | data cache."""
 
 from __future__ import annotations
 
@@ -93,9 +93,10 @@ def add_data_parser(sub) -> None:
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
     q.set_defaults(func=cmd_data_prepare)
-    from draftsmith.data_cli import add_regenerate_parser
+    from draftsmith.data_cli import add_cache_parser, add_regenerate_parser
 
     add_regenerate_parser(verbs)
+    add_cache_parser(verbs)
 
 
 def cmd_data_prepare(args) -> int:

@@ -1,4 +1,4 @@
-"""`draftsmith data regenerate`: its arguments (cli.py adds them under `data`)."""
+"""`draftsmith data regenerate` and `draftsmith data cache`: their arguments (cli.py adds them under `data`)."""
 
 from __future__ import annotations
 
@@ -51,3 +51,31 @@ def cmd_regenerate(args) -> int:
     print(f"wrote {args.out} (train with data.source={args.out})")
     return 0
 
+
+def add_cache_parser(verbs) -> None:
+    q = verbs.add_parser(
+        "cache", help="run the target once over a recipe's data and store its signals (offline teacher)",
+        description="Store what a recipe's loss needs from the target (the hidden states of the layers its drafter "
+                    "reads, the top-k log-probabilities and the remaining mass) in safetensors shards; train on "
+                    "them with data.teacher=cache:DIR. Resumable: rerun the same command after an interruption.")
+    q.add_argument("recipe", help="recipe name or path to a YAML file")
+    q.add_argument("overrides", nargs="*", help="section.key=value (the data settings must match the training run's)")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--top-k", type=int, default=64,
+                   help="target log-probabilities kept per trained position (default 64); >= the vocabulary "
+                        "size stores the full distribution and makes the loss exact")
+    q.add_argument("--batch-size", type=int, default=None, help="rows per target forward (default: train.batch_size)")
+    q.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    q.add_argument("--overwrite", action="store_true", help="delete the folder's cache and start again")
+    q.set_defaults(func=cmd_cache)
+
+
+def cmd_cache(args) -> int:
+    from draftsmith.distill.teacher_cache import build_cache
+
+    manifest = build_cache(args.recipe, args.overrides, args.out, top_k=args.top_k, batch_size=args.batch_size,
+                           device=args.device, overwrite=args.overwrite)
+    for split, m in manifest["plan"]["splits"].items():
+        print(f"{split}: {m['rows']} rows, {m['tokens']} tokens, {m['trained']} trained positions")
+    print(f"wrote {args.out}: {manifest['bytes'] / 2**20:.1f} MiB (train with data.teacher=cache:{args.out})")
+    return 0

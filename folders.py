@@ -17,7 +17,8 @@ from pathlib import Path
 from draftsmith.errors import DraftsmithError
 
 MARKER = ".draftsmith"
-KINDS = {"run": "a training run", "export": "an export", "eval": "an eval report", "data": "prepared data"}
+KINDS = {"run": "a training run", "export": "an export", "eval": "an eval report", "data": "prepared data",
+         "regenerated": "regenerated conversations", "cache": "a teacher cache"}
 
 
 def write_marker(folder: Path, kind: str) -> None:

@@ -201,12 +201,9 @@ def _shard_path(folder: Path, index: int) -> Path:
 
 def _open_folder(folder: Path, plan: dict, cfg: RegenerateConfig) -> None:
     """Start a new folder, or check that the folder's plan is this run's (then it is resumed)."""
-    manifest = _read_manifest(folder)
-    if manifest is not None and cfg.overwrite:
-        import shutil
+    from draftsmith.folders import prepare_output_folder
 
-        shutil.rmtree(folder)
-        manifest = None
+    manifest = None if cfg.overwrite else _read_manifest(folder)
     if manifest is not None:
         if manifest.get("format") != FORMAT:
             raise DraftsmithError("The output folder holds something else than regenerated conversations",
@@ -217,6 +214,7 @@ def _open_folder(folder: Path, plan: dict, cfg: RegenerateConfig) -> None:
                                   ", ".join(f"{k}: folder {a!r}, now {b!r}" for k, (a, b) in differ.items()),
                                   "Rerun with the folder's settings to resume it, pass --overwrite, or choose another --out")
         return
+    prepare_output_folder(folder, cfg.overwrite, "regenerated")   # refuses a folder draftsmith did not write
     manifest = {"format": FORMAT, "plan": plan, "complete": False, "engines": {}, "versions": versions()}
     (folder / "shards").mkdir(parents=True, exist_ok=True)
     _write_atomically(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
@@ -313,7 +311,8 @@ def _make_engine(cfg: RegenerateConfig, rank: int):
 
 
 def regenerate(cfg: RegenerateConfig) -> dict:
-    """Regenerate `cfg.source` with the target into `cfg.out`; returns the manifest."""
+    """Regenerate `cfg.source` with the target into `cfg.out`; returns the manifest (on the main process;
+    {} on the others of an `accelerate launch`)."""
     from tqdm.auto import tqdm
 
     from draftsmith.distill.sources import load_conversations
@@ -359,9 +358,9 @@ def regenerate(cfg: RegenerateConfig) -> dict:
         write_shard(folder, index, dialogues, time.time() - began, engine.describe()["engine"])
     bar.close()
     barrier()
-    manifest = _read_manifest(folder)
     if rank != 0:
-        return manifest
+        return {}
+    manifest = _read_manifest(folder)
     manifest["engines"] = {**manifest.get("engines", {}), engine.describe()["engine"]: engine.describe()}
     _write_atomically(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return finalize(folder, manifest)

@@ -244,10 +244,38 @@ def test_sigkill_then_resume_has_no_duplicate_or_lost_conversation(setup, builti
     assert got == records(builtin)
 
 
+def test_two_processes_split_the_shards(setup, builtin, tmp_path):
+    """torchrun / accelerate launch: each process takes its own shards; together they write what one
+    process writes, and the first one the totals."""
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "draftsmith.cli", *args(setup, out, "--batch-size", "3", "--shard-size", "2")]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1
+    assert records(out) == records(builtin)
+    stats = [json.loads(p.read_text()) for p in sorted((out / "shards").glob("*.json"))]
+    assert len(stats) == 6 and sum(s["conversations"] for s in stats) == 12
+
+
 def test_another_plan_in_the_folder_is_refused(setup, builtin, capsys):
     assert main(args(setup, builtin, "--max-new-tokens", "8")) == 2
     err = capsys.readouterr().err
     assert "another plan" in err and "max_new_tokens: folder 32, now 8" in err and "--overwrite" in err
+
+
+def test_out_folder_not_written_by_draftsmith_is_left_alone(setup, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(args(setup, mine)) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(args(setup, mine, "--overwrite")) == 2
+    assert "no .draftsmith marker" in capsys.readouterr().err and (mine / "notes.txt").is_file()
+    out = tmp_path / "again"
+    assert main(args(setup, out, "--max-conversations", "2")) == 0
+    assert main(args(setup, out, "--max-conversations", "3", "--overwrite")) == 0
+    assert len(records(out)) == 3
 
 
 # ------------------------------------------------------------------------------------- servers

@@ -155,6 +155,10 @@ class DataConfig(Section):
     """Use at most this many conversations; null = all."""
     cache_dir: str | None = None
     """Where tokenized datasets are cached; null = the default cache folder."""
+    teacher: str = "online"
+    """Where the target's signals come from: online (the target runs in every training step) | cache:DIR
+    (a folder written by `draftsmith data cache` for this recipe's data: the target's layers are not
+    loaded on the training device; a top-k cache approximates the loss, docs/data.md)."""
     max_malformed_fraction: float = 0.1
     """Refuse the data when more than this share of its records are malformed (not a conversation:
     unknown role, empty text, no assistant turn, not JSON or not UTF-8); the packaged ShareGPT has 2%."""
@@ -164,6 +168,8 @@ class DataConfig(Section):
               "Use sharegpt, a path to a .jsonl file, a saved dataset folder or a prepared data folder")
         check(self.heldout_fraction < 1.0, "data.heldout_fraction", self.heldout_fraction,
               "Use a fraction in [0, 1), e.g. 0.02")
+        check(self.teacher == "online" or (self.teacher.startswith("cache:") and bool(self.teacher[6:].strip())),
+              "data.teacher", self.teacher, "Use one of: online, cache:DIR (a folder written by `draftsmith data cache`)")
         check(self.max_malformed_fraction <= 1.0, "data.max_malformed_fraction", self.max_malformed_fraction,
               "Use a fraction in [0, 1], e.g. 0.1 (1 accepts any share of malformed records)")
 

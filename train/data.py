@@ -47,4 +47,9 @@ def collate(rows: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
         attention[i, :n] = 1
         mask[i, :n] = torch.as_tensor(r["loss_mask"], dtype=torch.bool)
-    return {"input_ids": ids, "attention_mask": attention, "loss_mask": mask}
+    batch = {"input_ids": ids, "attention_mask": attention, "loss_mask": mask}
+    if "teacher" in rows[0]:      # rows of an offline teacher cache (data.teacher: cache:DIR)
+        from draftsmith.distill.teacher import collate_signals
+
+        batch["teacher"] = collate_signals([r["teacher"] for r in rows], mask)
+    return batch

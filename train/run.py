@@ -185,8 +185,13 @@ def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False)
         scale = 1.0
         if not dry:
             sample = collate([train_rows[i] for i in range(min(8, len(train_rows)))], pad_id)
-            device = next(target_model.parameters()).device
-            scale = feature_scale(target_model, sample["input_ids"].to(device), sample["attention_mask"].to(device))
+            if "teacher" in sample:     # an offline teacher cache: the target's layers do not run
+                from draftsmith.distill.teacher import cached_feature_scale
+
+                scale = cached_feature_scale(target_model, sample)
+            else:
+                device = next(target_model.parameters()).device
+                scale = feature_scale(target_model, sample["input_ids"].to(device), sample["attention_mask"].to(device))
         return _train_module(d, cfg.loss, build_eagle(target_model, scale).float(), target_model)
     if d.kind == "eagle3":
         from draftsmith.models.eagle3 import build_eagle3, default_aux_layers
@@ -276,21 +281,29 @@ def train(recipe: str, overrides: list[str] = (), resume: bool = False, overwrit
 
 
 def _train(cfg, acc, run_dir: Path, ckpt: Path | None) -> dict:
-    from draftsmith.models.target import load_target
+    from draftsmith.distill.teacher import attach_cache, keep_shared_parts, teacher_cache_dir
+    from draftsmith.models.target import load_target, resolve_dtype
     from draftsmith.train.config import save_resolved
     from draftsmith.train.trainer import Trainer
 
     if acc.is_main_process and ckpt is None:
         save_resolved(cfg, run_dir)
-    target = load_target(cfg.target.name, cfg.target.dtype, device=str(acc.device))
+    cached = teacher_cache_dir(cfg.data.teacher)
+    # with a teacher cache the target's layers never reach the training device (distill/teacher.py)
+    target = load_target(cfg.target.name, resolve_dtype(cfg.target.dtype, str(acc.device)),
+                         device="cpu" if cached else str(acc.device))
     if cfg.target.adapter is not None:
         from draftsmith.models.lora import adapted_target
 
         target = adapted_target(target, cfg.target.adapter)
     with acc.main_process_first():
         train_rows, heldout_rows = load_data(cfg, target.tokenizer)
+    if cached:
+        train_rows, heldout_rows = attach_cache(cached, cfg, target, train_rows, heldout_rows)
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
     drafter = build_drafter(cfg, target.model, train_rows, pad)
+    if cached:
+        keep_shared_parts(target, acc.device)
     trainer = Trainer(cfg, run_dir, acc, target, drafter, train_rows, heldout_rows)
     if ckpt is not None:
         trainer.load(Path(ckpt))

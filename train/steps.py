@@ -62,6 +62,8 @@ def forward_batch(target_model, drafter, batch: dict, loss_cfg) -> tuple[torch.T
         mask[:, 0] = False        # a feature head's first row predicts position 1's token
     if torch.is_grad_enabled() and not getattr(module, "needs_target", True):
         t_logits, hidden = None, []     # a target-independent training step (held-out figures still run it)
+    elif "teacher" in batch:     # an offline teacher cache (distill/teacher.py): the target does not run
+        t_logits, hidden = batch["teacher"].signals(mask, layers)
     else:
         t_logits, hidden = target_signals(target_model, ids, attention, mask, layers)
     d_logits, aux = drafter(ids, attention, mask, hidden, t_logits)
