@@ -323,3 +323,31 @@ def test_parallel_recipes_load_with_pard_settings():
     assert quick.train.weight_decay == 0.0 and quick.loss.data_ce_weight == 0.1
     cluster = load_recipe("llama-3.1-8b/parallel-kd-8gpu")
     assert cluster.drafter.init_from == "meta-llama/Llama-3.2-1B-Instruct" and cluster.drafter.parallel_k == 8
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_fp32_greedy_equality_and_bf16_training():
+    """On CUDA: the proposer stays lossless in fp32, and bf16 autocast training (SDPA with the 4-D
+    block mask) lowers the loss."""
+    target = Target(tiny_llama(0, layers=4).cuda(), tokenizer=None)
+    proposer = ParallelProposer(parallel_model(target).cuda())
+    for prompt in prompts(3, seed=2):
+        ar = autoregressive_generate(target, prompt, max_new_tokens=24)
+        assert speculative_generate(target, proposer, prompt, k=4, max_new_tokens=24).tokens == ar.tokens
+    torch.manual_seed(0)
+    module = ParallelTrainModule(parallel_model(target).float().cuda(), KD, 4, 0.7, 0.2, True)
+    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+    b = {k: v.cuda() for k, v in batch().items()}
+    losses = []
+    for _ in range(25):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _, _ = steps.forward_batch(target.model, module, b, KD)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]

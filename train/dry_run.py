@@ -88,7 +88,10 @@ def _activation_bytes(cfg, tcfg, drafter) -> dict[str, float]:
         out["drafter activations (sequence + mask blocks)"] = (c.num_hidden_layers * (rows + blocks)
                                                                * (12 * c.hidden_size + 3 * c.intermediate_size) * act)
         out["mask-block attention mask (bool)"] = b * (t + blocks / b) ** 2
-        out["drafter logits (fp32, grad)"] = (rows + blocks) * v * 4 * 3
+        # logits, the target's rows gathered per block and the loss's fp32 softmaxes: ~24 bytes per row and
+        # token with a KD loss, ~10 with CE only (H100, parallel-kd shapes: 39.0 and 18.7 GiB peak)
+        per = 10 if cfg.loss.name == "data_ce" else 24
+        out["drafter logits and the loss's fp32 temporaries"] = (rows + blocks) * v * per
     elif d.kind == "eagle":
         out["drafter activations"] = rows * (14 * h + 3 * tcfg.intermediate_size) * act
         out["drafter logits via the target's head (fp32, grad)"] = rows * v * 4 * 3
