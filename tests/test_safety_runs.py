@@ -274,6 +274,69 @@ def test_no_pickle_is_loaded_from_a_checkpoint(setup, base, tmp_path):
     assert not witness.exists()
 
 
+def test_sharded_checkpoint_metadata_is_checked_before_torch_distributed_reads_it(tmp_path):
+    """FSDP's checkpoints (torch.distributed.checkpoint) keep a `.metadata` file that torch reads with plain
+    pickle.load: a real one passes the check, a planted one is refused without running."""
+    import pickle
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = torch.nn.Linear(4, 4, dtype=torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4, dtype=torch.bfloat16)).sum().backward()
+    optimizer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # "assuming the intent is to save in a single process"
+        weights, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": weights}, checkpoint_id=tmp_path / "real" / "pytorch_model_fsdp_0")
+        dcp.save({"optimizer": optimizer_state}, checkpoint_id=tmp_path / "real" / "optimizer_0")
+    training_state.check_engine_pickles(tmp_path / "real")
+    witness = tmp_path / "code-ran"
+    planted = tmp_path / "planted" / "optimizer_0" / ".metadata"
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(pickle.dumps(Payload(witness)))
+    with pytest.raises(DraftsmithError, match="posix.mkdir is not among the types"):
+        training_state.check_engine_pickles(tmp_path / "planted")
+    assert not witness.exists()
+
+
+def to_legacy(ckpt: Path) -> None:
+    """Rewrite a checkpoint as draftsmith wrote them before its pickle-free format: accelerate's
+    optimizer.bin, custom_checkpoint_0.pkl (the scheduler) and random_states_0.pkl, sizes only in meta."""
+    import numpy as np
+    from safetensors import safe_open
+
+    small = training_state.join_tensors(json.loads((ckpt / "state" / "trainer.json").read_text()),
+                                        load_file(ckpt / "state" / "optimizer.safetensors"))
+    with safe_open(str(ckpt / "state" / "rng-0.safetensors"), framework="pt") as f:
+        scalars, rng = json.loads(f.metadata()["scalars"]), {k: f.get_tensor(k) for k in f.keys()}
+    (ckpt / "accelerate").mkdir()
+    torch.save(small["optimizer"], ckpt / "accelerate" / "optimizer.bin")
+    torch.save(small["scheduler"], ckpt / "accelerate" / "custom_checkpoint_0.pkl")
+    version, gauss = scalars["python"]
+    name, pos, has_gauss, cached = scalars["numpy"]
+    torch.save({"step": small["accelerator_step"], "random_state": (version, tuple(rng["python"].tolist()), gauss),
+                "numpy_random_seed": (name, rng["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached),
+                "torch_manual_seed": rng["torch"]}, ckpt / "accelerate" / "random_states_0.pkl")
+    shutil.rmtree(ckpt / "state")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["format"], meta["sha256"]
+    meta["files"] = {rel: size for rel, size in file_digests(ckpt)[0].items() if rel != "meta.json"}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_checkpoint_from_before_the_pickle_free_format_still_resumes(setup, base, tmp_path):
+    new, old = copy_run(base, tmp_path / "new"), copy_run(base, tmp_path / "old")
+    to_legacy(ckpt_path(old, 4))
+    assert resume(setup, new)["step"] == resume(setup, old)["step"] == 6
+    for name in ("drafter/model.safetensors", "state/optimizer.safetensors"):
+        a, b = load_file(ckpt_path(new, 6) / name), load_file(ckpt_path(old, 6) / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_no_pickle_is_loaded_from_drafter_or_data_folders(setup, base, tmp_path, capsys):
     witness = tmp_path / "code-ran"
     recipe = str(setup / "recipe.yaml")

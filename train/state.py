@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from draftsmith.errors import DraftsmithError
 
 FORMAT = "draftsmith-checkpoint/2"
 
@@ -131,19 +135,65 @@ def load_state(folder: Path, optimizer, scheduler, accelerator) -> None:
                       f"{accelerator.process_index} continues with freshly seeded random states")
 
 
+# the plain-data classes DeepSpeed's ZeRO checkpoints hold besides tensors (found with
+# torch.serialization.get_unsafe_globals_in_checkpoint on a ZeRO-2 checkpoint of deepspeed 0.19)
+_DEEPSPEED_GLOBALS = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                      ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                      ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                      ("deepspeed.utils.tensor_fragment", "fragment_address"))
+
+
 @contextmanager
 def weights_only_loads():
-    """Every torch.load inside (accelerate's, DeepSpeed's) refuses pickled objects other than tensors and
-    plain containers, whatever weights_only its caller passes."""
+    """Every torch.load inside (accelerate's, DeepSpeed's) refuses pickled objects other than tensors,
+    plain containers and DeepSpeed's few plain-data classes, whatever weights_only its caller passes."""
     before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    engine = [getattr(sys.modules[m], n) for m, n in _DEEPSPEED_GLOBALS if hasattr(sys.modules.get(m), n)]
     try:
-        yield
+        with torch.serialization.safe_globals(engine):
+            yield
     finally:
         if before is None:
             os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
         else:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+# what torch.distributed.checkpoint (FSDP under accelerate) writes into its plain-pickle `.metadata` file
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
+                                              "_MEM_FORMAT_ENCODING", "ChunkStorageMetadata", "BytesStorageMetadata",
+                                              "MetadataIndex", "StorageMeta"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        allowed = name in _DCP_GLOBALS.get(module, ()) or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not among the types a checkpoint's metadata holds")
+        return super().find_class(module, name)
+
+
+def check_engine_pickles(folder: Path) -> None:
+    """torch.distributed.checkpoint reads its `.metadata` files with plain pickle.load: refuse any that
+    names a global outside what that metadata holds before the engine loads it (torch.load calls are
+    covered by weights_only_loads)."""
+    for path in sorted(Path(folder).rglob(".metadata")):
+        try:
+            with open(path, "rb") as f:
+                _MetadataUnpickler(f).load()
+        except Exception as err:
+            raise DraftsmithError("A checkpoint's sharded-state metadata holds something other than metadata; "
+                                  "draftsmith does not load it", f"{path}: {err}",
+                                  "Resume from another checkpoint (delete this one), or start again") from None
 
 
 def load_legacy_state(folder: Path, optimizer, scheduler, accelerator, with_optimizer: bool) -> None:

@@ -185,6 +185,7 @@ class Trainer:
             if not self.sharded:   # the engines of DeepSpeed and FSDP load their own (sharded) weights
                 load_drafter_weights(self.acc.unwrap_model(self.drafter).model, ckpt / "drafter")
             if self.sharded:
+                training_state.check_engine_pickles(ckpt / "accelerate")
                 with training_state.weights_only_loads():
                     self.acc.load_state(str(ckpt / "accelerate"))
             if meta.get("format") == training_state.FORMAT:
