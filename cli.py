@@ -18,7 +18,13 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--num-prompts", type=int, default=None, help="keep the first N prompts (default: all)")
     p.add_argument("--turns", type=int, default=1, help="user turns per conversation (MT-bench has 2)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--k", type=int, default=4, help="draft length per step")
+    p.add_argument("--k", type=_k_value, default="auto",
+                   help="auto (default: draft length chosen per step from the measured cost curve and the "
+                        "drafter's confidence, up to --k-max) | N (a fixed chain of N drafts)")
+    p.add_argument("--k-max", type=int, default=8, help="deepest draft with --k auto (default 8)")
+    p.add_argument("--tree", default=None,
+                   help="none (chains) | dynamic[:depth,topk,nodes] (EAGLE-2, default 6,8,48) | static:FILE "
+                        "(JSON list of rank paths, Medusa style)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
@@ -31,12 +37,22 @@ def add_eval_parser(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _k_value(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k takes auto or an integer, not {text!r}") from None
+
+
 def cmd_eval(args) -> int:
     from draftsmith.eval.harness import EvalConfig, run_eval
     from draftsmith.eval.report import check_out_dir, write_report
 
     cfg = EvalConfig(target=args.target, drafter=args.drafter, bench=args.bench, num_prompts=args.num_prompts,
-                     turns=args.turns, max_new_tokens=args.max_new_tokens, k=args.k, temperature=args.temperature,
+                     turns=args.turns, max_new_tokens=args.max_new_tokens, k=args.k, k_max=args.k_max, tree=args.tree,
+                     temperature=args.temperature,
                      top_p=args.top_p, top_k=args.top_k, seed=args.seed, dtype=args.dtype, device=args.device,
                      hf_assisted=not args.no_hf_assisted)
     out = check_out_dir(args.out, args.overwrite)

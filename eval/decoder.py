@@ -85,6 +85,7 @@ class GenerationResult:
     depth: list[int] = field(default_factory=list)       # longest drafted path, per verify step
     draft_s: float = 0.0                                 # seconds in propose()
     verify_s: float = 0.0                                # seconds in the target's verify forwards
+    observe_s: float = 0.0                               # seconds in observe() after each step
     stop_reason: str = "max_new_tokens"
 
     @property
@@ -194,7 +195,9 @@ def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[in
         target.keep(cache, state.committed, rows)
         state = DecodeState(tokens=state.tokens + new, committed=state.committed + len(rows),
                             hidden=[h[rows] for h in out.hidden], hidden_start=state.committed)
+        observe_start = time.perf_counter()
         proposer.observe(state)
+        result.observe_s += time.perf_counter() - observe_start
     return result
 
 

@@ -147,9 +147,9 @@ def _chain(expand: Expand, logits: torch.Tensor, k: int, sampler: DraftSampler) 
     return Draft(tokens, None if qs[0] is None else torch.stack(qs), None, conf)
 
 
-def _order(tokens, parents, conf, values, keep: int) -> Draft:
+def best_first_order(parents: list[int], values: list[float], keep: int) -> list[int]:
     """The `keep` best nodes by value (ancestors always kept), parents first, best first."""
-    rank = sorted(range(len(tokens)), key=lambda i: -values[i])
+    rank = sorted(range(len(parents)), key=lambda i: -values[i])
     chosen: set[int] = set()
     for i in rank:
         if len(chosen) >= keep:
@@ -158,20 +158,26 @@ def _order(tokens, parents, conf, values, keep: int) -> Draft:
         while node >= 0 and node not in chosen:   # values fall along a path, so ancestors come first
             chosen.add(node)
             node = parents[node]
-    order = sorted(chosen, key=lambda i: (-values[i], i))
-    # a child whose value ties its parent's must still come after it
-    placed, out = set(), []
-    pending = list(order)
-    while pending:
-        for i in pending:
-            if parents[i] < 0 or parents[i] in placed:
-                out.append(i)
-                placed.add(i)
-                pending.remove(i)
-                break
-    index = {old: new for new, old in enumerate(out)}
-    return Draft([tokens[i] for i in out], None, [index[parents[i]] if parents[i] >= 0 else -1 for i in out],
-                 [conf[i] for i in out])
+    pending = sorted(chosen, key=lambda i: (-values[i], i))
+    placed: set[int] = set()
+    out: list[int] = []
+    while pending:        # a child whose value ties its parent's must still come after it
+        i = next(i for i in pending if parents[i] < 0 or parents[i] in placed)
+        out.append(i)
+        placed.add(i)
+        pending.remove(i)
+    return out
+
+
+def subset(tokens: list[int], parents: list[int], conf: list, order: list[int]) -> Draft:
+    """The draft made of nodes `order` (an ancestor-closed list, parents first), renumbered."""
+    index = {old: new for new, old in enumerate(order)}
+    return Draft([tokens[i] for i in order], None, [index[parents[i]] if parents[i] >= 0 else -1 for i in order],
+                 [conf[i] for i in order])
+
+
+def best_first(tokens, parents, conf, values, keep: int) -> Draft:
+    return subset(tokens, parents, conf, best_first_order(parents, values, keep))
 
 
 def _top(sampler: DraftSampler, logits: torch.Tensor, width: int):
@@ -207,7 +213,7 @@ def _dynamic(expand: Expand, root_logits, k: int, sampler: DraftSampler, tree: T
             break
         logits = expand(frontier, tokens, parents)
         level = add([(i, _top(sampler, logits[j], tree.topk)) for j, i in enumerate(frontier)])
-    return _order(tokens, parents, conf, values, tree.nodes)
+    return best_first(tokens, parents, conf, values, tree.nodes)
 
 
 def _static(expand: Expand, root_logits, k: int, sampler: DraftSampler, tree: TreeShape) -> Draft:
@@ -235,4 +241,4 @@ def _static(expand: Expand, root_logits, k: int, sampler: DraftSampler, tree: Tr
         logits = expand([node_of[p] for p in grow], tokens, parents)
         for j, p in enumerate(grow):
             tops[p] = _top(sampler, logits[j], tree.topk)
-    return _order(tokens, parents, conf, values, len(tokens))
+    return best_first(tokens, parents, conf, values, len(tokens))

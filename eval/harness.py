@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 from draftsmith.errors import DraftsmithError
 from draftsmith.eval.benchmarks import BenchItem, check_prompt_lengths, load_bench
 from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
+from draftsmith.eval.draft_length import DraftLengthRule, measure_cost_curve
+from draftsmith.eval.drafting import TreeShape
 from draftsmith.eval.metrics import PromptRecord, first_divergence, summarize
 from draftsmith.eval.verify import Sampling
 from draftsmith.models import load_drafter, load_target
@@ -32,7 +34,9 @@ class EvalConfig:
     num_prompts: int | None = None
     turns: int = 1
     max_new_tokens: int = 128
-    k: int = 4
+    k: int | str = "auto"            # "auto": cost-aware draft length up to k_max; N: a fixed chain of N
+    tree: str | None = None          # None/none: chains; dynamic[:depth,topk,nodes]; static:FILE
+    k_max: int = 8
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int | None = None
@@ -42,8 +46,11 @@ class EvalConfig:
     hf_assisted: bool = True
 
     def __post_init__(self):
-        if self.k < 1:
-            raise DraftsmithError("k (draft length) must be >= 1", self.k, "Use e.g. --k 4")
+        if self.k != "auto" and not (isinstance(self.k, int) and self.k >= 1):
+            raise DraftsmithError("k (draft length) must be auto or an integer >= 1", self.k, "Use --k auto or e.g. --k 4")
+        self.tree_shape = TreeShape.parse(self.tree)
+        # the deepest draft path: the tree's depth, else k (auto: up to k_max)
+        self.depth = self.tree_shape.depth if self.tree_shape else (self.k_max if self.k == "auto" else self.k)
         if self.max_new_tokens < 1:
             raise DraftsmithError("max_new_tokens must be >= 1", self.max_new_tokens)
         self.sampling = Sampling(self.temperature, self.top_k, self.top_p)  # validates
@@ -145,7 +152,13 @@ class Runner:
         self.proposer = proposer or load_drafter(cfg.drafter, self.target)
         self.eos = eos_ids(self.target)
         kwargs_fn = getattr(self.proposer, "hf_assisted_kwargs", None)
-        self.hf_extra = kwargs_fn(cfg.k) if (kwargs_fn and cfg.hf_assisted) else None
+        # transformers drafts chains of a fixed length: k, or 4 (its prompt-lookup default's scale) with --k auto
+        hf_k = cfg.k if isinstance(cfg.k, int) else 4
+        self.hf_extra = kwargs_fn(hf_k) if (kwargs_fn and cfg.hf_assisted and not cfg.tree_shape) else None
+        # --k auto: the target's cost curve on this device, measured once; acceptance is learnt online
+        self.rule = None
+        if cfg.k == "auto":
+            self.rule = DraftLengthRule(measure_cost_curve(self.target, hidden_layers=tuple(self.proposer.hidden_layers)))
 
     def _gen(self, seed: int) -> torch.Generator:
         return torch.Generator().manual_seed(seed)
@@ -155,8 +168,8 @@ class Runner:
         limits = dict(max_new_tokens=max_new_tokens or cfg.max_new_tokens, sampling=cfg.sampling,
                       eos_token_ids=self.eos)
         ar, ar_s = _timed(lambda: autoregressive_generate(t, prompt, generator=self._gen(seed), **limits), t.device)
-        sd, sd_s = _timed(lambda: speculative_generate(t, self.proposer, prompt, k=cfg.k,
-                                                       generator=self._gen(seed), **limits), t.device)
+        sd, sd_s = _timed(lambda: speculative_generate(t, self.proposer, prompt, k=cfg.depth, tree=cfg.tree_shape,
+                                                       rule=self.rule, generator=self._gen(seed), **limits), t.device)
         hf, hf_s = None, None
         if self.hf_extra is not None:
             hf, hf_s = _timed(lambda: hf_generate(t, prompt, cfg, self.eos, self.hf_extra, seed), t.device)
@@ -200,11 +213,12 @@ class Runner:
             records.append(PromptRecord(
                 id=item.id, turn=turn + 1, prompt_tokens=len(prompt), ar_tokens=ar.tokens, ar_s=ar_s,
                 sd_tokens=sd.tokens, sd_s=sd_s, proposed=sd.proposed, accepted=sd.accepted, emitted=sd.emitted,
+                depth=sd.depth, draft_s=sd.draft_s, verify_s=sd.verify_s,
                 hf_tokens=hf, hf_s=hf_s,
                 divergence=_divergence(t, prompt, ar.tokens, sd.tokens) if greedy else None,
                 hf_divergence=_divergence(t, prompt, ar.tokens, hf) if greedy and hf is not None else None,
                 extra={"category": item.category}))
-            s = summarize(records, cfg.k, greedy)
+            s = summarize(records, cfg.depth, greedy)
             bar.set_postfix(tau=f"{s['tau'] or 0:.2f}", speedup=f"{s['speedup'] or 0:.2f}x")
             bar.update()
 
@@ -235,12 +249,23 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, list[PromptR
     config = {k: v for k, v in asdict(cfg).items()}
     config.update(dtype=str(runner.target.dtype).replace("torch.", ""), device=str(runner.target.device),
                   eos_token_ids=list(runner.eos), hf_assisted_applies=runner.hf_extra is not None)
-    report = summarize(records, cfg.k, cfg.sampling.greedy)
+    report = summarize(records, cfg.depth, cfg.sampling.greedy)
+    report["draft_length"] = draft_length_report(cfg, runner.rule)
     report["config"] = config
     report["environment"] = environment(runner.target)
     if runner.interrupted:
         report["interrupted"] = {"prompts_done": len(records), "prompts_planned": runner.planned}
     return report, records
+
+
+def draft_length_report(cfg: EvalConfig, rule: DraftLengthRule | None) -> dict:
+    """How draft lengths were chosen: the mode, and for `--k auto` the measured cost curve and the
+    histogram of draft nodes verified per step."""
+    out = {"mode": "auto" if rule else "fixed", "depth": cfg.depth, "tree": cfg.tree or "none"}
+    if rule is not None:
+        out.update(cost_curve=rule.curve.as_dict(), nodes_per_step_histogram=rule.histogram(),
+                   draft_ms_per_node=round(rule.node_s * 1e3, 3))
+    return out
 
 
 def _interrupt(signum, frame):

@@ -1,6 +1,7 @@
 """Targets and drafters. `load_drafter` maps a drafter spec to a Proposer for the decoder.
 
-Specs: `prompt-lookup`; `truncated:N` (a copy of the target's first N layers, kind small_lm);
+Specs: `prompt-lookup`; `A+B` (several drafters whose drafts are branches of one tree);
+`truncated:N` (a copy of the target's first N layers, kind small_lm);
 a folder written by `draftsmith export` or any transformers causal LM sharing the target's
 tokenizer (kind small_lm). Adding a kind = one file in models/ + one line in DRAFTER_KINDS.
 """
@@ -22,6 +23,10 @@ def load_drafter(spec: str, target: Target, dtype=None):
 
     if spec in ("prompt-lookup", "prompt_lookup"):
         return PromptLookupProposer()
+    if "+" in spec and not Path(spec).expanduser().exists():   # several drafters as one tree
+        from draftsmith.models.composite import CompositeProposer
+
+        return CompositeProposer([load_drafter(part, target, dtype) for part in spec.split("+")])
     if spec.startswith("truncated:"):
         try:
             n = int(spec.split(":", 1)[1])

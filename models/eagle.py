@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.decoder import DecodeState, Draft, Sampler
+from draftsmith.eval.decoder import DecodeState, Sampler
+from draftsmith.eval.drafting import Draft, TreeShape, grow_draft
+from draftsmith.eval.tree import depths
 
 
 @dataclass
@@ -229,13 +231,17 @@ class EagleProposer:
         self.length = 0           # rows in the cache
         self.feature = None       # f for the last committed row: predicts the token after the newest
 
-    def _feed(self, hidden: torch.Tensor, tokens: list[int], start: int) -> torch.Tensor:
+    def _feed(self, hidden: torch.Tensor, tokens: list[int], start: int, positions: list[int] | None = None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Append rows (token embedding, feature) after `start` cached rows. Default: positions
+        start.., causal among the new rows with a full view of the cached ones."""
         ids = torch.tensor([tokens], device=self.device)
-        positions = torch.arange(start, start + len(tokens), device=self.device)[None]
-        mask = None
-        if len(tokens) > 1:       # causal among the new rows, full view of the cached ones
-            mask = torch.ones(len(tokens), start + len(tokens), dtype=torch.bool, device=self.device).tril(start)
-        f = self.head(self.embed(ids).to(self.dtype), hidden[None].to(self.dtype), positions, self.cache, mask)
+        if positions is None:
+            positions = list(range(start, start + len(tokens)))
+            if len(tokens) > 1:
+                mask = torch.ones(len(tokens), start + len(tokens), dtype=torch.bool, device=self.device).tril(start)
+        pos = torch.tensor([positions], device=self.device)
+        f = self.head(self.embed(ids).to(self.dtype), hidden[None].to(self.dtype), pos, self.cache, mask)
         self.length = start + len(tokens)
         return f[0]               # [T, H]
 
@@ -258,18 +264,35 @@ class EagleProposer:
         return self.norm(hidden[0].to(self.dtype))
 
     def _logits(self, feature: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(feature[None])[0].float()
+        """Features [..., H] -> draft logits [..., V]."""
+        return self.lm_head(feature).float()
 
     @torch.inference_mode()
-    def propose(self, state: DecodeState, k: int, sampler: Sampler) -> Draft:
-        tokens, qs, feature = [], [], self.feature
-        for i in range(k):
-            token, q = sampler(self._logits(feature))
-            tokens.append(token)
-            qs.append(q)
-            if i + 1 < k:   # the drafted row: own feature as the hidden state, the drafted token
-                feature = self._feed(feature[None], [token], self.length)[-1]
-        return Draft(tokens, None if not qs or qs[0] is None else torch.stack(qs))
+    def propose(self, state: DecodeState, k: int, sampler: Sampler, tree: TreeShape | None = None) -> Draft:
+        """A chain or tree of drafts (eval/drafting.py). A node's row reads its token and the feature
+        its parent's row produced; its output feature gives the logits of its children."""
+        base = self.length
+        feats: dict[int, torch.Tensor] = {}       # node -> the feature its row produced
+        rows: dict[int, int] = {}                 # node -> its row in the head's cache
+
+        def expand(nodes: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
+            cached = self.length
+            depth = depths(parents)
+            see = torch.zeros(len(nodes), cached + len(nodes), dtype=torch.bool, device=self.device)
+            see[:, :base] = True
+            for r, node in enumerate(nodes):
+                parent = parents[node]
+                while parent >= 0:
+                    see[r, rows[parent]] = True
+                    parent = parents[parent]
+                see[r, cached + r] = True
+                rows[node] = cached + r
+            inputs = torch.stack([self.feature if parents[n] < 0 else feats[parents[n]] for n in nodes])
+            f = self._feed(inputs, [tokens[n] for n in nodes], cached, [base - 1 + depth[n] for n in nodes], see)
+            feats.update(zip(nodes, f))
+            return self._logits(f)
+
+        return grow_draft(expand, self._logits(self.feature), k, sampler, tree)
 
 
 class EagleTrainModule(nn.Module):

@@ -193,9 +193,9 @@ class Eagle3Proposer(EagleProposer):
         return self.head.fuse([h.to(self.dtype) for h in hidden])
 
     def _logits(self, feature: torch.Tensor) -> torch.Tensor:
-        draft = self.head.logits(feature[None])[0].float()
-        full = draft.new_full((self.vocab_size,), float("-inf"))
-        full[self.draft_ids] = draft
+        draft = self.head.logits(feature).float()                      # [..., draft vocab]
+        full = draft.new_full((*draft.shape[:-1], self.vocab_size), float("-inf"))
+        full[..., self.draft_ids] = draft
         return full
 
 

@@ -63,7 +63,7 @@ def test_eval_writes_a_valid_report(tiny_folders, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--bench", "nope"], "Unknown benchmark|unknown bench"),
     (["--drafter", "no-such-drafter"], "Unknown drafter"),
-    (["--k", "0"], "k \\(draft length\\) must be >= 1"),
+    (["--k", "0"], "k \\(draft length\\) must be auto or an integer >= 1"),
     (["--temperature", "-1"], "temperature must be >= 0"),
     (["--top-p", "1.5"], "top_p must lie in \\(0, 1\\]"),
     (["--drafter", "WRONG"], "vocabulary \\(\\d+ tokens\\) differs from the target's \\(\\d+ tokens\\)"),

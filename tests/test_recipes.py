@@ -61,7 +61,7 @@ def test_every_recipe_header_gives_its_commands(name):
 def test_quick_recipe_values():
     cfg = load_recipe(QUICK)
     assert (cfg.data.max_length, cfg.train.batch_size, cfg.train.max_steps) == (256, 4, 600)
-    assert cfg.train.max_minutes == 14.0 and isinstance(cfg.train.max_minutes, float)
+    assert cfg.train.max_minutes is None      # a token budget: a busy machine trains longer, not worse
     assert cfg.drafter.init == "target" and cfg.drafter.num_layers == 4
 
 

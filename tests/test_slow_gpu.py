@@ -27,6 +27,31 @@ def test_smollm2_prompt_lookup_is_lossless_on_mt_bench():
 
 
 @pytest.mark.slow
+def test_smollm2_trees_and_auto_are_lossless():
+    """The real target's tree forward (4-D mask, position ids, cache gather) and `--k auto` keep
+    greedy output identical to plain decoding: an untrained eagle3 head and prompt lookup as one
+    composite drafter, dynamic trees and chains."""
+    from draftsmith.eval.draft_length import DraftLengthRule, measure_cost_curve
+    from draftsmith.eval.drafting import TreeShape
+    from draftsmith.models.composite import CompositeProposer
+    from draftsmith.models.eagle3 import Eagle3Proposer, build_eagle3, default_aux_layers
+    from draftsmith.models.prompt_lookup import PromptLookupProposer
+
+    target = load_target("smollm2-135m-instruct", device="cpu")
+    head = build_eagle3(target.model, default_aux_layers(target.num_layers), torch.arange(0, target.vocab_size, 6))
+    proposer = CompositeProposer([PromptLookupProposer(), Eagle3Proposer(head, target.model)])
+    rule = DraftLengthRule(measure_cost_curve(target, sizes=(1, 2, 4, 8, 16), reps=1))
+    for item in load_bench("mt_bench", num_prompts=2):
+        prompt = encode_turn(target, item.turns, [])
+        ar = autoregressive_generate(target, prompt, max_new_tokens=32, eos_token_ids=eos_ids(target))
+        for tree, r in ((TreeShape.parse("dynamic:4,4,16"), None), (TreeShape.parse("dynamic:4,4,16"), rule),
+                        (None, rule)):
+            sd = speculative_generate(target, proposer, prompt, k=4, tree=tree, rule=r, max_new_tokens=32,
+                                      eos_token_ids=eos_ids(target))
+            assert sd.tokens == ar.tokens
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["eagle", "eagle3"])
 def test_smollm2_eagle_heads_are_lossless(kind):
     """Fresh (untrained, target-initialised) EAGLE heads on the real SmolLM2 target: greedy output

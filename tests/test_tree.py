@@ -258,3 +258,29 @@ def test_sampling_with_trees_runs_end_to_end(target):
                                sampling=Sampling(0.8, top_k=20), max_new_tokens=20,
                                generator=torch.Generator().manual_seed(0))
     assert len(out.tokens) == 20
+
+
+@pytest.mark.parametrize("tree", [None, TREES[0]])
+def test_composite_lookup_and_model_is_lossless(target, tree):
+    from draftsmith.models.composite import CompositeProposer
+
+    proposer = CompositeProposer([PromptLookupProposer(), SmallLMProposer(tiny_llama(1))])
+    for prompt in prompts(3, seed=21):
+        prompt = prompt + prompt[:6]
+        ar = autoregressive_generate(target, prompt, max_new_tokens=30)
+        sd = speculative_generate(target, proposer, prompt, k=4, tree=tree, max_new_tokens=30)
+        assert sd.tokens == ar.tokens
+    out = speculative_generate(target, proposer, prompts(1)[0], k=4, tree=tree, sampling=Sampling(1.0),
+                               max_new_tokens=20, generator=torch.Generator().manual_seed(1))
+    assert len(out.tokens) == 20
+
+
+def test_composite_merges_agreeing_branches():
+    from draftsmith.eval.drafting import Draft, DraftSampler
+    from draftsmith.models.composite import merge
+
+    a = Draft([5, 6, 7])                                        # a lookup chain
+    b = Draft([5, 9], parents=[-1, 0], conf=[0.9, 0.6])         # a model's chain sharing the first token
+    out = merge([a, b], DraftSampler(Sampling()), merge_equal=True)
+    assert sorted(zip(out.tokens, out.parents)) == sorted([(5, -1), (6, 0), (9, 0), (7, out.tokens.index(6))])
+    assert out.conf[out.tokens.index(5)] == 0.9

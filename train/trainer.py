@@ -211,6 +211,11 @@ class Trainer:
         start = time.time()
         deadline = start + t.max_minutes * 60 if t.max_minutes else None
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", disable=not acc.is_main_process)
+        if acc.is_main_process:   # the budget is a token count; the bar's ETA says when it will be spent
+            sequences = t.batch_size * t.grad_accum * acc.num_processes
+            tqdm.write(f"[draftsmith] budget: {t.max_steps} steps x {sequences} sequences x <= {cfg.data.max_length} "
+                       f"tokens (<= {t.max_steps * sequences * cfg.data.max_length:,} tokens)"
+                       + (f", or {t.max_minutes} minutes" if t.max_minutes else ""))
         self.drafter.train()
         stop = _StopOnSigterm()
         with stop:

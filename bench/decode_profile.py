@@ -1,0 +1,122 @@
+"""Where a speculative step's time goes, and which draft length / tree pays on this device.
+
+For each drafter and each decoding setting (`--k` values: integers for fixed chains, `auto` for the
+cost-aware rule; `--tree` specs), on the same prompts, interleaved per prompt with plain decoding
+(one AR run per prompt, so every setting is compared in one run): τ, tokens/s, speedup over AR, the
+per-step time split (target verify forward, drafting, observe, decoder work outside model calls),
+drafter forwards per step, and the target's cost curve. Greedy; lossless is checked on every run.
+
+    python bench/decode_profile.py --drafter prompt-lookup --drafter runs/eagle3-ttt-quick/speculators \\
+        --k 1,2,3,4,6,8,auto --tree none,dynamic:4,4,16 --num-prompts 8 --max-new-tokens 96
+
+Run it on a quiet machine (DESIGN.md: two torch processes on 2 cores slow each other 5-10x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from draftsmith.eval.benchmarks import load_bench
+from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
+from draftsmith.eval.draft_length import DraftLengthRule, measure_cost_curve
+from draftsmith.eval.drafting import TreeShape
+from draftsmith.eval.harness import encode_turn, eos_ids
+from draftsmith.models import load_drafter, load_target
+
+
+def count_drafter_forwards(proposer, target) -> list[int]:
+    """Hook the drafter's own modules (not the target's parts it borrows); returns a live counter."""
+    target_modules = {id(m) for m in target.model.modules()}
+    counter = [0]
+    for value in vars(proposer).values():
+        if isinstance(value, torch.nn.Module) and id(value) not in target_modules:
+            value.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    return counter
+
+
+def settings(ks: list[str], trees: list[str]) -> list[tuple[str, int | str, TreeShape | None]]:
+    out = []
+    for tree in trees:
+        shape = TreeShape.parse(tree)
+        for k in ks:
+            if shape is not None and k != "auto" and int(k) != shape.depth:
+                continue   # a tree's depth is its spec's; fixed k only names chains
+            out.append((f"k={k} tree={tree}", k if k == "auto" else int(k), shape))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="smollm2-135m-instruct")
+    ap.add_argument("--drafter", action="append", required=True)
+    ap.add_argument("--bench", default="mt_bench")
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--k", default="1,2,4,auto", help="comma list of integers and/or auto")
+    ap.add_argument("--k-max", type=int, default=8)
+    ap.add_argument("--tree", default="none", help="comma-separated list is ambiguous with dynamic:a,b,c: use ';'")
+    args = ap.parse_args()
+    ks = args.k.split(",")
+    trees = args.tree.split(";")
+
+    target = load_target(args.target)
+    eos = eos_ids(target)
+    items = load_bench(args.bench, args.num_prompts, 1)
+    prompts = [encode_turn(target, item.turns[:1], []) for item in items]
+    curve = measure_cost_curve(target)
+    print("target forward cost (ms) by new tokens:",
+          ", ".join(f"{n}: {s * 1e3:.1f}" for n, s in zip(curve.sizes, curve.seconds)), flush=True)
+    limits = dict(max_new_tokens=args.max_new_tokens, eos_token_ids=eos)
+    autoregressive_generate(target, prompts[0], max_new_tokens=8)          # warm-up
+    ar_s, ar_tokens, ar_out = 0.0, 0, []
+    runs = []
+    for spec in args.drafter:
+        proposer = load_drafter(spec, target)
+        forwards = count_drafter_forwards(proposer, target)
+        for name, k, tree in settings(ks, trees):
+            rule = DraftLengthRule(curve) if k == "auto" else None
+            depth = tree.depth if tree else (args.k_max if k == "auto" else k)
+            runs.append(dict(drafter=spec, name=name, proposer=proposer, forwards=forwards, rule=rule,
+                             depth=depth, tree=tree, s=0.0, tokens=0, steps=0, emitted=0, draft=0.0,
+                             verify=0.0, observe=0.0, calls=0, lossless=0, nodes=0))
+    for prompt in prompts:
+        start = time.perf_counter()
+        ar = autoregressive_generate(target, prompt, **limits)
+        ar_s += time.perf_counter() - start
+        ar_tokens += len(ar.tokens)
+        for r in runs:
+            before = r["forwards"][0]
+            start = time.perf_counter()
+            sd = speculative_generate(target, r["proposer"], prompt, k=r["depth"], tree=r["tree"], rule=r["rule"],
+                                      **limits)
+            r["s"] += time.perf_counter() - start
+            r["calls"] += r["forwards"][0] - before
+            r["tokens"] += len(sd.tokens)
+            r["steps"] += sd.steps
+            r["emitted"] += sum(sd.emitted)
+            r["nodes"] += sum(sd.proposed)
+            r["draft"] += sd.draft_s
+            r["verify"] += sd.verify_s
+            r["observe"] += sd.observe_s
+            r["lossless"] += sd.tokens == ar.tokens
+    ar_tps = ar_tokens / ar_s
+    print(f"\n{len(prompts)} prompts of {args.bench}, {args.max_new_tokens} new tokens, greedy, "
+          f"{target.dtype}, {target.device}, torch threads {torch.get_num_threads()}; AR {ar_tps:.1f} tok/s\n")
+    print("| drafter | setting | τ | nodes/step | drafter fwd/step | SD tok/s | speedup | ms/step: verify | draft "
+          "| observe | other | lossless |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        steps = max(r["steps"], 1)
+        per = {key: r[key] / steps * 1e3 for key in ("verify", "draft", "observe")}
+        other = r["s"] / steps * 1e3 - sum(per.values())
+        tps = r["tokens"] / r["s"]
+        print(f"| {r['drafter']} | {r['name']} | {r['emitted'] / steps:.3f} | {r['nodes'] / steps:.2f} "
+              f"| {r['calls'] / steps:.2f} | {tps:.1f} | {tps / ar_tps:.2f}x | {per['verify']:.1f} | {per['draft']:.1f} "
+              f"| {per['observe']:.1f} | {other:.1f} | {r['lossless']}/{len(prompts)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""`--k auto`: the cost curve interpolates, the calibration learns, the rule verifies more where
+verification is cheap and less where it is dear, stops drafting early, and decoding stays lossless."""
+
+import copy
+
+import pytest
+import torch
+
+from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
+from draftsmith.eval.draft_length import Calibration, CostCurve, DraftLengthRule, measure_cost_curve
+from draftsmith.eval.drafting import TreeShape
+from draftsmith.models.prompt_lookup import PromptLookupProposer
+from draftsmith.models.small_lm import SmallLMProposer
+
+from conftest import prompts, tiny_llama
+
+FLAT = CostCurve([1, 64], [0.010, 0.0101])          # a GPU: 64 tokens cost what one does
+STEEP = CostCurve([1, 2, 8], [0.010, 0.020, 0.080])  # every verified token costs a full forward
+
+
+def test_cost_curve_interpolates_and_extends():
+    curve = CostCurve([1, 2, 4], [1.0, 2.0, 3.0])
+    assert curve(1) == 1.0 and curve(3) == 2.5 and curve(6) == 4.0 and curve(0) == 1.0
+    assert curve.as_dict() == {"tokens": [1, 2, 4], "ms": [1000.0, 2000.0, 3000.0]}
+
+
+def test_measured_curve_is_monotone(target):
+    curve = measure_cost_curve(target, sizes=(1, 2, 4, 8), context=16, reps=1)
+    assert curve.sizes == [1, 2, 4, 8]
+    assert all(b >= a > 0 for a, b in zip(curve.seconds, curve.seconds[1:]))
+
+
+def test_calibration_learns_from_outcomes():
+    cal = Calibration()
+    assert cal(0.95, 1) == pytest.approx(0.95)        # the prior is the confidence itself
+    for _ in range(50):
+        cal.record(0.95, 1, accepted=False)
+    assert cal(0.95, 1) < 0.1                          # an overconfident drafter is corrected
+    assert cal(None, 3) == pytest.approx(0.5)          # no confidence: by depth
+    cal.record(None, 3, True)
+    assert cal(None, 3) > 0.5
+
+
+def test_rule_verifies_more_where_verification_is_cheap():
+    conf, parents = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4], [-1, 0, 1, 2, 3, 4]
+    assert DraftLengthRule(FLAT).choose(conf, parents, draft_s=0.0) == 6
+    assert DraftLengthRule(STEEP).choose(conf, parents, draft_s=0.0) == 0
+    # half-way: a forward over 2 tokens costs what one does, more cost more
+    mid = CostCurve([1, 2, 3, 8], [0.010, 0.010, 0.016, 0.050])
+    assert DraftLengthRule(mid).choose(conf, parents, draft_s=0.0) == 1
+
+
+def test_rule_stops_drafting_when_a_node_does_not_pay():
+    rule = DraftLengthRule(STEEP)
+    assert not rule.worth(0.3, 1)
+    assert DraftLengthRule(FLAT).worth(0.3, 1)
+
+
+@pytest.mark.parametrize("curve", [FLAT, STEEP, CostCurve([1, 2, 3, 8], [0.01, 0.0105, 0.016, 0.05])])
+def test_auto_is_lossless_and_varies_lengths(target, curve):
+    noisy = copy.deepcopy(target.model)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for w in noisy.parameters():
+            w.add_(torch.randn_like(w) * w.std() * 0.5)
+    rule = DraftLengthRule(curve)
+    for prompt in prompts(3, seed=9):
+        ar = autoregressive_generate(target, prompt, max_new_tokens=30)
+        sd = speculative_generate(target, SmallLMProposer(noisy), prompt, k=8, rule=rule, max_new_tokens=30)
+        assert sd.tokens == ar.tokens
+    hist = rule.histogram()
+    if curve is FLAT:
+        assert max(hist) >= 6
+    if curve is STEEP:
+        assert max(hist) <= 1
+
+
+def test_auto_with_trees_and_lookup_is_lossless(target):
+    rule = DraftLengthRule(CostCurve([1, 2, 3, 8, 32], [0.01, 0.0105, 0.012, 0.02, 0.06]))
+    tree = TreeShape.parse("dynamic:5,4,24")
+    for proposer in (SmallLMProposer(tiny_llama(1)), PromptLookupProposer()):
+        for prompt in prompts(2, seed=13):
+            prompt = prompt + prompt
+            ar = autoregressive_generate(target, prompt, max_new_tokens=24)
+            assert speculative_generate(target, proposer, prompt, k=5, tree=tree, rule=rule,
+                                        max_new_tokens=24).tokens == ar.tokens
