@@ -116,6 +116,8 @@ class ParallelProposer:
         self.device = next(model.parameters()).device
         self.mask_id = mask_token_id(model)
         self.vocab_size = target_vocab_size(model)
+        # masks past the trained depth predict noise: `--k auto` (k_max 8) drafts at most this many
+        self.max_k = getattr(model.config, "draftsmith_parallel_k", None) or 1 << 30
         self.cache = None
         self.fed: list[int] = []      # committed tokens whose keys/values the cache holds
 
@@ -128,6 +130,7 @@ class ParallelProposer:
 
     @torch.inference_mode()
     def propose(self, state: DecodeState, k: int, sampler: Sampler) -> Draft:
+        k = min(k, self.max_k)
         keep = min(_common_prefix(self.fed, state.tokens), len(state.tokens) - 1)  # feed >= the newest token
         rollback(self.cache, keep)
         del self.fed[keep:]
@@ -137,12 +140,14 @@ class ParallelProposer:
         rollback(self.cache, keep + len(new))          # the masks leave no trace
         self.fed += new
         logits = out.logits[0, -k:, : self.vocab_size].float()   # [k, V]: the last real token, then the masks
-        tokens, qs = [], []
+        tokens, qs, conf = [], [], []
         for row in logits:
             token, q = sampler(row)
             tokens.append(token)
             qs.append(q)
-        return Draft(tokens, None if qs[0] is None else torch.stack(qs))
+            # the drafter's probability of its token: what `--k auto` calibrates into acceptance
+            conf.append(float((q if q is not None else row.softmax(-1))[token]))
+        return Draft(tokens, None if qs[0] is None else torch.stack(qs), conf=conf)
 
 
 def load_parallel(path: Path, target, dtype=None) -> ParallelProposer:
