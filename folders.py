@@ -60,17 +60,21 @@ def check_output_folder(path: str | Path, overwrite: bool, kind: str, protect=()
                               f"{path} -> {os.readlink(path)}", f"Pass the folder it points to. {other}")
     if path.exists() and not path.is_dir():
         raise DraftsmithError(f"{option} is a file, not a folder", str(path), other)
-    if not path.is_dir() or not any(path.iterdir()):
+    if not path.is_dir():
         return path
-    if not overwrite:
-        raise DraftsmithError(f"{option} is a folder that is not empty", str(path),
-                              f"{other}, or pass --overwrite to replace {KINDS[kind]} draftsmith wrote there")
+    # an output folder is replaced whole when the command ends: never the working directory, a folder
+    # the command reads, or a parent of one -- even an empty working directory cannot be replaced
     real = path.resolve()
     for keep, why in [(Path.cwd(), "the working directory"), *((Path(p), "a folder this command reads") for p in protect)]:
         if _is_within(keep.resolve(), real):
             where = "is" if keep.resolve() == real else "holds"
-            raise DraftsmithError(f"--overwrite refuses to replace {option}: it {where} {why}",
+            raise DraftsmithError(f"draftsmith will not write {option} there: it {where} {why}",
                                   f"{path} (resolves to {real}; {why}: {keep})", other)
+    if not any(path.iterdir()):
+        return path
+    if not overwrite:
+        raise DraftsmithError(f"{option} is a folder that is not empty", str(path),
+                              f"{other}, or pass --overwrite to replace {KINDS[kind]} draftsmith wrote there")
     found = marker_kind(path)
     if found is None:
         raise DraftsmithError(f"--overwrite replaces only folders draftsmith wrote, and {option} has no {MARKER} marker",

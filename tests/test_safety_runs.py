@@ -157,6 +157,11 @@ def test_overwrite_never_replaces_the_run_cwd_a_parent_or_a_foreign_folder(setup
     refused(export + ["."], "working directory")
     monkeypatch.chdir(run / "checkpoints")
     refused(export + [str(tmp_path / "runs")], "working directory")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)       # an empty working directory is no output folder either
+    refused(export + ["."], "working directory")
+    refused(["export", str(run), "--format", "hf", "--out", "."], "working directory")
     monkeypatch.chdir(tmp_path)
     foreign = tmp_path / "mine"
     foreign.mkdir()
