@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.decoder import DecodeState, Draft, Sampler
-from draftsmith.models.small_lm import _common_prefix
+from draftsmith.eval.decoder import DecodeState, Sampler
+from draftsmith.eval.drafting import Draft, TreeShape, grow_draft
+from draftsmith.eval.tree import depths
+from draftsmith.models.prefix import common_prefix
 from draftsmith.models.target import cache_kwarg, new_cache, rollback
 
 
@@ -129,9 +131,12 @@ class ParallelProposer:
         pass  # token-level drafter: everything it needs is in state.tokens
 
     @torch.inference_mode()
-    def propose(self, state: DecodeState, k: int, sampler: Sampler) -> Draft:
+    def propose(self, state: DecodeState, k: int, sampler: Sampler, tree: TreeShape | None = None) -> Draft:
+        """k draft positions from ONE forward. With a tree, every node at depth d takes its children
+        from position d's logits (a mask predicts its position given the committed prefix only, as
+        Medusa's heads do), so a static or dynamic tree costs no extra drafter forward."""
         k = min(k, self.max_k)
-        keep = min(_common_prefix(self.fed, state.tokens), len(state.tokens) - 1)  # feed >= the newest token
+        keep = min(common_prefix(self.fed, state.tokens), len(state.tokens) - 1)  # feed >= the newest token
         rollback(self.cache, keep)
         del self.fed[keep:]
         new = state.tokens[keep:]
@@ -140,6 +145,9 @@ class ParallelProposer:
         rollback(self.cache, keep + len(new))          # the masks leave no trace
         self.fed += new
         logits = out.logits[0, -k:, : self.vocab_size].float()   # [k, V]: the last real token, then the masks
+        if tree is not None:
+            return grow_draft(lambda nodes, tokens, parents: logits[[depths(parents)[n] for n in nodes]],
+                              logits[0], k, sampler, tree)
         tokens, qs, conf = [], [], []
         for row in logits:
             token, q = sampler(row)

@@ -12,6 +12,7 @@ from draftsmith.errors import DraftsmithError
 from draftsmith.eval.decoder import DecodeState, Sampler
 from draftsmith.eval.drafting import Draft, TreeShape, grow_draft
 from draftsmith.eval.tree import depths
+from draftsmith.models.prefix import common_prefix
 from draftsmith.models.target import attention_inputs, cache_kwarg, new_cache, rollback
 
 
@@ -40,7 +41,7 @@ class SmallLMProposer:
         return out.logits[0].float()   # [1 or len(ids), V]
 
     def propose(self, state: DecodeState, k: int, sampler: Sampler, tree: TreeShape | None = None) -> Draft:
-        keep = _common_prefix(self.fed, state.tokens)
+        keep = common_prefix(self.fed, state.tokens)
         keep = min(keep, len(state.tokens) - 1)   # always feed at least the newest token
         rollback(self.cache, keep)
         del self.fed[keep:]
@@ -98,14 +99,6 @@ class SmallLMTrainModule(torch.nn.Module):
         hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
         logits = self.model.get_output_embeddings()(hidden[:, :-1][mask])                   # [N, V]
         return logits, logits.new_zeros(())
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def check_vocab(drafter_vocab: int, target_vocab: int, drafter_name: str) -> None:

@@ -136,6 +136,27 @@ def test_one_drafter_forward_per_verify_step(target4):
     assert len(drafted) >= 8 and len(calls) == len(drafted)
 
 
+@pytest.mark.parametrize("spec", ["dynamic:4,3,12", "static"])
+def test_trees_cost_one_drafter_forward_and_stay_lossless(target4, spec, tmp_path):
+    """Every depth of a tree takes its children from one position of the single forward (Medusa-style)."""
+    from draftsmith.eval.drafting import TreeShape
+
+    if spec == "static":
+        (tmp_path / "t.json").write_text(json.dumps([[0], [1], [0, 0], [1, 0], [0, 0, 0], [0, 0, 0, 0]]))
+        spec = f"static:{tmp_path / 't.json'}"
+    tree = TreeShape.parse(spec)
+    model = parallel_model(target4)
+    calls = []
+    model.register_forward_hook(lambda m, a, out: calls.append(1))
+    for prompt in prompts(2, seed=3):
+        ar = autoregressive_generate(target4, prompt, max_new_tokens=30)
+        before = len(calls)
+        sd = speculative_generate(target4, ParallelProposer(model), prompt, k=4, tree=tree, max_new_tokens=30)
+        assert sd.tokens == ar.tokens
+        assert len(calls) - before == sum(1 for n in sd.proposed if n > 0)
+        assert max(sd.proposed) > max(sd.depth)       # it did branch
+
+
 def test_drafts_equal_a_fresh_forward_and_leave_no_mask_in_the_cache(target4):
     """Each draft i is the argmax at row i of [committed..., mask x (k-1)] run from scratch, and the
     cache holds exactly the committed tokens afterwards."""
