@@ -284,3 +284,13 @@ def test_composite_merges_agreeing_branches():
     out = merge([a, b], DraftSampler(Sampling()), merge_equal=True)
     assert sorted(zip(out.tokens, out.parents)) == sorted([(5, -1), (6, 0), (9, 0), (7, out.tokens.index(6))])
     assert out.conf[out.tokens.index(5)] == 0.9
+
+
+def test_shipped_static_trees_parse():
+    from pathlib import Path
+
+    import draftsmith
+
+    folder = Path(draftsmith.__file__).parent / "recipes" / "trees"
+    shapes = {f.stem: TreeShape.parse(f"static:{f}") for f in folder.glob("*.json")}
+    assert shapes["cpu-7"].nodes == 7 and shapes["gpu-25"].nodes == 25
