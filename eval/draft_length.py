@@ -85,6 +85,7 @@ class Calibration:
 
     bins: int = 10
     prior_weight: float = 2.0
+    explore: float = 0.5
     counts: dict = field(default_factory=dict)   # key -> [accepted, reached]
 
     def key(self, conf: float | None, depth: int):
@@ -100,7 +101,10 @@ class Calibration:
     def __call__(self, conf: float | None, depth: int) -> float:
         key = self.key(conf, depth)
         accepted, reached = self.counts.get(key, (0, 0))
-        return (accepted + self.prior_weight * self.prior(key)) / (reached + self.prior_weight)
+        mean = (accepted + self.prior_weight * self.prior(key)) / (reached + self.prior_weight)
+        # optimism while a bin is young: a node the rule leaves unverified teaches it nothing, so a
+        # pessimistic start would never be corrected (an upper confidence bound, shrinking as 1/sqrt(n))
+        return min(1.0, mean + self.explore / (reached + 1) ** 0.5)
 
     def record(self, conf: float | None, depth: int, accepted: bool) -> None:
         c = self.counts.setdefault(self.key(conf, depth), [0, 0])

@@ -31,7 +31,7 @@ def test_measured_curve_is_monotone(target):
 
 
 def test_calibration_learns_from_outcomes():
-    cal = Calibration()
+    cal = Calibration(explore=0.0)
     assert cal(0.95, 1) == pytest.approx(0.95)        # the prior is the confidence itself
     for _ in range(50):
         cal.record(0.95, 1, accepted=False)
@@ -84,3 +84,12 @@ def test_auto_with_trees_and_lookup_is_lossless(target):
             ar = autoregressive_generate(target, prompt, max_new_tokens=24)
             assert speculative_generate(target, proposer, prompt, k=5, tree=tree, rule=rule,
                                         max_new_tokens=24).tokens == ar.tokens
+
+
+def test_calibration_explores_young_bins():
+    """A bin never verified is valued optimistically, so the rule tries it and learns its real rate."""
+    cal = Calibration()
+    assert cal(0.15, 1) > 0.5
+    for _ in range(400):
+        cal.record(0.15, 1, accepted=False)
+    assert cal(0.15, 1) < 0.05
