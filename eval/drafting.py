@@ -142,8 +142,11 @@ def _chain(expand: Expand, logits: torch.Tensor, k: int, sampler: DraftSampler) 
         qs.append(q)
         conf.append(c)
         parents.append(i - 1)
-        if i + 1 < k:
-            logits = expand([i], tokens, parents)[0]
+        # a child's value never exceeds its parent's: when even this node's value would not pay for
+        # one more node, the next is not drafted (its draft forward would be wasted)
+        if i + 1 >= k or not sampler.worth(value, i + 1):
+            break
+        logits = expand([i], tokens, parents)[0]
     return Draft(tokens, None if qs[0] is None else torch.stack(qs), None, conf)
 
 

@@ -93,3 +93,23 @@ def test_calibration_explores_young_bins():
     for _ in range(400):
         cal.record(0.15, 1, accepted=False)
     assert cal(0.15, 1) < 0.05
+
+
+def test_chain_drafts_no_node_that_cannot_pay():
+    """A child's value is at most its parent's, so when a node's own value would not pay for one
+    more node the chain stops without the next draft forward (no drafted-then-dropped nodes)."""
+    from draftsmith.eval.drafting import DraftSampler, grow_draft
+    from draftsmith.eval.verify import Sampling
+
+    calls = []
+
+    def expand(nodes, tokens, parents):
+        calls.append(list(nodes))
+        return torch.tensor([[0.0, 5.0, 0.0, 0.0]])   # a confident next token, were it drafted
+
+    root = torch.tensor([0.0, 0.0, 0.0, 0.1])          # an unsure first token: value ~0.25 + bonus
+    steep = DraftSampler(Sampling(), rule=DraftLengthRule(STEEP))
+    draft = grow_draft(expand, root, 8, steep)
+    assert draft.tokens == [3] and calls == []
+    flat = DraftSampler(Sampling(), rule=DraftLengthRule(FLAT))
+    assert len(grow_draft(expand, root, 8, flat).tokens) == 8 and len(calls) == 7
