@@ -112,6 +112,14 @@ def check_head_config(c, where: str) -> None:
         raise _bad(where, "aux_layers", layers, "Give 3 target layer indices >= 0")
     if not isinstance(c.target_hidden_size, int) or isinstance(c.target_hidden_size, bool) or c.target_hidden_size < 0:
         raise _bad(where, "target_hidden_size", c.target_hidden_size, "Use the target's hidden size")
+    if not hasattr(c, "mask_token_id"):
+        return
+    if c.parallel is not True:   # a P-EAGLE config (models/peagle.py); plain EAGLE-3 has no such key
+        raise _bad(where, "parallel", c.parallel, "A config with mask_token_id is a P-EAGLE head: parallel true")
+    for key, low, high in (("parallel_k", 1, None), ("mask_token_id", 0, c.vocab_size - 1)):
+        value = getattr(c, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+            raise _bad(where, key, value, f"Use an integer in [{low}, {high if high is not None else 'inf'}]")
 
 
 def check_head_fits_target(c, target: TargetShape, where: str) -> None:

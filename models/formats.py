@@ -1,4 +1,4 @@
-"""Serving formats of the EAGLE heads: vLLM's speculators checkpoints (`eagle3`) and SGLang's
+"""Serving formats of the EAGLE heads: vLLM's speculators checkpoints (`eagle3`, `peagle`) and SGLang's
 `LlamaForCausalLMEagle` / `LlamaForCausalLMEagle3`; and what an `hf` export must not carry over.
 
 Kind eagle (EAGLE-1 layout): SGLang's names are draftsmith's (fc.weight [H, 2H], fc.bias, layers.0.<...>,
@@ -15,6 +15,10 @@ Kind eagle3: both formats hold draftsmith's own eagle3 tensors:
   norm.weight, lm_head.weight [Vd, H], d2t [Vd] int64, t2d [V] bool   (same names)
   embed_tokens.weight [V, H]        -                (speculators only: the target's, see write_speculators)
 
+Kind eagle3 with parallel: true (P-EAGLE, models/peagle.py): speculators' `peagle` type, the eagle3
+tensors plus mask_hidden [1, 1, 3H] (fc's input for mask rows, permuted with fc's blocks) and the
+mask token's learnt embedding written as row mask_token_id of embed_tokens.weight. SGLang: refused.
+
 Layer ids: draftsmith counts target layer outputs (0-based); speculators' `eagle_aux_hidden_state_layer_ids`
 count the residual stream entering a layer (vLLM), i.e. +1; SGLang's `eagle_config.eagle_aux_hidden_state_layer_ids`
 count outputs like draftsmith (SGLang adds 1 when it captures). Both engines fuse the tapped layers in
@@ -30,9 +34,10 @@ from pathlib import Path
 import torch
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.models.checks import TargetShape, checked_state, read_config_json
+from draftsmith.models.checks import TargetShape, checked_state, load_weights, read_config_json, weight_shapes
 from draftsmith.models.eagle import EagleConfig, EagleHead
 from draftsmith.models.eagle3 import Eagle3Config, Eagle3Head
+from draftsmith.models.peagle import PEagleConfig, PEagleHead
 
 SPECULATORS_VERSION = "0.9.0"
 """The speculators release whose Eagle3 model these checkpoints were checked against (bench/speculators_peer.py)."""
@@ -76,8 +81,10 @@ def in_layer_order(head: Eagle3Head) -> tuple[list[int], dict]:
     c, state = head.config, dict(head.state_dict())
     order = sorted(range(len(c.aux_layers)), key=lambda i: c.aux_layers[i])
     width = c.target_hidden_size or c.hidden_size
-    blocks = state["fc.weight"].split(width, dim=1)
-    state["fc.weight"] = torch.cat([blocks[i] for i in order], dim=1)
+    for name in ("fc.weight", "mask_hidden"):   # P-EAGLE's mask_hidden stands for the three taps too
+        if name in state:
+            blocks = state[name].split(width, dim=-1)
+            state[name] = torch.cat([blocks[i] for i in order], dim=-1)
     return [c.aux_layers[i] for i in order], state
 
 
@@ -97,9 +104,14 @@ def write_speculators(head, out: Path, verifier: str, verifier_arch: list[str], 
                               None if embed_tokens is None else list(embed_tokens.shape),
                               f"Pass the target's embed_tokens weight of shape [{c.vocab_size}, {c.hidden_size}]")
     aux_layers, state = in_layer_order(head)
+    parallel = isinstance(head, PEagleHead)
+    embed_tokens = embed_tokens.to(state["fc.weight"].dtype)
+    if parallel:   # speculators keeps the mask token's embedding as that row of its table
+        embed_tokens = embed_tokens.clone()
+        embed_tokens[c.mask_token_id] = state.pop("mask_embedding")
     config = {
-        "speculators_model_type": "eagle3",
-        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": "peagle" if parallel else "eagle3",
+        "architectures": ["PEagleSpeculator" if parallel else "Eagle3Speculator"],
         "transformer_layer_config": _layer_config(c, _dtype_name(head)),
         "draft_vocab_size": c.draft_vocab_size,
         "norm_before_residual": c.norm_before_residual,
@@ -110,12 +122,22 @@ def write_speculators(head, out: Path, verifier: str, verifier_arch: list[str], 
         "speculators_version": SPECULATORS_VERSION,
         "torch_dtype": _dtype_name(head),
     }
+    if parallel:
+        # P-EAGLE's default: the table trains (draftsmith learns its mask row only); the drafts per
+        # forward are the depths the head was trained for
+        config.update(mask_token_id=c.mask_token_id, embed_requires_grad=True,
+                      speculators_config=_speculators_config("peagle", verifier, verifier_arch, c.parallel_k))
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    _save({**state, "embed_tokens.weight": embed_tokens.to(state["fc.weight"].dtype)}, out)
+    _save({**state, "embed_tokens.weight": embed_tokens}, out)
 
 
 def write_sglang(head, out: Path) -> None:
     c = head.config
+    if isinstance(head, PEagleHead):
+        raise DraftsmithError("draftsmith writes no SGLang layout for P-EAGLE: SGLang's LlamaForCausalLMEagle3 "
+                              "reads no mask token and drafts one token per forward", "--format sglang with "
+                              "drafter.parallel: true", "Export it with --format speculators (vLLM's peagle "
+                              "type) or --format hf (draftsmith eval)")
     if isinstance(head, EagleHead):
         config = {**_layer_config(c, _dtype_name(head)), "architectures": ["LlamaForCausalLMEagle"]}
         (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -190,7 +212,7 @@ def read_head_folder(path: Path, target: TargetShape | int | None = None):
     raw, where = read_config_json(path), str(path)
     target = TargetShape.coerce(target)
     if raw.get("draftsmith_kind") == "eagle3":
-        return Eagle3Head.from_pretrained(path, target)
+        return (PEagleHead if raw.get("parallel") else Eagle3Head).from_pretrained(path, target)
     if raw.get("draftsmith_kind") == "eagle":
         return EagleHead.from_pretrained(path, target)
     drop = ("embed_tokens.", "verifier", "lm_head.", "model.embed_tokens.")
@@ -209,19 +231,21 @@ def read_head_folder(path: Path, target: TargetShape | int | None = None):
                               rename=lambda k: None if k.removeprefix("model.").startswith(drop) else k.removeprefix("model."))
         return EagleHead.from_state(c, state, where)
     if "speculators_model_type" in raw:
-        if raw["speculators_model_type"] != "eagle3":
-            raise DraftsmithError("draftsmith reads speculators checkpoints of type eagle3 (and EAGLE-1 ones it wrote)",
-                                  raw["speculators_model_type"], "Use an eagle3 speculator")
+        if raw["speculators_model_type"] not in ("eagle3", "peagle"):
+            raise DraftsmithError("draftsmith reads speculators checkpoints of types eagle3 and peagle (and EAGLE-1 "
+                                  "ones it wrote)", raw["speculators_model_type"], "Use an eagle3 or peagle speculator")
         layer = raw.get("transformer_layer_config") or {}
         if layer.get("num_hidden_layers", 1) != 1:
             raise DraftsmithError("draftsmith reads EAGLE-3 speculators with one decoder layer",
                                   f"{where}: num_hidden_layers {layer.get('num_hidden_layers')}",
                                   "Use a one-layer EAGLE-3 speculator")
         ids = _layer_ids(raw, "eagle_aux_hidden_state_layer_ids", where)
-        c = _config_from_llama(layer, where, draft_vocab_size=raw.get("draft_vocab_size"),
-                               aux_layers=[i - 1 for i in ids],
-                               target_hidden_size=raw.get("target_hidden_size") or layer.get("hidden_size"),
-                               norm_before_residual=bool(raw.get("norm_before_residual", False)))
+        common = dict(draft_vocab_size=raw.get("draft_vocab_size"), aux_layers=[i - 1 for i in ids],
+                      target_hidden_size=raw.get("target_hidden_size") or layer.get("hidden_size"),
+                      norm_before_residual=bool(raw.get("norm_before_residual", False)))
+        if raw["speculators_model_type"] == "peagle":
+            return _read_peagle(raw, layer, path, target, common)
+        c = _config_from_llama(layer, where, **common)
         state = checked_state(Eagle3Head, c, path, target,
                               rename=lambda k: None if k.startswith(("embed_tokens.", "verifier")) else k)
         return Eagle3Head.from_state(c, state, where)
@@ -245,8 +269,38 @@ def read_head_folder(path: Path, target: TargetShape | int | None = None):
     return None
 
 
+def _read_peagle(raw: dict, layer: dict, path: Path, target: TargetShape, common: dict) -> PEagleHead:
+    """A speculators `peagle` folder: the EAGLE-3 tensors, mask_hidden, and the mask token's row of
+    embed_tokens as the head's mask_embedding. The whole table rides along (`embedding_table`): the
+    proposer uses it where it differs from the target's (a P-EAGLE that trained its embeddings)."""
+    where = str(path)
+    mask_id = raw.get("mask_token_id")
+    methods = (raw.get("speculators_config") or {}).get("proposal_methods") or [{}]
+    k = methods[0].get("speculative_tokens") if isinstance(methods[0], dict) else None
+    for key, value in (("mask_token_id", mask_id), ("speculative_tokens", k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise DraftsmithError(f"This peagle checkpoint's config.json has no valid {key}", f"{where}: {value!r}",
+                                  "Re-export the drafter, or check its config.json against docs/formats.md")
+    c = _config_from_llama(layer, where, cls=PEagleConfig, **common, parallel_k=max(1, k), mask_token_id=mask_id)
+    state = checked_state(PEagleHead, c, path, target, optional=("mask_embedding",),
+                          rename=lambda k: None if k.startswith(("embed_tokens.", "verifier")) else k)
+    shape = weight_shapes(path).get("embed_tokens.weight")
+    if tuple(shape or ()) != (c.vocab_size, c.hidden_size):
+        raise DraftsmithError("A peagle checkpoint must carry embed_tokens.weight [vocab, hidden]: its mask token's "
+                              "embedding is learnt and lives there", f"{where}: {shape}",
+                              "Re-export it with draftsmith export --format speculators")
+    table = load_weights(path)["embed_tokens.weight"]
+    state["mask_embedding"] = table[c.mask_token_id]
+    head = PEagleHead.from_state(c, state, where)
+    head.embedding_table = table
+    return head
+
+
 def proposer_for(head, target_model):
     from draftsmith.models.eagle import EagleProposer
     from draftsmith.models.eagle3 import Eagle3Proposer
+    from draftsmith.models.peagle import PEagleProposer
 
+    if isinstance(head, PEagleHead):
+        return PEagleProposer(head, target_model)
     return (Eagle3Proposer if isinstance(head, Eagle3Head) else EagleProposer)(head, target_model)

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from draftsmith.eval.decoder import DecodeState, autoregressive_generate, make_sampler, speculative_generate
 from draftsmith.eval.verify import Sampling, warp
 from draftsmith.models.parallel import ParallelProposer, build_parallel
-from draftsmith.models.parallel_train import (ParallelTrainModule, cat_weights, cod_fractions, cod_keep,
-                                              valid_anchors)
+from draftsmith.models.mask_blocks import cod_fractions, cod_keep, valid_anchors
+from draftsmith.models.parallel_train import ParallelTrainModule, cat_weights
 from draftsmith.models.target import Target
 from draftsmith.train import steps
 

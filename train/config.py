@@ -85,13 +85,22 @@ class DrafterConfig(Section):
     any format, or a run's checkpoints/step-N/drafter): its layout and draft vocabulary are kept,
     the optimizer and schedule start fresh. parallel: start from any transformers causal LM folder
     sharing the target's tokenizer (a small model of the family, an exported small_lm or parallel
-    drafter). null = build a new head / copy the target's layers."""
+    drafter). eagle3 with parallel: a P-EAGLE head, or a plain EAGLE-3 head that gains the mask
+    parameters. null = build a new head / copy the target's layers."""
+    parallel: bool = False
+    """eagle3: P-EAGLE — the head drafts parallel_k tokens in one forward from mask-token rows, trained
+    with mask blocks and conditional drop-token instead of the training-time test (models/peagle.py)."""
+    mask_token_id: int | None = None
+    """eagle3 with parallel: the target id whose embedding the head learns as its mask token; null = the
+    tokenizer's mask token, an embedding row no token uses, else the id the training data holds least."""
     parallel_k: int = 4
-    """parallel: tokens drafted per forward that training covers (depth 0 plus parallel_k - 1 mask blocks)."""
+    """parallel, eagle3 with parallel: tokens drafted per forward that training covers (depth 0 plus
+    parallel_k - 1 mask blocks)."""
     cod_ratio: float = 0.7
-    """parallel: conditional drop-token keeps a share max(cod_ratio ** d, cod_floor) of depth d (PARD: 0.7)."""
+    """parallel, eagle3 with parallel: conditional drop-token keeps a share max(cod_ratio ** d, cod_floor)
+    of depth d (PARD: 0.7)."""
     cod_floor: float = 0.2
-    """parallel: the least share of a depth kept by conditional drop-token (PARD: 0.2)."""
+    """parallel, eagle3 with parallel: the least share of a depth kept by conditional drop-token (PARD: 0.2)."""
     cat: bool = False
     """parallel: PARD-2's confidence-adaptive token weighting (a depth-d row weighs the target's chance
     to accept the d gold tokens before it); needs the target in the loop."""
@@ -109,6 +118,15 @@ class DrafterConfig(Section):
               self.init_from, "Warm starts are for the eagle, eagle3 and parallel drafters; set drafter.init_from=null")
         check(self.cod_ratio <= 1.0 and self.cod_floor <= 1.0, "drafter.cod_ratio / cod_floor",
               [self.cod_ratio, self.cod_floor], "Use shares in (0, 1], e.g. 0.7 and 0.2 as PARD")
+        check(not self.parallel or self.kind == "eagle3", "drafter.parallel", f"kind {self.kind}",
+              "parallel: true makes an eagle3 head draft in parallel (P-EAGLE); kind parallel always does: "
+              "set drafter.parallel=false, or drafter.kind=eagle3")
+        check(self.mask_token_id is None or (self.parallel and self.mask_token_id >= 0), "drafter.mask_token_id",
+              self.mask_token_id, "A mask token id (>= 0) is for eagle3 with parallel: true; else set it to null")
+        if self.parallel:
+            check(self.parallel_k >= 2, "drafter.parallel_k", self.parallel_k,
+                  "P-EAGLE drafts parallel_k tokens per forward from parallel_k - 1 mask rows: use 2 or more")
+            check(not self.cat, "drafter.cat", self.cat, "CAT weighting is for kind parallel; set drafter.cat=false")
         if self.lora is not None:
             from draftsmith.models.lora import lora_settings
 

@@ -80,8 +80,17 @@ def _activation_bytes(cfg, tcfg, drafter) -> dict[str, float]:
         di = d.intermediate_size or tcfg.intermediate_size
         out["drafter activations"] = d.num_layers * rows * (12 * dh + 3 * di) * act
         out["drafter logits (fp32, grad)"] = rows * v * 4 * 3
+    elif d.kind == "eagle3" and d.parallel:   # P-EAGLE: one forward over the rows and their mask blocks
+        from draftsmith.models.mask_blocks import cod_fractions
+
+        blocks = rows * (sum(cod_fractions(d.parallel_k, d.cod_ratio, d.cod_floor)) - 1)
+        vd = drafter.model.config.draft_vocab_size
+        per_row = 16 * h + 3 * tcfg.intermediate_size
+        out["drafter activations (sequence + mask blocks)"] = (rows + blocks) * per_row * act
+        out["mask-block attention mask (bool)"] = b * (t + blocks / b) ** 2
+        out["draft-vocabulary targets and logits (fp32, grad)"] = (rows + blocks) * vd * 4 * 4
     elif d.kind == "parallel":
-        from draftsmith.models.parallel_train import cod_fractions
+        from draftsmith.models.mask_blocks import cod_fractions
 
         blocks = rows * (sum(cod_fractions(d.parallel_k, d.cod_ratio, d.cod_floor)) - 1)   # mask elements kept
         c = drafter.model.config      # init_from brings its own architecture
@@ -134,7 +143,8 @@ def dry_run(cfg, gpus: int = 1, zero: int = 0) -> dict:
     print(f"[dry run] recipe: {cfg.description or cfg.run.name}")
     print(f"[dry run] target {cfg.target.name}: {tcfg.model_type}, {tcfg.num_hidden_layers} layers, hidden "
           f"{tcfg.hidden_size}, vocab {tcfg.vocab_size}, {t_params / 1e6:,.1f}M parameters")
-    print(f"[dry run] drafter {cfg.drafter.kind}: {trainable / 1e6:,.2f}M trainable, {frozen / 1e6:,.2f}M frozen")
+    kind = cfg.drafter.kind + (" (parallel: P-EAGLE)" if cfg.drafter.parallel else "")
+    print(f"[dry run] drafter {kind}: {trainable / 1e6:,.2f}M trainable, {frozen / 1e6:,.2f}M frozen")
     for name, p in list(inner.named_parameters())[:24]:
         print(f"    {name:<48} {str(list(p.shape)):<16} {'trained' if p.requires_grad else 'frozen'}")
     for name, b in inner.named_buffers():

@@ -1,8 +1,9 @@
 """`draftsmith export RUN_DIR --format hf|speculators|sglang --out DIR`.
 
 hf: draftsmith's own folder (a transformers LM for small_lm; config + safetensors for the heads),
-with the tokenizer. speculators / sglang: the EAGLE (eagle, eagle3) checkpoints that vLLM and
-SGLang load (models/formats.py, docs/formats.md). Every export carries a model card and draftsmith.json.
+with the tokenizer. speculators / sglang: the EAGLE (eagle, eagle3; P-EAGLE as speculators' peagle)
+checkpoints that vLLM and SGLang load (models/formats.py, docs/formats.md). Every export carries a
+model card and draftsmith.json.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def model_card(run_dir: Path, ckpt: Path, config: dict) -> str:
     lines = [
         "---", "library_name: transformers", "tags: [draftsmith, speculative-decoding, drafter]", "---", "",
         f"# Drafter for {config['target']['name']}", "",
-        f"A `{config['drafter']['kind']}` drafter trained by draftsmith for speculative decoding with the target "
+        f"A `{config['drafter']['kind']}`{' P-EAGLE (parallel drafting)' if config['drafter'].get('parallel') else ''} "
+        "drafter trained by draftsmith for speculative decoding with the target "
         f"`{config['target']['name']}`. It shares the target's tokenizer; decoding with it is lossless (the target "
         "verifies every token).", "",
         "| field | value |", "|---|---|",

@@ -143,9 +143,10 @@ def load_data(cfg, tokenizer):
     return train_rows, heldout_rows
 
 
-def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False):
+def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False, tokenizer=None):
     """The training module of the recipe's drafter kind (what accelerate wraps). dry: on the meta
-    device, without data (feature scale 1, the draft vocabulary the first ids)."""
+    device, without data (feature scale 1, the draft vocabulary the first ids). `tokenizer` names
+    P-EAGLE's default mask token (models/peagle.py: choose_mask_token)."""
     d = cfg.drafter
     torch.manual_seed(cfg.train.seed)
     if d.kind == "parallel":
@@ -164,7 +165,10 @@ def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False)
         return ParallelTrainModule(drafter, cfg.loss, d.parallel_k, d.cod_ratio, d.cod_floor, d.cat,
                                    d.freeze_embeddings and d.lora is None)
     if d.init_from is not None and not dry:
-        return _train_module(d, cfg.loss, warm_start(d, target_model), target_model)
+        head = warm_start(d, target_model)
+        if d.parallel:
+            head = as_peagle(d, head, target_model, train_rows, tokenizer)
+        return _train_module(d, cfg.loss, head, target_model)
     if d.kind == "small_lm":
         from draftsmith.models.small_lm import SmallLMTrainModule, build_small_lm
 
@@ -201,6 +205,8 @@ def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False)
         size = d.draft_vocab_size or vocab // 4
         draft_ids = torch.arange(size) if dry else draft_vocab(train_rows, vocab, size)
         head = build_eagle3(target_model, d.aux_layers or default_aux_layers(n_layers), draft_ids, d.init).float()
+        if d.parallel:
+            head = as_peagle(d, head, target_model, train_rows, tokenizer)
         return _train_module(d, cfg.loss, head, target_model)
     raise DraftsmithError("draftsmith train cannot build this drafter kind yet", d.kind,
                           "Use small_lm, eagle, eagle3 or parallel")
@@ -212,9 +218,34 @@ def _train_module(d, loss_cfg, head, target_model):
         from draftsmith.models.eagle import EagleTrainModule
 
         return EagleTrainModule(head, target_model, loss_cfg.feature_weight, d.feature_noise)
+    if d.parallel:
+        from draftsmith.models.peagle import PEagleTrainModule
+
+        return PEagleTrainModule(head, target_model, d.cod_ratio, d.cod_floor)
     from draftsmith.models.eagle3 import Eagle3TrainModule
 
     return Eagle3TrainModule(head, target_model, d.ttt_steps, d.ttt_decay)
+
+
+def as_peagle(d, head, target_model, train_rows, tokenizer):
+    """The P-EAGLE head of an `eagle3` recipe with `parallel: true`: a fresh or warm-started EAGLE-3 head
+    gains the mask parameters (mask token: models/peagle.py choose_mask_token); a P-EAGLE warm start
+    keeps its mask token and trains the recipe's depths."""
+    from draftsmith.models.eagle import target_parts
+    from draftsmith.models.peagle import PEagleHead, choose_mask_token
+
+    if isinstance(head, PEagleHead):
+        if d.mask_token_id is not None and d.mask_token_id != head.config.mask_token_id:
+            raise DraftsmithError("drafter.mask_token_id differs from the warm-start head's mask token",
+                                  f"recipe {d.mask_token_id}, head {head.config.mask_token_id}",
+                                  "Set drafter.mask_token_id=null (the head keeps its own), or start a new head")
+        head.config.parallel_k = d.parallel_k
+        return head
+    mask_id = choose_mask_token(head.config.vocab_size, train_rows, tokenizer, d.mask_token_id)
+    if train_rows is not None:
+        name = tokenizer.convert_ids_to_tokens(mask_id) if tokenizer is not None else "?"
+        print(f"[draftsmith] P-EAGLE mask token: id {mask_id} ({name!r})", flush=True)
+    return PEagleHead.from_eagle3(head, target_parts(target_model)[0], d.parallel_k, mask_id)
 
 
 def warm_start(d, target_model):
@@ -228,6 +259,9 @@ def warm_start(d, target_model):
                               "Point at a folder written by draftsmith export, or a run's checkpoints/step-N/drafter")
     head = read_head_folder(folder, target_model.config.num_hidden_layers)
     kind = getattr(getattr(head, "config", None), "draftsmith_kind", None)
+    if getattr(getattr(head, "config", None), "parallel", False) and not d.parallel:
+        raise DraftsmithError("drafter.init_from holds a P-EAGLE head (parallel drafting)", str(folder),
+                              "Set drafter.parallel=true to train it further")
     if kind != d.kind:
         raise DraftsmithError("drafter.init_from holds another kind of drafter than the recipe's",
                               f"{folder}: {kind or 'not an EAGLE head'}, recipe: {d.kind}",
@@ -301,7 +335,7 @@ def _train(cfg, acc, run_dir: Path, ckpt: Path | None) -> dict:
     if cached:
         train_rows, heldout_rows = attach_cache(cached, cfg, target, train_rows, heldout_rows)
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
-    drafter = build_drafter(cfg, target.model, train_rows, pad)
+    drafter = build_drafter(cfg, target.model, train_rows, pad, tokenizer=target.tokenizer)
     if cached:
         keep_shared_parts(target, acc.device)
     trainer = Trainer(cfg, run_dir, acc, target, drafter, train_rows, heldout_rows)

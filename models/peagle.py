@@ -1,0 +1,256 @@
+"""Kind `eagle3` with `parallel: true`: P-EAGLE, an EAGLE-3 head (Li et al. 2503.01840) that drafts
+k tokens in ONE forward, with PARD's mask-token parallel drafting (An et al. 2504.18583). The layout
+is vLLM speculators' `peagle` type (PEagleDraftModel, speculators 0.9.0), which the export writes.
+
+Rows are EAGLE-3's: row t reads fc(the target's tapped layers at t) beside the embedding of token
+t+1, at position t, and predicts token t+2. When the newest token is x_n (row n-1 the last committed
+one), drafting appends k-1 mask rows: the row of depth d reads the mask token's embedding and
+fc(mask_hidden) — a learnt [3H] stand-in for target features that do not exist yet — at position
+n-1+d, and predicts x_{n+1+d}. One causal forward over [rows not read yet, masks] gives all k
+drafts; the masks are cropped from the head's cache right after. The head never reads its own
+features back (no training-time test): training appends the mask blocks of models/mask_blocks.py
+(conditional drop-token) after every sequence's rows.
+
+Mask token: `mask_token_id` is an id of the target's vocabulary whose embedding is the head's own
+`mask_embedding` (learnt; speculators keeps it as that row of its embed_tokens). Every other token
+embeds as the target's. Whenever the id occurs as a real token it embeds as the mask too, in
+draftsmith as in speculators, so the default is a token the training data never holds
+(`choose_mask_token`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from draftsmith.errors import DraftsmithError
+from draftsmith.eval.decoder import DecodeState, Sampler
+from draftsmith.eval.drafting import Draft, TreeShape, grow_draft
+from draftsmith.eval.tree import depths
+from draftsmith.models.eagle import target_parts
+from draftsmith.models.eagle3 import Eagle3Config, Eagle3Head, Eagle3Proposer
+from draftsmith.models.mask_blocks import (block_attention, cod_fractions, cod_keep, depth_stats, gather_blocks,
+                                          valid_anchors)
+
+
+@dataclass
+class PEagleConfig(Eagle3Config):
+    parallel: bool = True
+    parallel_k: int = 4            # tokens per forward training covered (depth 0 + parallel_k - 1 masks)
+    mask_token_id: int = 0         # the target id whose embedding is the head's mask_embedding
+
+
+class PEagleHead(Eagle3Head):
+    """EAGLE-3's head + `mask_hidden` [1, 1, 3H] (speculators' name and shape) and `mask_embedding` [H]."""
+
+    config_class = PEagleConfig
+
+    def __init__(self, config: PEagleConfig):
+        super().__init__(config)
+        width = config.target_hidden_size or config.hidden_size
+        self.mask_hidden = nn.Parameter(torch.randn(1, 1, 3 * width))    # speculators' init
+        self.mask_embedding = nn.Parameter(torch.zeros(config.hidden_size))
+
+    def embed(self, ids: torch.Tensor, table) -> torch.Tensor:
+        """The target's embedding `table` of `ids`, the mask token's row replaced by the head's own."""
+        e = table(ids)
+        return torch.where((ids == self.config.mask_token_id)[..., None], self.mask_embedding.to(e.dtype), e)
+
+    def mask_feature(self) -> torch.Tensor:
+        return self.fc(self.mask_hidden)[0, 0]          # [H]
+
+    @classmethod
+    def from_eagle3(cls, head: Eagle3Head, embed: nn.Module, parallel_k: int, mask_token_id: int) -> "PEagleHead":
+        """A P-EAGLE head carrying `head`'s weights (a fresh or warm-started EAGLE-3 head); the mask's
+        embedding starts as the mean token embedding (an "average token", as kind parallel's mask row)."""
+        c = head.config
+        vocab = c.vocab_size
+        if not 0 <= mask_token_id < vocab:
+            raise DraftsmithError("drafter.mask_token_id must be an id of the target's vocabulary", mask_token_id,
+                                  f"Use an id in [0, {vocab}), or null to pick an unused one")
+        fields = {k: getattr(c, k) for k in c.__dataclass_fields__ if k != "draftsmith_kind"}
+        config = PEagleConfig(**fields, parallel_k=parallel_k, mask_token_id=mask_token_id)
+        weight = next(head.parameters())
+        with torch.device(weight.device):
+            out = cls(config).to(weight.dtype)
+        out.load_state_dict(head.state_dict(), strict=False)
+        with torch.no_grad():
+            mean = embed.weight.detach().float().mean(0) * getattr(embed, "embed_scale", 1.0)   # Gemma scales
+            out.mask_embedding.copy_(mean.to(weight.device, weight.dtype))
+        return out
+
+
+def choose_mask_token(vocab_size: int, train_rows=None, tokenizer=None, explicit: int | None = None) -> int:
+    """speculators' order (an explicit id, the tokenizer's mask token, an embedding row no token uses),
+    then — instead of its pad/eos/unk fallback, which every answer may hold — the id the training data
+    holds least often, the tokenizer's special tokens (not eos, bos, pad, unk) first among equals, then
+    the lowest id."""
+    if explicit is not None:
+        return explicit
+    if tokenizer is not None and getattr(tokenizer, "mask_token_id", None) is not None:
+        return int(tokenizer.mask_token_id)
+    if tokenizer is not None and len(tokenizer) < vocab_size:
+        return len(tokenizer)
+    counts = torch.zeros(vocab_size, dtype=torch.float64, device="cpu")     # "cpu": the dry run builds on meta
+    for row in train_rows or []:
+        ids = torch.as_tensor(row["input_ids"], device="cpu")
+        counts += torch.bincount(ids, minlength=vocab_size)[:vocab_size].double()
+    common = {getattr(tokenizer, n, None) for n in ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id")}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}      # SmolLM2's <repo_name>, ... live here
+    special = set(getattr(tokenizer, "all_special_ids", None) or []) | {i for i, t in added.items()
+                                                                        if getattr(t, "special", False)}
+    counts[[i for i in special if i not in common and i < vocab_size]] -= 0.5   # wins a tie with an ordinary id
+    counts[[i for i in common if i is not None and i < vocab_size]] += 0.5      # loses one
+    return int(torch.argmin(counts))   # argmin returns the first (lowest) id among equals
+
+
+# ---------------------------------------------------------------------------------- decoding
+
+class PEagleProposer(Eagle3Proposer):
+    """k drafts from ONE head forward. `observe` only keeps the newly committed rows; `propose` reads
+    them together with the k-1 mask rows in one causal forward and crops the masks from the cache.
+    With a tree, a node at depth d takes its children from position d of that forward (Medusa-style,
+    as ParallelProposer), so trees cost no extra forward either."""
+
+    def __init__(self, head: PEagleHead, target_model: nn.Module):
+        super().__init__(head, target_model)
+        self.mask_id = head.config.mask_token_id
+        # masks past the trained depth predict noise: `--k auto` drafts at most this many
+        self.max_k = head.config.parallel_k
+        table = head.__dict__.pop("embedding_table", None)    # a speculators folder's own embed_tokens
+        self.table = None
+        if table is not None:
+            mine = self.embed.weight.detach()
+            table = table.to(mine.device, mine.dtype)
+            rows = torch.arange(len(table), device=mine.device) != self.mask_id
+            if table.shape != mine.shape or not torch.equal(table[rows], mine[rows]):
+                self.table = table      # it trained its embeddings: use them, as speculators does
+
+    def reset(self) -> None:
+        super().reset()
+        self.pending: tuple[int, torch.Tensor, list[int]] | None = None   # (first row, features [n, H], tokens)
+        self.last: torch.Tensor | None = None     # draft logits after the newest token, once read
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        table = self.embed if self.table is None else (lambda x: F.embedding(x, self.table))
+        return self.head.embed(ids, table).to(self.dtype)
+
+    @torch.inference_mode()
+    def observe(self, state: DecodeState) -> None:
+        """Rows hidden_start..committed-1 become final: (target taps at t, token t+1), read with the next draft."""
+        start = state.hidden_start
+        feats = self._fuse(state.hidden)
+        tokens = state.tokens[start + 1: state.committed + 1]
+        if self.pending is not None and self.pending[0] <= start <= self.pending[0] + len(self.pending[2]):
+            first, old, old_tokens = self.pending        # not read yet: keep the rows before `start`
+            keep = start - first
+            feats, tokens, start = torch.cat([old[:keep], feats]), old_tokens[:keep] + tokens, first
+        else:
+            self._rollback(start)
+        self.pending = (start, feats, tokens)
+
+    @torch.inference_mode()
+    def propose(self, state: DecodeState, k: int, sampler: Sampler, tree: TreeShape | None = None) -> Draft:
+        k = min(k, self.max_k)
+        if k < 1:
+            return Draft([])
+        empty = self.head.fc.weight.new_zeros(0, self.head.config.hidden_size)
+        start, feats, tokens = self.pending or (self.length, empty, [])     # nothing new since the last draft
+        masks = k - 1
+        if tokens or masks:
+            last = start + len(tokens) - 1                # the newest token's row
+            ids = torch.tensor([tokens + [self.mask_id] * masks], device=self.device)
+            inputs = torch.cat([feats.to(self.dtype), self.head.mask_feature().to(self.dtype).expand(masks, -1)])
+            positions = torch.tensor([list(range(start, last + 1)) + [last + d for d in range(1, k)]],
+                                     device=self.device)
+            n = len(tokens) + masks
+            see = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(start) if n > 1 else None
+            self._rollback(start)
+            f = self.head(self._embed(ids), inputs[None], positions, self.cache, see)[0]   # [n, H]
+            self.length = start + n
+            self._rollback(start + len(tokens))          # the masks leave no trace
+            self.pending = None
+            if tokens:
+                self.last = self._logits(f[len(tokens) - 1])
+            logits = torch.cat([self.last[None], self._logits(f[len(tokens):])])      # [k, V]
+        else:
+            logits = self.last[None]
+        return grow_draft(lambda nodes, toks, parents: logits[[depths(parents)[i] for i in nodes]],
+                          logits[0], k, sampler, tree)
+
+
+# ---------------------------------------------------------------------------------- training
+
+def _next_row(x: torch.Tensor) -> torch.Tensor:
+    """Position-indexed [B, T-1, ...] -> row-indexed [B, T-1, ...]: row r holds position r+1 (zeros past the end)."""
+    return torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], dim=1)
+
+
+class PEagleTrainModule(nn.Module):
+    """What the trainer wraps for kind `eagle3` with `parallel: true`. Every sequence's rows (depth 0)
+    are followed by its kept mask elements; an element (d, a) predicts the token the row a+d does,
+    against the target's distribution there restricted to the draft vocabulary (forward KL, rows masked
+    where the target's argmax lies outside it, as EAGLE-3's loss), all kept rows weighing the same
+    (speculators' P-EAGLE loss). Returns the depth-0 logits on the trained positions (target vocabulary,
+    -inf outside the draft one) for the held-out figures, and the loss (`owns_loss`)."""
+
+    owns_loss = True
+
+    def __init__(self, head: PEagleHead, target_model: nn.Module, cod_ratio: float, cod_floor: float):
+        super().__init__()
+        self.model = head
+        self._target = (target_parts(target_model),)     # a tuple: not registered, not saved
+        self.target_layers = tuple(head.config.aux_layers)
+        self.k = head.config.parallel_k
+        self.fractions = cod_fractions(self.k, cod_ratio, cod_floor)
+        self.step_stats: dict[str, float] = {}
+
+    def forward(self, input_ids, attention_mask, mask, target_hidden, t_logits):
+        head = self.model
+        b, t = input_ids.shape
+        rows = t - 1                                      # row r: taps at r, token r+1, predicts position r+1's p
+        ids = head.draft_ids
+        trained = _next_row(mask)                         # [B, R] row r has a trained target (position r+1)
+        with torch.no_grad():
+            t_logits = t_logits.float()
+            t_arg = t_logits.argmax(-1)
+            log_p = t_logits.new_zeros(b, t - 1, len(ids))    # the target's log p over the draft vocab
+            log_p[mask] = torch.log_softmax(t_logits[:, ids], dim=-1)
+            learn = torch.zeros_like(mask)
+            learn[mask] = head.t2d[t_arg]
+            arg = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
+            arg[mask] = t_arg
+            log_p, learn, arg = _next_row(log_p), _next_row(learn), _next_row(arg)
+        g = None if self.training else torch.Generator(device=mask.device).manual_seed(0)   # held-out: same draw
+        blocks = gather_blocks(cod_keep(valid_anchors(trained, self.k), self.fractions, g))
+        m = blocks.real.shape[1]
+        table = self._target[0][0]
+        embeds = head.embed(input_ids[:, 1:], lambda x: table(x).detach())                # [B, R, H]
+        feats = head.fuse([x[:, :rows].to(head.fc.weight.dtype) for x in target_hidden])  # [B, R, H]
+        embeds = torch.cat([embeds.to(feats.dtype), head.mask_embedding.to(feats.dtype).expand(b, m, -1)], 1)
+        feats = torch.cat([feats, head.mask_feature().to(feats.dtype).expand(b, m, -1)], 1)
+        positions = torch.cat([torch.arange(rows, device=feats.device).expand(b, -1), blocks.anchor + blocks.depth], 1)
+        f = head(embeds, feats, positions, mask=block_attention(attention_mask[:, 1:], blocks))   # [B, R+M, H]
+
+        batch = torch.arange(b, device=f.device)[:, None].expand(-1, m)
+        where = (batch[blocks.real], (blocks.anchor + blocks.depth)[blocks.real])       # the row an element predicts as
+        logits = head.logits(torch.cat([f[:, :rows][trained], f[:, rows:][blocks.real]])).float()   # [N0 + Ne, Vd]
+        p = torch.cat([log_p[trained], log_p[where]])
+        keep = torch.cat([learn[trained], learn[where]])
+        if keep.any():
+            log_q = torch.log_softmax(logits[keep], dim=-1)
+            loss = (p[keep].exp() * (p[keep] - log_q)).sum(-1).mean()
+        else:   # no row to learn from: a zero that still backpropagates (and keeps DDP's buckets whole)
+            loss = 0.0 * logits.sum() + 0.0 * f.sum()
+        n0 = int(trained.sum())
+        if not self.training:
+            with torch.no_grad():
+                hit = ids[logits.argmax(-1)] == torch.cat([arg[trained], arg[where]])
+                depth = torch.cat([torch.zeros(n0, dtype=torch.long, device=f.device), blocks.depth[blocks.real]])
+                self.step_stats = depth_stats(hit, depth, self.k)
+        full = logits.new_full((n0, head.config.vocab_size), float("-inf"))
+        full[:, ids] = logits[:n0]
+        return full, loss
