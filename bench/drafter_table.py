@@ -12,15 +12,16 @@ from pathlib import Path
 def row(folder: Path) -> str:
     r = json.loads((folder / "report.json").read_text())
     c = r["config"]
-    alphas = " ".join(f"{a:.2f}" for a in r["acceptance_by_position"][: c.get("k", 4)])
-    return (f"| {c['drafter']} | {c['bench']} | {r['num_prompts']} | {c['max_new_tokens']} | "
+    k = c.get("k", 4)
+    alphas = " ".join("-" if a is None else f"{a:.2f}" for a in r["acceptance_by_position"][: k if isinstance(k, int) else 4])
+    return (f"| {c['drafter']} | {c['bench']} | {r['num_prompts']} | {c['max_new_tokens']} | {k} | "
             f"{r['tau']:.3f} ({r['tau_per_request_mean']:.3f}) | {alphas} | {r['ar_tokens_per_s']:.1f} | "
             f"{r['sd_tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['lossless_match_rate']:.3f} |")
 
 
 def main(folders: list[str]) -> None:
-    print("| drafter | bench | prompts | max new | τ pooled (per-request) | α1..αk | AR tok/s | SD tok/s | speedup | lossless |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| drafter | bench | prompts | max new | k | τ pooled (per-request) | α1..αk | AR tok/s | SD tok/s | speedup | lossless |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for f in folders:
         print(row(Path(f)))
 
