@@ -29,7 +29,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-HIDDEN, VOCAB, LAYERS, DRAFT_VOCAB, K, MASK = 64, 256, 8, 160, 4, 7
+from speculators_peer import VOCAB, tiny_target_and_head   # the eagle3 peer check's tiny target and head
+
+K, MASK = 4, 7
 
 
 def peer(folder: Path) -> None:
@@ -71,21 +73,14 @@ def peer(folder: Path) -> None:
 def tiny_export(folder: Path):
     """A tiny target saved as a local verifier folder, a perturbed P-EAGLE head, its export."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from draftsmith.models.eagle import target_parts
-    from draftsmith.models.eagle3 import build_eagle3
     from draftsmith.models.formats import target_embedding, write_speculators
     from draftsmith.models.peagle import PEagleHead
     from draftsmith.models.target import Target
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder / "target")
-    # unsorted on purpose: the export puts them in layer order, fc's and mask_hidden's blocks permuted to match
-    head = build_eagle3(model, [5, 1, 3], torch.randperm(VOCAB)[:DRAFT_VOCAB].sort().values)
+    # its tapped layers are unsorted: the export puts them in layer order, mask_hidden's blocks permuted too
+    model, head = tiny_target_and_head(folder)
     head = PEagleHead.from_eagle3(head, target_parts(model)[0], K, MASK)
     with torch.no_grad():
         for p in head.parameters():

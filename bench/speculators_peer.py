@@ -51,22 +51,31 @@ def peer(folder: Path) -> None:
     (folder / "peer.json").write_text(json.dumps(result))
 
 
-def build_and_export(folder: Path) -> None:
-    """Here: a tiny target saved as a local verifier folder, a perturbed eagle3 head, its export."""
+def tiny_target_and_head(folder: Path):
+    """A tiny random Llama target saved as the local verifier folder `folder/target`, and an eagle3
+    head on it whose tapped layers are unsorted on purpose (the export must put them in layer order,
+    with fc's blocks permuted to match). Seeded: the same target and head on every call."""
     import torch
-    from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from draftsmith.models.eagle3 import build_eagle3
-    from draftsmith.models.formats import target_embedding, write_speculators
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     target = LlamaForCausalLM(config).eval()
     target.save_pretrained(folder / "target")
-    # unsorted on purpose: the export must put them in layer order with fc's blocks permuted to match
-    head = build_eagle3(target, [5, 1, 3], torch.randperm(VOCAB)[:DRAFT_VOCAB].sort().values)
+    return target, build_eagle3(target, [5, 1, 3], torch.randperm(VOCAB)[:DRAFT_VOCAB].sort().values)
+
+
+def build_and_export(folder: Path) -> None:
+    """Here: a tiny target saved as a local verifier folder, a perturbed eagle3 head, its export."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from draftsmith.models.formats import target_embedding, write_speculators
+
+    target, head = tiny_target_and_head(folder)
     with torch.no_grad():
         for p in head.parameters():
             p.add_(torch.randn_like(p) * 0.05)

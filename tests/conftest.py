@@ -46,3 +46,12 @@ def perturbed(head: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torc
         for p in head.parameters():
             p.add_(torch.randn_like(p) * scale)
     return head
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (its tests train or run servers beside each other's threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

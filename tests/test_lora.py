@@ -21,12 +21,7 @@ from test_parallel import setup  # noqa: F401  (tiny saved target, chats and a r
 LORA = "drafter.lora={r: 4, alpha: 8}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch on one thread per module
 
 
 def ckpt(run_dir, step):

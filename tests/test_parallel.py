@@ -27,12 +27,7 @@ KD = types.SimpleNamespace(name="forward_kl", temperature=1.0, beta=0.5, top_k=1
 CE = types.SimpleNamespace(name="data_ce", temperature=1.0, beta=0.5, top_k=10, data_ce_weight=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch on one thread per module
 
 
 @pytest.fixture(scope="module")

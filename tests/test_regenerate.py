@@ -34,12 +34,7 @@ END_AFTER = 58
 swapped with <|im_end|>'s, so the random model ends its turns and multi-turn conversations go on."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch on one thread per module
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,9 @@ from draftsmith.train import state as training_state
 from draftsmith.train.checkpoints import file_digests, latest_checkpoint
 from draftsmith.train.run import train
 
-from test_training import ENV, ckpt_path, one_thread, setup  # noqa: F401 (fixtures)
+from test_training import ENV, ckpt_path, setup  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch on one thread per module
 
 
 class Payload:

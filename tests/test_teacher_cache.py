@@ -30,12 +30,7 @@ LOSS_TOLERANCE = 1e-4
 into other batches): their per-step losses agree to ~1e-6 here; 1e-4 leaves room across platforms."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch on one thread per module
 
 
 @pytest.fixture(scope="module")
