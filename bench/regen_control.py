@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from draftsmith.distill.sources import load_conversations
@@ -24,6 +25,11 @@ def main() -> None:
     ap.add_argument("regenerated", type=Path, help="a data regenerate output folder")
     ap.add_argument("--out", type=Path, required=True, help="the control JSONL to write")
     args = ap.parse_args()
+    if not (args.regenerated / "manifest.json").is_file():
+        sys.exit(f"error: not a `draftsmith data regenerate` folder (no manifest.json): {args.regenerated}\n"
+                 "Give the --out folder of a regeneration run.")
+    if args.out.exists():
+        sys.exit(f"error: {args.out} exists; this script never replaces a file. Remove it or pick another --out.")
     manifest = json.loads((args.regenerated / "manifest.json").read_text())
     source = {c["id"]: c for c in load_conversations(manifest["plan"]["source"])}
     written = turns = 0
