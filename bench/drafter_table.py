@@ -15,13 +15,13 @@ def row(folder: Path) -> str:
     k = c.get("k", 4)
     alphas = " ".join("-" if a is None else f"{a:.2f}" for a in r["acceptance_by_position"][: k if isinstance(k, int) else 4])
     return (f"| {c['drafter']} | {c['bench']} | {r['num_prompts']} | {c['max_new_tokens']} | {k} | "
-            f"{r['tau']:.3f} ({r['tau_per_request_mean']:.3f}) | {alphas} | {r['ar_tokens_per_s']:.1f} | "
+            f"{r['tau']:.3f} ({r['tau_per_request_mean']:.3f}) | {alphas} | {r['draft_ms_per_step']:.1f} | {r['ar_tokens_per_s']:.1f} | "
             f"{r['sd_tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['lossless_match_rate']:.3f} |")
 
 
 def main(folders: list[str]) -> None:
-    print("| drafter | bench | prompts | max new | k | τ pooled (per-request) | α1..αk | AR tok/s | SD tok/s | speedup | lossless |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| drafter | bench | prompts | max new | k | τ pooled (per-request) | α1..αk | draft ms/step | AR tok/s | SD tok/s | speedup | lossless |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for f in folders:
         print(row(Path(f)))
 

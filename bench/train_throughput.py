@@ -9,7 +9,6 @@ Prints one line per configuration; numbers come from timed steps after warm-up.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 from types import SimpleNamespace
 
@@ -18,13 +17,13 @@ import torch
 from draftsmith.models.small_lm import SmallLMTrainModule, build_small_lm
 from draftsmith.models.target import load_target
 from draftsmith.train.steps import forward_batch, target_signals
-from draftsmith.train.trainer import resolve_mixed_precision
+from draftsmith.train.trainer import peak_rss_gib, resolve_mixed_precision
 
 
 def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux reports KiB
+    return peak_rss_gib() * 1024
 
 
 def main() -> None:

@@ -78,6 +78,9 @@ def test_export_merges_the_adapters_into_a_plain_model_with_the_same_logits(setu
     from draftsmith.models.lora import peft_config
 
     run = train_lora(setup, tmp_path, "lora")
+    summary = json.loads((run / "summary.json").read_text())   # what the LoRA vs full comparison reads
+    assert summary["drafter_params"]["trainable"] < summary["drafter_params"]["frozen"] / 10
+    assert summary["peak_rss_gib"] > 0.1
     folder = ckpt(run, 6) / "drafter"
     saved = load_file(folder / "model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())   # the adapters moved

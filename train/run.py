@@ -350,8 +350,11 @@ def _train(cfg, acc, run_dir: Path, ckpt: Path | None) -> dict:
         if "greedy_match" in summary:
             parts += [f"heldout_loss {summary['heldout_loss']:.4f}", f"greedy_match {summary['greedy_match']:.3f}",
                       f"predicted tau(k=4) {summary['tau_greedy_k4']:.2f}"]
+        params = summary["drafter_params"]
+        parts.append(f"{params['trainable'] / 1e6:.2f}M trainable / {params['frozen'] / 1e6:.2f}M frozen drafter params")
         if "peak_gpu_memory_gib" in summary:
             parts.append(f"peak GPU memory {summary['peak_gpu_memory_gib']:.1f} GiB")
+        parts.append(f"peak RSS {summary['peak_rss_gib']:.2f} GiB")
         print(f"[draftsmith] done: {run_dir} | " + " | ".join(parts), flush=True)
     acc.end_training()
     return summary

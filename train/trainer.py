@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import resource
 import shutil
 import signal
 import threading
@@ -24,11 +25,17 @@ import torch
 from tqdm.auto import tqdm
 
 from draftsmith.errors import DraftsmithError
+from draftsmith.models.lora import count_parameters
 from draftsmith.train import state as training_state
 from draftsmith.train.checkpoints import file_digests, is_complete, list_checkpoints, read_meta, remove_checkpoint
 from draftsmith.train.data import BatchSchedule, collate
 from draftsmith.train.steps import forward_batch, heldout_metrics
 from draftsmith.train.weights import load_drafter_weights
+
+
+def peak_rss_gib() -> float:
+    """The process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class TrainingDiverged(DraftsmithError):
@@ -230,8 +237,11 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         summary = {"step": self.step, "minutes": (time.time() - start) / 60, "tokens": tokens_seen, **metrics}
+        trainable, total = count_parameters(self.drafter)
+        summary["drafter_params"] = {"trainable": trainable, "frozen": total - trainable}
         if acc.device.type == "cuda":
             summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+        summary["peak_rss_gib"] = peak_rss_gib()   # the whole process: target, data, drafter, optimizer
         if stop.requested:
             # not finished: no summary.json (what marks a finished run), a line in metrics.jsonl instead
             summary["stopped"] = "SIGTERM"
