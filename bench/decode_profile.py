@@ -18,6 +18,7 @@ import argparse
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from draftsmith.eval.benchmarks import load_bench
 from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
@@ -82,7 +83,7 @@ def main() -> None:
             runs.append(dict(drafter=spec, name=name, proposer=proposer, forwards=forwards, rule=rule,
                              depth=depth, tree=tree, s=0.0, tokens=0, steps=0, emitted=0, draft=0.0,
                              verify=0.0, observe=0.0, calls=0, lossless=0, nodes=0))
-    for prompt in prompts:
+    for prompt in tqdm(prompts, desc="prompts", unit="prompt"):   # every setting on this prompt, then the next
         start = time.perf_counter()
         ar = autoregressive_generate(target, prompt, **limits)
         ar_s += time.perf_counter() - start
