@@ -3,11 +3,12 @@
 For each drafter and each decoding setting (`--k` values: integers for fixed chains, `auto` for the
 cost-aware rule; `--tree` specs), on the same prompts, interleaved per prompt with plain decoding
 (one AR run per prompt, so every setting is compared in one run): τ, tokens/s, speedup over AR, the
-per-step time split (target verify forward, drafting, observe, decoder work outside model calls),
+per-step time split (target verify forward, drafting, observe, decoder work outside model calls, and
+the prompt's prefill spread over the steps),
 drafter forwards per step, and the target's cost curve. Greedy; lossless is checked on every run.
 
     python bench/decode_profile.py --drafter prompt-lookup --drafter runs/eagle3-ttt-quick/speculators \\
-        --k 1,2,3,4,6,8,auto --tree none,dynamic:4,4,16 --num-prompts 8 --max-new-tokens 96
+        --k 1,2,3,4,6,8,auto --tree "none;dynamic:4,4,16" --num-prompts 8 --max-new-tokens 96
 
 Run it on a quiet machine (DESIGN.md: two torch processes on 2 cores slow each other 5-10x).
 """
@@ -82,7 +83,7 @@ def main() -> None:
             depth = tree.depth if tree else (args.k_max if k == "auto" else k)
             runs.append(dict(drafter=spec, name=name, proposer=proposer, forwards=forwards, rule=rule,
                              depth=depth, tree=tree, s=0.0, tokens=0, steps=0, emitted=0, draft=0.0,
-                             verify=0.0, observe=0.0, calls=0, lossless=0, nodes=0))
+                             verify=0.0, observe=0.0, prefill=0.0, calls=0, lossless=0, nodes=0))
     for prompt in tqdm(prompts, desc="prompts", unit="prompt"):   # every setting on this prompt, then the next
         start = time.perf_counter()
         ar = autoregressive_generate(target, prompt, **limits)
@@ -102,21 +103,22 @@ def main() -> None:
             r["draft"] += sd.draft_s
             r["verify"] += sd.verify_s
             r["observe"] += sd.observe_s
+            r["prefill"] += sd.prefill_s
             r["lossless"] += sd.tokens == ar.tokens
     ar_tps = ar_tokens / ar_s
     print(f"\n{len(prompts)} prompts of {args.bench}, {args.max_new_tokens} new tokens, greedy, "
           f"{target.dtype}, {target.device}, torch threads {torch.get_num_threads()}; AR {ar_tps:.1f} tok/s\n")
     print("| drafter | setting | τ | nodes/step | drafter fwd/step | SD tok/s | speedup | ms/step: verify | draft "
-          "| observe | other | lossless |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| observe | other | prefill | lossless |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         steps = max(r["steps"], 1)
-        per = {key: r[key] / steps * 1e3 for key in ("verify", "draft", "observe")}
+        per = {key: r[key] / steps * 1e3 for key in ("verify", "draft", "observe", "prefill")}
         other = r["s"] / steps * 1e3 - sum(per.values())
         tps = r["tokens"] / r["s"]
         print(f"| {r['drafter']} | {r['name']} | {r['emitted'] / steps:.3f} | {r['nodes'] / steps:.2f} "
               f"| {r['calls'] / steps:.2f} | {tps:.1f} | {tps / ar_tps:.2f}x | {per['verify']:.1f} | {per['draft']:.1f} "
-              f"| {per['observe']:.1f} | {other:.1f} | {r['lossless']}/{len(prompts)} |", flush=True)
+              f"| {per['observe']:.1f} | {other:.1f} | {per['prefill']:.1f} | {r['lossless']}/{len(prompts)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ class GenerationResult:
     draft_s: float = 0.0                                 # seconds in propose()
     verify_s: float = 0.0                                # seconds in the target's verify forwards
     observe_s: float = 0.0                               # seconds in observe() after each step
+    prefill_s: float = 0.0                               # seconds reading the prompt (first token, first observe)
     stop_reason: str = "max_new_tokens"
 
     @property
@@ -136,6 +137,7 @@ def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[in
     cache = target.new_cache()
 
     # 0. prefill
+    prefill_start = time.perf_counter()
     out = target.forward(prompt_ids, cache, layers, last_only=not layers)
     first, _ = sampler(out.logits[-1])
     result = GenerationResult(tokens=[first])
@@ -143,6 +145,7 @@ def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[in
                         hidden=out.hidden, hidden_start=0)
     proposer.reset()
     proposer.observe(state)
+    result.prefill_s = time.perf_counter() - prefill_start
     if first in eos:
         result.stop_reason = "eos"
         return result

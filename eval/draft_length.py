@@ -55,24 +55,25 @@ DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 
 
 @torch.inference_mode()
-def measure_cost_curve(target, sizes=DEFAULT_SIZES, context: int = 128, reps: int = 3,
+def measure_cost_curve(target, sizes=DEFAULT_SIZES, context: int = 128, reps: int = 5,
                        hidden_layers: tuple[int, ...] = ()) -> CostCurve:
-    """Time the target's forward over n new tokens after `context` cached ones (median of `reps`)."""
+    """Time the target's forward over n new tokens after `context` cached ones: the median of `reps`
+    rounds, each round timing every size once (interleaved, so a slow spell of a shared machine
+    lands on every size alike instead of bending the curve)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, target.vocab_size, (context + max(sizes),), generator=g).tolist()
     cache = target.new_cache()
     target.forward(ids[:context], cache, hidden_layers, last_only=True)
     target.forward(ids[context:context + 4], cache, hidden_layers)   # warm-up
     target.rollback(cache, context)
-    seconds = []
-    for n in sizes:
-        runs = []
-        for _ in range(reps):
+    runs: list[list[float]] = [[] for _ in sizes]
+    for _ in range(reps):
+        for i, n in enumerate(sizes):
             start = time.perf_counter()
             target.forward(ids[context:context + n], cache, hidden_layers)
-            runs.append(time.perf_counter() - start)
+            runs[i].append(time.perf_counter() - start)
             target.rollback(cache, context)
-        seconds.append(sorted(runs)[len(runs) // 2])
+    seconds = [sorted(r)[len(r) // 2] for r in runs]
     # a forward over more tokens never costs less: keep the curve monotone against timing noise
     for i in range(1, len(seconds)):
         seconds[i] = max(seconds[i], seconds[i - 1])

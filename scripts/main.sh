@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: set up (once), train the EAGLE-3 quick recipe (SmolLM2-135M-
-# Instruct target, ShareGPT; a budget of 600 steps x 4 x 256 tokens, ~15 min on 2 quiet CPU cores),
+# The main job on the embedded default: set up (once), train the EAGLE-3 head for CPU decoding
+# (recipes/smollm2-135m/eagle3-cpu-quick.yaml: SmolLM2-135M-Instruct target, ShareGPT, a 2-step
+# training-time test, a budget of 800 steps x 4 x 256 tokens, ~15-25 min on 2 quiet CPU cores),
 # export the head in vLLM's speculators format, and evaluate it on MT-bench first turns against plain
 # decoding and transformers' assisted generation (its prompt lookup). The drafter is the trained head
 # and prompt lookup as one tree (--drafter prompt-lookup+HEAD); --k auto sizes every step's draft from
-# the target's measured cost curve (on a CPU a 2-token verify costs what a 1-token forward does).
+# the target's measured cost curve (on a CPU, 1-2 draft tokens a step pay; 4 do not).
 # Extra arguments go to `draftsmith eval` (e.g. --num-prompts 80). A finished run is reused: pass
 # DRAFTSMITH_RETRAIN=1 to train again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
-RUN=runs/eagle3-ttt-quick
+RECIPE=smollm2-135m/eagle3-cpu-quick
+RUN=runs/eagle3-cpu-quick
 if [ -n "${DRAFTSMITH_RETRAIN:-}" ] || [ ! -f "$RUN/summary.json" ]; then
   if [ -d "$RUN/checkpoints" ] && [ -z "${DRAFTSMITH_RETRAIN:-}" ]; then
-    draftsmith train smollm2-135m/eagle3-ttt-quick --resume        # an interrupted run continues
+    draftsmith train "$RECIPE" --resume        # an interrupted run continues
   else
-    draftsmith train smollm2-135m/eagle3-ttt-quick --overwrite
+    draftsmith train "$RECIPE" --overwrite
   fi
 fi
 draftsmith export "$RUN" --format speculators --out "$RUN/speculators" --overwrite
