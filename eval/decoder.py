@@ -156,6 +156,8 @@ def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[in
             result.stop_reason = "context"
             break
         k_step = min(k, max_new_tokens - len(result.tokens) - 1, room)
+        if rule is not None:
+            k_step = rule.depth(k_step)
         # 1. draft
         started = time.perf_counter()
         draft = proposer.propose(state, k_step, sampler, **tree_kw) if k_step > 0 else Draft([])

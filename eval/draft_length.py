@@ -11,7 +11,10 @@ without a confidence, such as prompt lookup). The rule maximises expected tokens
 - while drafting, a node is worth drafting and verifying iff its expected tokens per marginal cost
   (P / (c'(n) + per-node draft cost)) beat the rate the decoder currently achieves;
 - after drafting, the verified draft is the best-first prefix that maximises
-  (1 + Σ P_i) / (c(n+1) + drafting time).
+  (1 + Σ P_i) / (c(n+1) + drafting time);
+- before drafting, the depth asked of the drafter is one past the deepest draft verified in the
+  last 16 steps: a drafter that drafts every position in one forward (parallel, P-EAGLE) pays for
+  all it is asked, and the stops above cannot reach inside that forward.
 
 Adaptive draft lengths in the literature: SpecDec++ (Huang et al. 2404.19124) stops drafting on a
 predicted rejection; EAGLE-2 (2406.16858) sizes trees by cumulative draft confidence; transformers'
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from draftsmith.eval.tree import children
+from draftsmith.eval.tree import children, depths
 
 
 @dataclass
@@ -116,13 +119,21 @@ class Calibration:
 class DraftLengthRule:
     """The decoder's draft-length policy for `--k auto` (see the module docstring)."""
 
-    def __init__(self, curve: CostCurve, ema: float = 0.1):
+    def __init__(self, curve: CostCurve, ema: float = 0.1, window: int = 16):
         self.curve = curve
         self.calibration = Calibration()
         self.ema = ema
         self.node_s = 0.0                    # drafting seconds per node, running mean
         self.rate = 1.0 / curve(1)           # tokens per second the decoder achieves, running mean
         self.chosen: list[int] = []          # nodes verified per step (the report's histogram)
+        self.window = window
+        self.verified_depth: list[int] = []  # depth of the verified draft, per step
+
+    def depth(self, k: int) -> int:
+        """The depth to ask of the drafter this step (at most k): one past the deepest draft verified
+        in the last `window` steps, so the depth can grow by one a step when drafts start paying."""
+        recent = self.verified_depth[-self.window:]
+        return min(k, max(recent) + 1) if recent else k
 
     def value(self, parent_value: float, conf: float | None, depth: int) -> float:
         return parent_value * self.calibration(conf, depth)
@@ -164,6 +175,7 @@ class DraftLengthRule:
             for c in kids[row]:
                 self.calibration.record(None if conf is None else conf[c], depth, c in on_path)
         self.chosen.append(len(parents))
+        self.verified_depth.append(max(depths(parents), default=0))
         if drafted:
             self.node_s += self.ema * (draft_s / drafted - self.node_s)
         self.rate += self.ema * (emitted / step_s - self.rate)

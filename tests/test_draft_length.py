@@ -113,3 +113,36 @@ def test_chain_drafts_no_node_that_cannot_pay():
     assert draft.tokens == [3] and calls == []
     flat = DraftSampler(Sampling(), rule=DraftLengthRule(FLAT))
     assert len(grow_draft(expand, root, 8, flat).tokens) == 8 and len(calls) == 7
+
+
+def test_rule_asks_one_past_the_deepest_recent_draft():
+    rule = DraftLengthRule(STEEP, window=3)
+    assert rule.depth(8) == 8                           # no history: the whole depth
+    for parents in ([-1], [], [-1]):                    # verified depths 1, 0, 1
+        rule.update([0.5] * len(parents), parents, [], len(parents), 0.001, 0.01, 1)
+    assert rule.depth(8) == 2 and rule.depth(1) == 1
+    rule.update([0.9, 0.9, 0.9], [-1, 0, 1], [0, 1, 2], 3, 0.001, 0.01, 4)
+    assert rule.depth(8) == 4                           # a deep draft paid: grow
+    for _ in range(3):
+        rule.update([], [], [], 0, 0.0, 0.01, 1)
+    assert rule.depth(8) == 1                           # the window forgets it
+
+
+class OneShot(PromptLookupProposer):
+    """Records the depth the decoder asks for (what a parallel drafter's one forward would pay)."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked: list[int] = []
+
+    def propose(self, state, k, sampler, tree=None):
+        self.asked.append(k)
+        return super().propose(state, k, sampler, tree=tree)
+
+
+def test_one_shot_drafters_are_asked_for_no_more_than_pays(target):
+    proposer, rule = OneShot(), DraftLengthRule(STEEP)
+    for prompt in prompts(2, seed=5):
+        ar = autoregressive_generate(target, prompt, max_new_tokens=24)
+        assert speculative_generate(target, proposer, prompt, k=8, rule=rule, max_new_tokens=24).tokens == ar.tokens
+    assert proposer.asked[0] == 8 and max(proposer.asked[-10:]) <= 2
