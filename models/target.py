@@ -95,6 +95,16 @@ class TargetOutput:
     hidden: list[torch.Tensor]    # one [T, H] per requested layer, before the final norm
 
 
+def use_masked_gqa() -> None:
+    """transformers' sdpa path copies the KV cache into every query head (`repeat_kv`) for each
+    masked forward of a grouped-query model, i.e. every verify step over 2+ tokens; torch's CPU sdpa
+    takes the grouped heads and a mask directly (`enable_gqa`), with bit-identical logits (measured on
+    SmolLM2: chains of 2-8 tokens and a tree). transformers' switch for it is an environment variable,
+    read at each call; a value the user set is kept. On CUDA a mask with `enable_gqa` can fall back to
+    the math kernel, so this is for CPU targets only."""
+    os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+
+
 class Target:
     """A frozen causal LM. Batch size 1: every tensor it returns drops the batch axis."""
 
@@ -108,6 +118,8 @@ class Target:
         self.max_length = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.num_layers = model.config.num_hidden_layers
         self._layers = _decoder_layers(model)
+        if self.device.type == "cpu":
+            use_masked_gqa()
 
     def new_cache(self) -> DynamicCache:
         return new_cache(self.model)

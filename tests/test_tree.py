@@ -70,6 +70,27 @@ def test_tree_forward_equals_chain_forward_per_path(make):
 
 
 @pytest.mark.parametrize("make", [lambda: tiny_llama(0), tiny_gemma3])
+def test_masked_gqa_gives_the_same_logits(make, monkeypatch):
+    """A CPU target lets torch's sdpa take grouped KV heads with a mask (no `repeat_kv` copy of the
+    cache each verify step); chains and trees give bit-identical logits either way."""
+    target = Target(make(), tokenizer=None)
+    import os
+    assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+    prompt = prompts(1, length=40)[0]
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", flag)
+        cache = target.new_cache()
+        target.forward(prompt, cache)
+        chain = target.forward([7, 11, 12, 13], cache).logits
+        target.rollback(cache, len(prompt))
+        tree = target.forward([7, 11, 12, 13, 14], cache, parents=[-1, -1, 0, 1]).logits
+        outs[flag] = (chain, tree)
+    for a, b in zip(outs["0"], outs["1"]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(0), tiny_gemma3])
 def test_keep_leaves_the_cache_of_the_accepted_path(make):
     target = Target(make(), tokenizer=None)
     prompt = prompts(1, length=10)[0]
