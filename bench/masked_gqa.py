@@ -25,8 +25,7 @@ SIZES = (1, 2, 3, 4, 6, 8)
 FLAGS = ("0", "1")
 
 
-def forward(target, ids, cache, n, parents=None):
-    return target.forward(ids[:n] if parents is None else ids[: len(parents) + 1], cache, parents=parents)
+TREE = [-1, -1, 0, 1, 2]      # parents of a 5-node tree verified after the root
 
 
 def main() -> None:
@@ -35,6 +34,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args()
+    for name in ("context", "rounds"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1 (got {getattr(args, name)})")
     target = load_target(args.target)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, target.vocab_size, (args.context + max(SIZES),), generator=g).tolist()
@@ -45,9 +47,9 @@ def main() -> None:
     for flag in FLAGS:
         os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = flag
         for n in SIZES:
-            logits[flag, n] = forward(target, new, cache, n).logits
+            logits[flag, n] = target.forward(new[:n], cache).logits
             target.rollback(cache, args.context)
-        logits[flag, "tree"] = forward(target, new, cache, 0, parents=[-1, -1, 0, 1, 2]).logits
+        logits[flag, "tree"] = target.forward(new[: len(TREE) + 1], cache, parents=TREE).logits
         target.rollback(cache, args.context)
     identical = all(torch.equal(logits["0", key], logits["1", key]) for key in [*SIZES, "tree"])
     times = {(flag, n): [] for flag in FLAGS for n in SIZES}
@@ -56,7 +58,7 @@ def main() -> None:
             for flag in FLAGS:
                 os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = flag
                 start = time.perf_counter()
-                forward(target, new, cache, n)
+                target.forward(new[:n], cache)
                 times[flag, n].append(time.perf_counter() - start)
                 target.rollback(cache, args.context)
     med = {key: sorted(v)[len(v) // 2] * 1e3 for key, v in times.items()}
