@@ -45,22 +45,23 @@ def load_drafter(spec: str, target: Target, dtype=None):
     kind = read_config_json(path).get("draftsmith_kind", "small_lm")
     if kind not in DRAFTER_KINDS:
         raise DraftsmithError("Unknown drafter kind in config.json", kind, f"Known kinds: {', '.join(DRAFTER_KINDS)}")
-    if kind == "parallel":
-        from draftsmith.models.parallel import load_parallel
-
-        return load_parallel(path, target, dtype)
     shape = TargetShape(target.model.config.hidden_size, target.vocab_size, target.num_layers)
+    dtype = resolve_dtype(dtype or target.dtype, str(target.device))
+    if kind == "parallel":   # a transformers LM with a mask token: checked as small_lm's are, and its mask
+        from draftsmith.models.parallel import ParallelProposer
+
+        return ParallelProposer(load_small_lm(path, shape, dtype).to(target.device))
     head = read_head_folder(path, shape)   # EAGLE heads in any layout, checked against the target; None for LMs
     if head is not None:
         return proposer_for(head, target.model)
-    model = load_small_lm(path, shape, resolve_dtype(dtype or target.dtype, str(target.device)))
+    model = load_small_lm(path, shape, dtype)
     check_vocab(model.get_output_embeddings().weight.shape[0], target.vocab_size, str(path))
     return SmallLMProposer(model.to(target.device))
 
 
 def load_small_lm(path: Path, target, dtype):
-    """A transformers causal LM drafter, its config checked against the target (models.checks.TargetShape)
-    and its weights' shapes against its config before the model is built."""
+    """A transformers causal LM drafter (kinds small_lm and parallel), its config checked against the target
+    (models.checks.TargetShape) and its weights' shapes against its config before the model is built."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from draftsmith.models.checks import check_lm_fits_target, check_shapes, meta_shapes, weight_shapes

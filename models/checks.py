@@ -149,8 +149,12 @@ def check_head_fits_target(c, target: TargetShape, where: str) -> None:
 
 
 def check_lm_fits_target(config, target: TargetShape, where: str) -> None:
-    """A small_lm drafter shares the target's vocabulary and must not be larger than the target: a
-    drafter at least as wide or deep as its target cannot make decoding faster."""
+    """A small_lm or parallel drafter shares the target's vocabulary (a parallel one plus its mask token's
+    row) and must not be larger than the target: a drafter at least as wide or deep as its target cannot
+    make decoding faster."""
+    if getattr(config, "draftsmith_kind", None) == "parallel":
+        check_parallel_config(config, target, where)
+        target = dataclasses.replace(target, vocab_size=config.vocab_size)   # V + 1, checked just above
     for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
         value = getattr(config, key, None)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -164,6 +168,28 @@ def check_lm_fits_target(config, target: TargetShape, where: str) -> None:
             raise DraftsmithError(f"The drafter's {key} exceeds the target's ({where})",
                                   f"{getattr(config, key)} > {limit}",
                                   "A drafter must be smaller than its target; check the folder")
+
+
+def check_parallel_config(config, target: TargetShape, where: str) -> None:
+    """The keys a parallel (PARD) drafter adds to its transformers config (models/parallel.py): the mask
+    token is one row appended after the target's vocabulary, so vocab_size is the target's + 1."""
+    keys = ("vocab_size", "draftsmith_target_vocab_size", "draftsmith_mask_token_id")
+    for key in keys + ("draftsmith_parallel_k",):
+        value = getattr(config, key, None)
+        if (value is None and key == "draftsmith_parallel_k") or (
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            continue
+        raise DraftsmithError(f"Invalid {key} in the parallel drafter's config.json ({where})", value,
+                              "Use a positive integer. " + _REEXPORT)
+    vocab, own, mask = (getattr(config, key) for key in keys)
+    if target.vocab_size is not None and own != target.vocab_size:
+        raise DraftsmithError(f"The parallel drafter was trained for another vocabulary ({where})",
+                              f"{own} tokens, target {target.vocab_size}",
+                              "A parallel drafter must share the target's tokenizer")
+    if mask != own or vocab != own + 1:
+        raise DraftsmithError(f"The parallel drafter's mask token must be the one row after the target's "
+                              f"vocabulary ({where})", f"draftsmith_mask_token_id {mask}, vocab_size {vocab}, "
+                              f"draftsmith_target_vocab_size {own}", _REEXPORT)
 
 
 # ------------------------------------------------------------------------------- weight files

@@ -12,8 +12,6 @@ Training (the mask blocks, conditional drop-token, CAT weighting) lives in model
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from draftsmith.errors import DraftsmithError
@@ -157,19 +155,3 @@ class ParallelProposer:
             conf.append(float((q if q is not None else row.softmax(-1))[token]))
         return Draft(tokens, None if qs[0] is None else torch.stack(qs), conf=conf)
 
-
-def load_parallel(path: Path, target, dtype=None) -> ParallelProposer:
-    """A ParallelProposer from an exported folder (or a checkpoint's drafter folder)."""
-    from transformers import AutoModelForCausalLM
-
-    from draftsmith.models.target import resolve_dtype
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype or target.dtype, str(target.device)))
-    if getattr(model.config, "draftsmith_mask_token_id", None) is None:
-        raise DraftsmithError("This parallel drafter's config.json names no mask token", str(path),
-                              "Re-export it with draftsmith export (draftsmith_mask_token_id is saved with it)")
-    if target_vocab_size(model) != target.vocab_size:
-        raise DraftsmithError("The parallel drafter was trained for another vocabulary",
-                              f"{path}: {target_vocab_size(model)} tokens, target {target.vocab_size}",
-                              "A parallel drafter must share the target's tokenizer")
-    return ParallelProposer(model.to(target.device))

@@ -254,3 +254,58 @@ def test_small_lm_config_checked_before_allocation(root, tmp_path, capsys, monke
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", guarded)
     assert main(eval_args(root, tmp_path / "out", **{"--drafter": tmp_path / "lm"})) == 2
     clear_error(capsys, needle)
+
+
+def _parallel_folder(root, folder):
+    """A parallel (PARD) drafter for the module's target, saved as export --format hf writes it."""
+    import types
+
+    from transformers import AutoModelForCausalLM
+
+    from draftsmith.models.parallel import build_parallel
+
+    target = AutoModelForCausalLM.from_pretrained(root / "target")
+    spec = types.SimpleNamespace(init_from=None, num_layers=1, hidden_size=None, intermediate_size=None,
+                                 init="target", layers_from_target=[0], parallel_k=3)
+    build_parallel(target, spec).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"hidden_size": 65536}, "hidden_size exceeds the target's"),
+    ({"num_hidden_layers": 64}, "num_hidden_layers exceeds the target's"),
+    ({"intermediate_size": 96}, "weights do not match its config.json"),
+    ({"vocab_size": 1 << 24}, "mask token must be the one row after"),
+    ({"draftsmith_mask_token_id": "x"}, "Invalid draftsmith_mask_token_id"),
+    ({"draftsmith_parallel_k": 0}, "Invalid draftsmith_parallel_k"),
+    ({"draftsmith_target_vocab_size": 7}, "trained for another vocabulary"),
+    ({"model_type": "no-such-model"}, "not a transformers model config"),
+])
+def test_parallel_drafter_folder_checked_before_allocation(root, tmp_path, capsys, monkeypatch, edit, needle):
+    from transformers import AutoModelForCausalLM
+
+    folder = _parallel_folder(root, tmp_path / "par")
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, **edit}))
+    real = AutoModelForCausalLM.from_pretrained
+
+    def guarded(path, *args, **kwargs):
+        assert str(path) != str(folder), "the drafter was loaded before its config was checked"
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", guarded)
+    assert main(eval_args(root, tmp_path / "out", **{"--drafter": folder})) == 2
+    clear_error(capsys, needle)
+
+
+def test_parallel_drafter_with_damaged_weights(root, tmp_path, capsys):
+    from draftsmith.models import load_drafter, load_target
+    from draftsmith.models.parallel import ParallelProposer
+
+    folder = _parallel_folder(root, tmp_path / "par")
+    assert isinstance(load_drafter(str(folder), load_target(str(root / "target"), "fp32", device="cpu")),
+                      ParallelProposer)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])   # cut mid-tensor
+    assert main(eval_args(root, tmp_path / "out", **{"--drafter": folder})) == 2
+    clear_error(capsys, "weights file is damaged")
