@@ -8,7 +8,10 @@ the working directory, or any parent of a folder the command still needs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -104,3 +107,36 @@ def replace_folder(tmp: Path, out: Path) -> None:
         raise DraftsmithError("The output appeared while draftsmith was writing it, and it is not a folder",
                               str(out), "Remove it, or pick another --out")
     tmp.rename(out)
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (checkpoints and teacher-cache shards are checked by it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def disk_full_error(err: OSError, what: str, where: Path, fix: str) -> DraftsmithError | None:
+    """A full disk (ENOSPC, or a quota: EDQUOT) said in words: what could not be written, the file, and the
+    bytes free where it was going; None for any other OSError (the caller re-raises that as it is)."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    near = Path(where).absolute()
+    while not near.exists() and near != near.parent:   # the nearest folder that exists (a temporary one may be gone)
+        near = near.parent
+    return DraftsmithError(f"The disk is full: {what}", f"{err.filename or where}: {shutil.disk_usage(near).free} "
+                           "bytes free", fix)
+
+
+@contextlib.contextmanager
+def disk_full_said(what: str, where: Path, fix: str):
+    """Inside the block, a full disk becomes `disk_full_error`'s DraftsmithError; other errors pass unchanged."""
+    try:
+        yield
+    except OSError as err:
+        said = disk_full_error(err, what, where, fix)
+        if said is None:
+            raise
+        raise said from None

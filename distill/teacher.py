@@ -30,16 +30,15 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from draftsmith.distill.cache_files import read_manifest, verify_cache
 from draftsmith.errors import DraftsmithError
 
-FORMAT = "draftsmith-teacher-cache/1"
 TEACHERS = "online, cache:DIR (a folder written by `draftsmith data cache`)"
 
 
@@ -80,19 +79,7 @@ class TeacherCache:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        path = self.folder / "manifest.json"
-        if not path.is_file():
-            raise DraftsmithError("data.teacher names no teacher cache (no manifest.json)", str(self.folder),
-                                  "Write one with: draftsmith data cache <recipe> --out DIR, then data.teacher=cache:DIR")
-        try:
-            self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise DraftsmithError("The teacher cache's manifest.json is not valid JSON", f"{path}: {err}",
-                                  "Write the cache again with draftsmith data cache --overwrite") from None
-        if self.manifest.get("format") != FORMAT:
-            raise DraftsmithError("This folder is not a draftsmith teacher cache (or another version of one)",
-                                  f"{self.folder}: format {self.manifest.get('format')!r}",
-                                  f"Write it again with draftsmith data cache (format {FORMAT})")
+        self.manifest = read_manifest(self.folder)   # its plan checked; the shards are checked by `check`
         plan = self.manifest["plan"]
         if not self.manifest.get("complete"):
             raise DraftsmithError("This teacher cache is not finished", str(self.folder),
@@ -133,12 +120,14 @@ class TeacherCache:
         for split, rows in splits.items():
             got = describe_rows(rows)
             theirs = plan["splits"][split]
-            if (got["rows"], got["fingerprint"]) != (theirs["rows"], theirs["fingerprint"]):
+            if (got["rows"], got["fingerprint"]) != (theirs["rows"], theirs.get("fingerprint")):
                 raise DraftsmithError(f"The teacher cache holds other {split} rows than this run's data",
-                                      f"{self.folder}: {theirs['rows']} rows ({theirs['fingerprint']}), this run's "
+                                      f"{self.folder}: {theirs['rows']} rows ({theirs.get('fingerprint')}), this run's "
                                       f"{got['rows']} ({got['fingerprint']})",
                                       "Use the data settings and data.source the cache was made with (its "
                                       "manifest.json lists them), or write a cache for these")
+            # the shards themselves: sizes, sha256, tensor shapes, and offsets that are these rows' own
+            verify_cache(self.folder, self.manifest, split, got["lengths"], got["row_trained"])
 
 
 def architecture(model) -> dict:

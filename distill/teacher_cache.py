@@ -11,9 +11,10 @@ the folder holds <split>/NNNNN.safetensors shards of consecutive rows with
     topk_logp        [trained, k]  float32, topk_ids [trained, k] int32, rest [trained] float32
     token_offsets, trained_offsets [rows + 1]   where each row's slice starts
 ("trained" positions: those whose next token carries loss). Each shard is written to a temporary
-name and renamed, and manifest.json holds the plan from the start, so an interrupted run resumes
-at the first missing shard; "complete": true marks a finished cache. The target runs under the
-recipe's train.mixed_precision, as it does in an online training step.
+name and renamed, then its size and sha256 go into manifest.json (which holds the plan from the
+start), so an interrupted run resumes at the first shard not recorded there; "complete": true marks
+a finished cache. Training checks every shard against them first (distill/cache_files.py). The
+target runs under the recipe's train.mixed_precision, as it does in an online training step.
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ from pathlib import Path
 
 import torch
 
-from draftsmith.distill.teacher import FORMAT, architecture, describe_rows
+from draftsmith.distill.cache_files import FORMAT, is_recorded, read_manifest, record_shard, shard_name
+from draftsmith.distill.teacher import architecture, describe_rows
 from draftsmith.errors import DraftsmithError
+from draftsmith.folders import disk_full_said
 
 SHARD_BYTES = 256 * 2**20
 """Shard size on disk: large enough to keep file counts low, small enough to lose little on a kill."""
+_FREE_SPACE = ("Free some space (or choose an --out on a larger disk), then rerun the same command: it resumes at "
+               "the first shard not written")
 
 
 def bytes_per_token(num_layers: int, hidden_size: int, element_size: int, k: int, vocab: int) -> tuple[int, int]:
@@ -103,10 +108,12 @@ def build_cache(recipe: str, overrides: list[str], out: str, top_k: int = 64, ba
           f"({'full log-softmax' if plan['exact'] else f'top-{k} log-probabilities, ids and the rest mass'}); "
           f"{sum(s['tokens'] for s in splits.values())} tokens -> {total / 2**30:.2f} GiB", flush=True)
     folder = Path(out)
-    _open_folder(folder, plan, overwrite)
+    with disk_full_said("the teacher cache's folder could not be written", folder, _FREE_SPACE):
+        _open_folder(folder, plan, overwrite)
+    manifest = read_manifest(folder)
     rows_of = {"train": train_rows, "heldout": heldout_rows}
     todo = [(split, i, a, b) for split, s in splits.items() for i, (a, b) in enumerate(s["shards"])
-            if not (folder / split / f"{i:05d}.safetensors").is_file()]
+            if not is_recorded(manifest, folder, split, i)]
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(b - a for _, _, a, b in todo), unit="row", desc="cache", dynamic_ncols=True)
@@ -122,11 +129,15 @@ def build_cache(recipe: str, overrides: list[str], out: str, top_k: int = 64, ba
         rows = [rows_of[split][i] for i in range(a, b)]
         tensors = _shard_tensors(target.model, rows, layers, k, batch_size or cfg.train.batch_size, pad, precision,
                                  progress)
-        _save_atomically(tensors, folder / split / f"{index:05d}.safetensors")
+        with disk_full_said(f"teacher-cache shard {shard_name(split, index)} could not be written", folder,
+                            _FREE_SPACE):
+            _save_atomically(tensors, folder / shard_name(split, index))
+            record_shard(manifest, folder, split, index)
+            _write_json(folder / "manifest.json", manifest)
     bar.close()
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest.update(complete=True, bytes=sum(p.stat().st_size for p in folder.rglob("*.safetensors")))
-    _write_json(folder / "manifest.json", manifest)
+    manifest.update(complete=True, bytes=sum(manifest["files"].values()))
+    with disk_full_said("the teacher cache's manifest.json could not be written", folder, _FREE_SPACE):
+        _write_json(folder / "manifest.json", manifest)
     return manifest
 
 
@@ -137,10 +148,7 @@ def _open_folder(folder: Path, plan: dict, overwrite: bool) -> None:
     if not path.is_file() or overwrite:     # a new folder: refuses one draftsmith did not write (folders.py)
         prepare_output_folder(folder, overwrite, "cache")
     if path.is_file():
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != FORMAT:
-            raise DraftsmithError("The output folder holds something else than a teacher cache",
-                                  f"{folder}: format {manifest.get('format')!r}", "Choose another --out")
+        manifest = read_manifest(folder)   # a damaged or foreign manifest is refused (--overwrite replaces it)
         differ = [k for k in plan if manifest["plan"].get(k) != plan[k]]
         if differ:
             raise DraftsmithError("The output folder holds a teacher cache with another plan",
@@ -152,21 +160,28 @@ def _open_folder(folder: Path, plan: dict, overwrite: bool) -> None:
         (folder / split).mkdir(parents=True, exist_ok=True)
     from draftsmith.distill.regenerate import versions
 
-    _write_json(path, {"format": FORMAT, "plan": plan, "complete": False, "versions": versions()})
+    _write_json(path, {"format": FORMAT, "plan": plan, "complete": False, "versions": versions(), "files": {},
+                       "sha256": {}})
 
 
 def _write_json(path: Path, value: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(value, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _save_atomically(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    finally:   # a full disk or a kill leaves no half shard behind
+        tmp.unlink(missing_ok=True)
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ exact cache (k = vocabulary) matches the online run step for step, the top-k cac
 approximation, the target's layers never run in a cached step, interrupted caches resume, and a cache
 made for other rows, layers or another target is refused."""
 
+import errno
 import json
 import math
 import random
@@ -15,7 +16,8 @@ from safetensors.torch import load_file
 
 from draftsmith.cli import main
 from draftsmith.distill import teacher_cache
-from draftsmith.distill.teacher import FORMAT, expand_topk, keep_shared_parts
+from draftsmith.distill.cache_files import FORMAT
+from draftsmith.distill.teacher import expand_topk, keep_shared_parts
 from draftsmith.errors import DraftsmithError
 from draftsmith.train import steps
 from draftsmith.train.config import load_recipe
@@ -208,3 +210,79 @@ def test_keep_shared_parts_frees_the_layers(setup):
     assert all(p.is_meta for p in target.model.model.layers.parameters())
     assert not any(p.is_meta for name, p in target.model.named_parameters() if ".layers." not in name)
     assert target.model.get_input_embeddings().weight is embed
+
+
+def _rewrite_shard(folder: Path, rel: str, edit) -> None:
+    """A crafted shard: `edit` changes its tensors, and its size and sha256 in the manifest follow (so only
+    the checks on its contents can catch it)."""
+    from safetensors.torch import save_file
+
+    from draftsmith.folders import sha256_of
+
+    tensors = load_file(folder / rel)
+    edit(tensors)
+    save_file(tensors, str(folder / rel))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][rel], manifest["sha256"][rel] = (folder / rel).stat().st_size, sha256_of(folder / rel)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _edit_manifest(folder: Path, edit) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _shift_offsets(t):
+    t["token_offsets"][1] += 3           # row 0 reads 3 tokens of row 1
+
+
+SHARD = "train/00000.safetensors"
+DAMAGE = {
+    "crafted offsets": (lambda f: _rewrite_shard(f, SHARD, _shift_offsets), "token_offsets that are not its rows'"),
+    "all zeros": (lambda f: (f / SHARD).write_bytes(bytes((f / SHARD).stat().st_size)), "does not match its sha256"),
+    "truncated": (lambda f: (f / SHARD).write_bytes((f / SHARD).read_bytes()[:1000]), "(truncated or replaced)"),
+    "missing": (lambda f: (f / "heldout" / "00000.safetensors").unlink(), "heldout/00000.safetensors is missing"),
+    "extra tensor": (lambda f: _rewrite_shard(f, SHARD, lambda t: t.update(x=torch.zeros(1))), "other tensors"),
+    "no splits": (lambda f: _edit_manifest(f, lambda m: m["plan"].pop("splits")), "manifest.json is damaged"),
+    "cut manifest": (lambda f: (f / "manifest.json").write_text((f / "manifest.json").read_text()[:300]),
+                     "manifest.json is not valid JSON"),
+    "unhashed (old)": (lambda f: _edit_manifest(f, lambda m: m.pop("sha256")), "before draftsmith hashed its shards"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_cache_is_refused_with_the_shard_named(setup, eagle3_cache, tmp_path, damage):
+    import shutil
+
+    folder = tmp_path / "cache"
+    shutil.copytree(eagle3_cache, folder)
+    edit, needle = DAMAGE[damage]
+    edit(folder)
+    with pytest.raises(DraftsmithError) as info:
+        train(str(setup / "recipe.yaml"), [f"run.out_dir={tmp_path}", "run.name=x", f"data.teacher=cache:{folder}"])
+    assert needle in str(info.value) and "--overwrite" in str(info.value), str(info.value)
+    assert not (tmp_path / "x" / "checkpoints").exists() or not any((tmp_path / "x" / "checkpoints").iterdir())
+
+
+def test_topk_cache_with_ids_outside_the_vocabulary_is_refused(setup, tmp_path):
+    folder = tmp_path / "topk"
+    assert cache(setup, folder, "drafter.kind=small_lm", "drafter.num_layers=1", top_k=5) == 0
+    assert set(json.loads((folder / "manifest.json").read_text())["sha256"]) == {SHARD, "heldout/00000.safetensors"}
+    _rewrite_shard(folder, SHARD, lambda t: t["topk_ids"].__setitem__((0, 0), 1 << 20))
+    with pytest.raises(DraftsmithError, match=f"shard {SHARD} has token ids outside the vocabulary"):
+        train(str(setup / "recipe.yaml"), [f"run.out_dir={tmp_path}", "run.name=x", "drafter.kind=small_lm",
+                                           "drafter.num_layers=1", f"data.teacher=cache:{folder}"])
+
+
+def test_a_full_disk_during_data_cache_is_said(setup, tmp_path, monkeypatch, capsys):
+    def disk_full(tensors, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(teacher_cache, "_save_atomically", disk_full)
+    out = tmp_path / "full"
+    assert cache(setup, out) == 2
+    err = capsys.readouterr().err
+    assert "The disk is full: teacher-cache shard train/00000.safetensors could not be written" in err, err
+    assert "bytes free" in err and "Traceback" not in err
+    assert not json.loads((out / "manifest.json").read_text())["complete"]

@@ -8,7 +8,6 @@ renamed to `.old-step-N/` before deletion, so a deletion cut short leaves nothin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from draftsmith.errors import DraftsmithError
+from draftsmith.folders import sha256_of
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -112,14 +112,6 @@ def file_digests(root: Path) -> tuple[dict[str, int], dict[str, str]]:
     files = [p for p in walk(root) if p.is_file() and not p.is_symlink()]
     return ({str(p.relative_to(root)): p.stat().st_size for p in files},
             {str(p.relative_to(root)): sha256_of(p) for p in files})
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def remove_checkpoint(ckpt: Path) -> None:
