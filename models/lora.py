@@ -16,6 +16,7 @@ drafter is trained for exactly the model that is served.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -65,10 +66,23 @@ def apply_lora(model: torch.nn.Module, settings: dict) -> torch.nn.Module:
     from peft import get_peft_model
 
     mask_token = getattr(model.config, "draftsmith_mask_token_id", None)
+    names = [name for name, _ in model.named_modules()]
+    # peft matches a name or a dotted suffix, and refuses only when nothing matches: check each name
+    unknown = [m for m in settings["target_modules"] or () if not any(n == m or n.endswith(f".{m}") for n in names)]
+    if unknown:
+        raise DraftsmithError("drafter.lora.target_modules names modules the drafter does not have", unknown,
+                              f"Use some of its linear layers: {', '.join(linear_names(model))}; or null for all of them")
     get_peft_model(model, peft_config(settings, mask_token))     # modifies `model`; the wrapper is not kept
     model.config.draftsmith_lora = dict(settings)
     _declare_tied_token_adapter(model)
     return model
+
+
+def linear_names(model: torch.nn.Module) -> list[str]:
+    """The names (last part) of a model's linear layers but the LM head: what target_modules may name."""
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head})
 
 
 def _declare_tied_token_adapter(model: torch.nn.Module) -> None:
@@ -136,15 +150,44 @@ def _load_state(model: torch.nn.Module, folder: Path) -> None:
 
 
 def load_with_adapter(model: torch.nn.Module, adapter: str | Path) -> torch.nn.Module:
-    """`model` with the peft adapter in `adapter` merged into its weights (target.adapter)."""
-    from peft import PeftModel
+    """`model` with the peft adapter in `adapter` merged into its weights (target.adapter). The folder is
+    checked first (a JSON adapter_config.json, weights in safetensors: no pickle is loaded), and the
+    adapter must load whole: every tensor its config implies, at the target's shapes."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors import SafetensorError, safe_open
 
     folder = Path(adapter).expanduser()
+    fix = "Point at a folder written by peft's save_pretrained (for this target), or set target.adapter=null"
     if not (folder / "adapter_config.json").is_file():
-        raise DraftsmithError("target.adapter is not a peft adapter folder (no adapter_config.json)", str(folder),
-                              "Point at a folder written by peft's save_pretrained, or set target.adapter=null")
+        raise DraftsmithError("target.adapter is not a peft adapter folder (no adapter_config.json)", str(folder), fix)
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        bin_only = (folder / "adapter_model.bin").is_file()
+        raise DraftsmithError("target.adapter holds no adapter_model.safetensors" + (
+            " (an adapter_model.bin is a pickle, which draftsmith does not load)" if bin_only else ""), str(folder),
+            "Save the adapter with peft's save_pretrained(safe_serialization=True), or set target.adapter=null")
+    try:
+        raw = json.loads((folder / "adapter_config.json").read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise DraftsmithError("target.adapter's adapter_config.json is not valid JSON", f"{folder}: {err}", fix) from None
+    if not isinstance(raw, dict):
+        raise DraftsmithError("target.adapter's adapter_config.json must hold a JSON object", str(folder), fix)
     print(f"[draftsmith] merging the adapter {folder} into the target", flush=True)
-    return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    try:
+        tuned = PeftModel.from_pretrained(model, str(folder))
+        with safe_open(str(weights), framework="pt") as f:
+            stored = set(f.keys())
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError, SafetensorError) as err:
+        first = str(err).strip().splitlines()
+        raise DraftsmithError("target.adapter cannot be applied to this target",
+                              f"{folder}: {type(err).__name__}: {' '.join(first[:2])[:300]}",
+                              "Use a peft adapter trained for this target (target.name), as peft saved it, "
+                              "or set target.adapter=null") from None
+    missing = sorted(k.removesuffix(".weight") for k in get_peft_model_state_dict(tuned) if k not in stored)
+    if missing:   # peft loads what is there and leaves the rest at its initialisation, silently
+        raise DraftsmithError("target.adapter's weights lack tensors its adapter_config.json implies",
+                              f"{folder}: {missing[:3]}{' ...' if len(missing) > 3 else ''}", fix)
+    return tuned.merge_and_unload()
 
 
 def adapted_target(target, adapter: str | Path):

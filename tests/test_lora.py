@@ -166,3 +166,64 @@ def test_tied_parallel_drafter_saves_once_and_merges_with_its_mask_row(tmp_path)
                                    model.eval()(input_ids=ids).logits[..., :VOCAB], rtol=1e-4, atol=1e-4)
     assert merged.lm_head.weight is merged.model.embed_tokens.weight
     assert not torch.equal(merged.model.embed_tokens.weight[VOCAB], target.model.embed_tokens.weight.mean(0))
+
+
+def clear_error(capsys, *needles):
+    err = capsys.readouterr().err
+    assert "draftsmith: error:" in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_unknown_lora_target_modules_are_refused_by_name(setup, tmp_path, capsys):  # noqa: F811
+    for modules in ("[nope]", "[q_proj, nope]"):       # peft alone ignores a bad name beside a good one
+        assert main(["train", str(setup / "recipe.yaml"), f"run.out_dir={tmp_path}", f"run.name=m{len(modules)}",
+                     f"drafter.lora={{r: 4, alpha: 8, target_modules: {modules}}}", "train.max_steps=0"]) == 2
+        clear_error(capsys, "drafter.lora.target_modules names modules the drafter does not have", "['nope']",
+                    "q_proj, up_proj, v_proj")
+
+
+@pytest.fixture(scope="module")
+def adapter(setup, tmp_path_factory):  # noqa: F811
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("adapter") / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(setup / "target")
+    get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])).save_pretrained(folder)
+    return folder
+
+
+def _set_rank(folder):
+    raw = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**raw, "r": 8}))
+
+
+def _drop_v_proj(folder):
+    from safetensors.torch import save_file
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "v_proj" not in k}, str(folder / "adapter_model.safetensors"))
+
+
+BROKEN_ADAPTERS = {
+    "missing": (lambda f: shutil.rmtree(f), "no adapter_config.json"),
+    "config not JSON": (lambda f: (f / "adapter_config.json").write_text("{r: 2"), "adapter_config.json is not valid JSON"),
+    "config a list": (lambda f: (f / "adapter_config.json").write_text("[]"), "must hold a JSON object"),
+    "pickle only": (lambda f: (f / "adapter_model.safetensors").rename(f / "adapter_model.bin"), "is a pickle"),
+    "truncated weights": (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x10"), "cannot be applied"),
+    "other rank": (_set_rank, "cannot be applied to this target"),
+    "unknown peft type": (lambda f: (f / "adapter_config.json").write_text('{"peft_type": "NOPE"}'), "cannot be applied"),
+    "tensors missing": (_drop_v_proj, "weights lack tensors its adapter_config.json implies"),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN_ADAPTERS))
+def test_broken_target_adapter_is_refused(setup, adapter, tmp_path, capsys, broken):  # noqa: F811
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter, folder)
+    edit, needle = BROKEN_ADAPTERS[broken]
+    edit(folder)
+    assert main(["train", str(setup / "recipe.yaml"), f"run.out_dir={tmp_path}", "run.name=x",
+                 f"target.adapter={folder}", "train.max_steps=0"]) == 2
+    clear_error(capsys, "target.adapter", needle)
