@@ -37,12 +37,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from draftsmith.distill.regenerated import FORMAT, STATS, read_manifest, read_shard, shard_path
 from draftsmith.errors import DraftsmithError
 
-FORMAT = "draftsmith-regenerated/1"
 _ROLE_TO_SHAREGPT = {"system": "system", "user": "human", "assistant": "gpt"}
-_STATS = ("conversations", "dropped", "answers", "truncated", "stopped_context", "stopped_empty",
-          "new_tokens", "seconds")
 
 
 @dataclass
@@ -183,27 +181,11 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_manifest(folder: Path) -> dict | None:
-    path = folder / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DraftsmithError("The folder's manifest.json is not valid JSON", f"{path}: {err}",
-                              "Pass --overwrite to start again, or choose another --out") from None
-    return manifest if isinstance(manifest, dict) else {}
-
-
-def _shard_path(folder: Path, index: int) -> Path:
-    return folder / "shards" / f"{index:05d}.jsonl"
-
-
 def _open_folder(folder: Path, plan: dict, cfg: RegenerateConfig) -> None:
     """Start a new folder, or check that the folder's plan is this run's (then it is resumed)."""
     from draftsmith.folders import prepare_output_folder
 
-    manifest = None if cfg.overwrite else _read_manifest(folder)
+    manifest = None if cfg.overwrite else read_manifest(folder)
     if manifest is not None:
         if manifest.get("format") != FORMAT:
             raise DraftsmithError("The output folder holds something else than regenerated conversations",
@@ -238,7 +220,7 @@ def write_shard(folder: Path, index: int, dialogues: list[Dialogue], seconds: fl
              "stopped_context": sum(d.stopped == "context" for d in dialogues),
              "stopped_empty": sum(d.stopped == "empty" for d in dialogues),
              "new_tokens": sum(d.new_tokens for d in dialogues), "seconds": seconds, "engine": engine}
-    path = _shard_path(folder, index)
+    path = shard_path(folder, index)
     _write_atomically(path.with_suffix(".json"), json.dumps(stats) + "\n")
     _write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return stats
@@ -247,44 +229,20 @@ def write_shard(folder: Path, index: int, dialogues: list[Dialogue], seconds: fl
 def finalize(folder: Path, manifest: dict) -> dict:
     """Once every shard is written: conversations.jsonl and the counts; returns the manifest."""
     n = manifest["plan"]["shards"]
-    if any(not _shard_path(folder, i).is_file() for i in range(n)):
+    if any(not shard_path(folder, i).is_file() for i in range(n)):
         return manifest
-    totals = dict.fromkeys(_STATS, 0)
+    totals = dict.fromkeys(STATS, 0)
     with open(folder / ".conversations.jsonl.tmp", "w", encoding="utf-8") as out:
         for i in range(n):
-            path = _shard_path(folder, i)
-            stats = json.loads(path.with_suffix(".json").read_text())
-            for key in _STATS:
+            stats, text = read_shard(folder, i)
+            for key in STATS:
                 totals[key] += stats[key]
-            out.write(path.read_text(encoding="utf-8"))
+            out.write(text)
     os.replace(folder / ".conversations.jsonl.tmp", folder / "conversations.jsonl")
     totals["new_tokens_per_s"] = totals["new_tokens"] / max(totals["seconds"], 1e-9)
     manifest = {**manifest, "counts": totals, "complete": True}
     _write_atomically(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def is_regenerated(path: Path) -> bool:
-    manifest = Path(path) / "manifest.json"
-    if not manifest.is_file():
-        return False
-    try:
-        return json.loads(manifest.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, AttributeError):
-        return False
-
-
-def read_regenerated(folder: Path) -> list[tuple[int, dict]]:
-    """(line number, record) of a finished regeneration, for distill/sources.py."""
-    folder = Path(folder)
-    manifest = _read_manifest(folder)
-    if not manifest.get("complete"):
-        n = manifest.get("plan", {}).get("shards", "?")
-        done = len(list((folder / "shards").glob("*.jsonl")))
-        raise DraftsmithError("This regeneration is not finished", f"{folder}: {done} of {n} shards written",
-                              "Rerun the same `draftsmith data regenerate` command: it resumes where it stopped")
-    with open(folder / "conversations.jsonl", encoding="utf-8") as f:
-        return [(i, json.loads(line)) for i, line in enumerate(f, start=1) if line.strip()]
 
 
 # --------------------------------------------------------------------------------------- the run
@@ -326,12 +284,12 @@ def regenerate(cfg: RegenerateConfig) -> dict:
     folder = Path(cfg.out)
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
     if (folder / "manifest.json").is_file() and cfg.shard_size is None and not cfg.overwrite:
-        shard_size = (_read_manifest(folder).get("plan") or {}).get("shard_size", shard_size)   # resume as planned
+        shard_size = (read_manifest(folder).get("plan") or {}).get("shard_size", shard_size)   # resume as planned
     plan = _plan(cfg, conversations, shard_size, sampling)
     if rank == 0:
         _open_folder(folder, plan, cfg)
     barrier()
-    missing = [i for i in range(plan["shards"]) if not _shard_path(folder, i).is_file()]
+    missing = [i for i in range(plan["shards"]) if not shard_path(folder, i).is_file()]
     mine = missing[rank::world]
     chunks = {i: conversations[i * shard_size:(i + 1) * shard_size] for i in mine}
     turns = sum(answer_turns(c["messages"]) for chunk in chunks.values() for c in chunk)
@@ -360,7 +318,7 @@ def regenerate(cfg: RegenerateConfig) -> dict:
     barrier()
     if rank != 0:
         return {}
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     manifest["engines"] = {**manifest.get("engines", {}), engine.describe()["engine"]: engine.describe()}
     _write_atomically(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return finalize(folder, manifest)

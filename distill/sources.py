@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from draftsmith.distill.data import log_skips, normalize_conversation
-from draftsmith.distill.regenerate import is_regenerated, read_regenerated
+from draftsmith.distill.regenerated import is_regenerated, read_regenerated
 from draftsmith.errors import DraftsmithError
 
 if TYPE_CHECKING:

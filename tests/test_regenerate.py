@@ -5,6 +5,7 @@ without duplicates, clear errors for unreachable or wrong servers, and the folde
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -396,3 +397,55 @@ def test_bad_arguments_fail_clearly(setup, tmp_path, capsys):
     assert "--max-new-tokens must be positive" in capsys.readouterr().err
     with pytest.raises(DraftsmithError, match="--top-p"):
         RegenerateConfig(target="t", source="s", out="o", top_p=0)
+
+
+# ------------------------------------------------------------------------------- damaged folders
+
+def _drop_last_line(path):
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+
+
+DAMAGED_FOLDERS = {
+    "manifest cut": (lambda f: (f / "manifest.json").write_text((f / "manifest.json").read_text()[:150]),
+                     "manifest.json is not valid JSON"),
+    "manifest binary": (lambda f: (f / "manifest.json").write_bytes(bytes(range(256))), "manifest.json is not valid JSON"),
+    "manifest without plan": (lambda f: (f / "manifest.json").write_text(json.dumps(
+        {**json.loads((f / "manifest.json").read_text()), "plan": 7})), "its plan names no shards"),
+    "jsonl cut mid-line": (lambda f: (f / "conversations.jsonl").write_bytes((f / "conversations.jsonl").read_bytes()[:700]),
+                           "is not a JSON record"),
+    "jsonl cut at a line": (lambda f: _drop_last_line(f / "conversations.jsonl"), "another number of records"),
+    "jsonl binary": (lambda f: (f / "conversations.jsonl").write_bytes(b"\xff\xfe" * 50), "cannot be read"),
+    "jsonl missing": (lambda f: (f / "conversations.jsonl").unlink(), "conversations.jsonl cannot be read"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_FOLDERS))
+def test_damaged_regeneration_folder_is_refused_by_name(setup, builtin, tmp_path, capsys, damage):
+    folder = tmp_path / "regen"
+    shutil.copytree(builtin, folder)
+    edit, needle = DAMAGED_FOLDERS[damage]
+    edit(folder)
+    assert main(["data", "prepare", str(setup / "recipe.yaml"), f"data.source={folder}",
+                 "--out", str(tmp_path / "prepared")]) == 2
+    err = capsys.readouterr().err
+    assert "draftsmith: error:" in err and "Traceback" not in err and needle in err and str(folder) in err, err
+
+
+def test_damaged_shard_is_named_and_the_rerun_rewrites_conversations(setup, builtin, tmp_path, capsys):
+    from draftsmith.distill.sources import load_conversations
+
+    folder = tmp_path / "regen"
+    shutil.copytree(builtin, folder)
+    _drop_last_line(folder / "conversations.jsonl")
+    with pytest.raises(DraftsmithError, match="Rerun the same"):
+        load_conversations(str(folder))
+    assert main(args(setup, folder, "--batch-size", "3")) == 0     # conversations.jsonl again, from shards/
+    assert records(folder) == records(builtin)
+    shard = folder / "shards" / "00001.jsonl"
+    shard.write_bytes(shard.read_bytes()[:-20])                      # a shard cut mid-record
+    assert main(args(setup, folder, "--batch-size", "3")) == 2
+    err = capsys.readouterr().err
+    assert "A regenerated shard is damaged" in err and "00001.jsonl" in err and "Traceback" not in err, err
+    (folder / "shards" / "00001.json").write_text("[]")
+    assert main(args(setup, folder, "--batch-size", "3")) == 2
+    assert "shard's counts are damaged" in capsys.readouterr().err

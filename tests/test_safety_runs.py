@@ -372,7 +372,7 @@ def test_no_pickle_is_loaded_from_drafter_or_data_folders(setup, base, tmp_path,
     # prepared data whose token file is a pickle
     assert main(["data", "prepare", recipe, "--out", str(tmp_path / "data")]) == 0
     plant(tmp_path / "data" / "train.npz", witness)
-    with pytest.raises(DraftsmithError, match="token files cannot be read"):
+    with pytest.raises(DraftsmithError, match="token file train.npz cannot be read"):
         train(recipe, [f"run.out_dir={tmp_path / 'runs'}", "run.name=data", f"data.source={tmp_path / 'data'}"])
     assert not witness.exists()
     capsys.readouterr()
@@ -469,3 +469,46 @@ def test_export_never_follows_a_symbolic_link(setup, base, tmp_path, capsys):
     with pytest.warns(UserWarning, match="skips .*model.safetensors: not a regular file"):
         _copy_regular_files(src, dst)
     assert [p.name for p in dst.iterdir()] == ["config.json"]
+
+
+def _npz_edit(name, **over):
+    def edit(folder):
+        import numpy as np
+
+        with np.load(folder / name) as f:
+            arrays = {k: f[k] for k in f.files}
+        np.savez_compressed(folder / name, **{**arrays, **{k: v(arrays) for k, v in over.items()}})
+    return edit
+
+
+def _meta_edit(folder):
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["tokenizer"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+DAMAGED_PREPARED = {
+    "empty train.npz": (lambda f: (f / "train.npz").write_bytes(b""), "token file train.npz cannot be read"),
+    "cut heldout.npz": (lambda f: (f / "heldout.npz").write_bytes((f / "heldout.npz").read_bytes()[:300]),
+                        "token file heldout.npz cannot be read"),
+    "offsets past the tokens": (_npz_edit("train.npz", offsets=lambda a: a["offsets"] * 2), "row offsets"),
+    "ids outside the vocabulary": (_npz_edit("train.npz", input_ids=lambda a: a["input_ids"] | 60000),
+                                   "outside the vocabulary"),
+    "another preparation's rows": (lambda f: shutil.copyfile(f / "heldout.npz", f / "train.npz"),
+                                   "train.npz holds other rows than its meta.json counts"),
+    "binary meta.json": (lambda f: (f / "meta.json").write_bytes(b"\xff" * 40), "meta.json is not valid JSON"),
+    "meta.json without tokenizer": (_meta_edit, "meta.json lacks keys"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_PREPARED))
+def test_damaged_prepared_data_is_refused_by_name(setup, tmp_path, capsys, damage):
+    data = tmp_path / "data"
+    assert main(["data", "prepare", str(setup / "recipe.yaml"), "--out", str(data)]) == 0
+    edit, needle = DAMAGED_PREPARED[damage]
+    edit(data)
+    capsys.readouterr()
+    assert main(["train", str(setup / "recipe.yaml"), f"run.out_dir={tmp_path}", "run.name=r",
+                 f"data.source={data}", "train.max_steps=0"]) == 2
+    err = capsys.readouterr().err
+    assert "draftsmith: error:" in err and "Traceback" not in err and needle in err and str(data) in err, err

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +61,33 @@ def write_rows(rows, path: Path) -> dict:
     return {"rows": len(ids), "tokens": int(flat.size), "assistant_tokens": int(mask.sum())}
 
 
-def read_rows(path: Path) -> TokenRows:
-    with np.load(path, allow_pickle=False) as f:   # an .npz may hold pickled object arrays: never load them
-        ids, packed, offsets = f["input_ids"], f["loss_mask"], f["offsets"]
+def read_rows(path: Path, vocab_size: int | None = None) -> TokenRows:
+    """The rows of one .npz, read without pickles and checked whole: a damaged or crafted file (bad zip,
+    offsets past the tokens, ids outside the vocabulary) is refused by name, never read out of bounds."""
+    try:
+        with np.load(path, allow_pickle=False) as f:   # an .npz may hold pickled object arrays: never load them
+            ids, packed, offsets = f["input_ids"], f["loss_mask"], f["offsets"]
+        why = _rows_problem(ids, packed, offsets, vocab_size)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        why = f"{type(err).__name__}: {err}"
+    if why is not None:
+        raise DraftsmithError(f"The prepared data's token file {Path(path).name} cannot be read: {why}", str(path),
+                              "Prepare the data again with `draftsmith data prepare`")
     mask = np.unpackbits(packed, count=len(ids)).astype(bool)
     return TokenRows(ids, mask, offsets)
+
+
+def _rows_problem(ids: np.ndarray, packed: np.ndarray, offsets: np.ndarray, vocab_size: int | None) -> str | None:
+    if ids.ndim != 1 or ids.dtype not in (np.uint16, np.uint32) or packed.ndim != 1 or packed.dtype != np.uint8:
+        return f"input_ids {ids.dtype} {ids.shape} / loss_mask {packed.dtype} {packed.shape} are not as written"
+    if len(packed) != -(-len(ids) // 8):
+        return f"the loss mask holds {len(packed) * 8} bits for {len(ids)} tokens"
+    if offsets.ndim != 1 or offsets.dtype != np.int64 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(ids) \
+            or bool((np.diff(offsets) < 0).any()):
+        return f"its row offsets do not split its {len(ids)} tokens into rows"
+    if vocab_size is not None and len(ids) and int(ids.max()) >= vocab_size:
+        return f"token id {int(ids.max())} is outside the vocabulary ({vocab_size} tokens)"
+    return None
 
 
 def is_prepared(source: str) -> bool:
@@ -73,8 +96,8 @@ def is_prepared(source: str) -> bool:
 
 def read_meta(folder: Path) -> dict:
     try:
-        meta = json.loads((Path(folder) / "meta.json").read_text())
-    except json.JSONDecodeError as err:
+        meta = json.loads((Path(folder) / "meta.json").read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise DraftsmithError("The prepared data's meta.json is not valid JSON", f"{folder}: {err}",
                               "Prepare the data again with `draftsmith data prepare`") from None
     missing = [name for name in ("train.npz", "heldout.npz") if not (Path(folder) / name).is_file()]
@@ -85,6 +108,10 @@ def read_meta(folder: Path) -> dict:
         raise DraftsmithError("This folder is not draftsmith prepared data (or another version of it)",
                               f"{folder}: format {meta.get('format') if isinstance(meta, dict) else meta!r}",
                               f"Prepare it again with `draftsmith data prepare` (format {FORMAT})")
+    bad = [key for key in ("tokenizer", "vocab_size", "train", "heldout") if key not in meta]
+    if bad:
+        raise DraftsmithError("The prepared data's meta.json lacks keys", f"{folder}: {', '.join(bad)}",
+                              "Prepare the data again with `draftsmith data prepare`")
     return meta
 
 
@@ -131,8 +158,13 @@ def load_prepared(cfg, tokenizer) -> tuple[TokenRows, TokenRows]:
         raise DraftsmithError("The prepared data was made with other data settings than this run's",
                               ", ".join(f"data.{k}: prepared {a!r}, run {b!r}" for k, (a, b) in differ.items()),
                               "Pass the prepared values as overrides, or prepare the data again")
-    try:
-        return read_rows(folder / "train.npz"), read_rows(folder / "heldout.npz")
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        raise DraftsmithError("The prepared data's token files cannot be read", f"{folder}: {err}",
-                              "Prepare the data again with `draftsmith data prepare`") from None
+    vocab = meta["vocab_size"] if isinstance(meta["vocab_size"], int) else None
+    splits = {split: read_rows(folder / f"{split}.npz", vocab) for split in ("train", "heldout")}
+    for split, rows in splits.items():   # a file from another preparation, or cut at a row boundary
+        counts = meta[split] if isinstance(meta[split], dict) else {}
+        if (len(rows), rows.num_tokens) != (counts.get("rows"), counts.get("tokens")):
+            raise DraftsmithError(f"The prepared data's {split}.npz holds other rows than its meta.json counts",
+                                  f"{folder / f'{split}.npz'}: {len(rows)} rows, {rows.num_tokens} tokens; meta.json: "
+                                  f"{counts.get('rows')} rows, {counts.get('tokens')} tokens",
+                                  "Prepare the data again with `draftsmith data prepare`")
+    return splits["train"], splits["heldout"]
