@@ -512,3 +512,18 @@ def test_damaged_prepared_data_is_refused_by_name(setup, tmp_path, capsys, damag
                  f"data.source={data}", "train.max_steps=0"]) == 2
     err = capsys.readouterr().err
     assert "draftsmith: error:" in err and "Traceback" not in err and needle in err and str(data) in err, err
+
+
+def test_a_full_disk_during_an_export_is_said_and_leaves_nothing(setup, base, tmp_path, monkeypatch, capsys):
+    from draftsmith.train import export
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst / "model.safetensors"))
+
+    monkeypatch.setattr(export, "_copy_regular_files", disk_full)
+    out = tmp_path / "exports" / "hf"
+    assert main(["export", str(base), "--format", "hf", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "The disk is full: the export could not be written" in err and "bytes free" in err, err
+    assert "model.safetensors" in err and "Traceback" not in err
+    assert not out.exists() and list((tmp_path / "exports").iterdir()) == []     # no half-written export

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from draftsmith.errors import DraftsmithError
+from draftsmith.folders import check_output_folder, disk_full_said, replace_folder, write_marker
 
 FORMATS = ("hf", "speculators", "sglang")
 SERVING_FORMATS = ("speculators", "sglang")   # EAGLE heads for vLLM and SGLang
@@ -93,12 +94,6 @@ def model_card(run_dir: Path, ckpt: Path, config: dict) -> str:
 
 def export(run_dir: str | Path, fmt: str, out: str | Path, checkpoint: str | None = None,
            overwrite: bool = False) -> Path:
-    from transformers import AutoTokenizer
-
-    from draftsmith.folders import check_output_folder, replace_folder, write_marker
-    from draftsmith.models.formats import strip_target_leftovers
-    from draftsmith.models.target import resolve_model_folder
-
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:
         raise DraftsmithError("Unknown export format", fmt, f"Use one of: {', '.join(FORMATS)}")
@@ -114,6 +109,20 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, checkpoint: str | Non
                               kind, "Export it with --format hf: vLLM and SGLang load it as a plain draft model, "
                               "and so do draftsmith eval and transformers' assisted generation")
     ckpt = _checkpoint(run_dir, checkpoint)
+    with disk_full_said("the export could not be written", out,
+                        "Free some space (or choose an --out on a larger disk), then export again"):
+        _write_export(run_dir, ckpt, fmt, out, config)
+    return out
+
+
+def _write_export(run_dir: Path, ckpt: Path, fmt: str, out: Path, config: dict) -> None:
+    """The export written into a temporary folder beside `out`, moved into place when whole."""
+    from transformers import AutoTokenizer
+
+    from draftsmith.models.formats import strip_target_leftovers
+    from draftsmith.models.target import resolve_model_folder
+
+    kind = config["drafter"]["kind"]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
@@ -138,7 +147,6 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, checkpoint: str | Non
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _copy_regular_files(src: Path, dst: Path) -> None:
