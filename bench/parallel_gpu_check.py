@@ -11,6 +11,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
+from draftsmith.distill.objective import Objective
 from draftsmith.train.config import load_recipe
 from draftsmith.train.dry_run import target_config
 from draftsmith.train.run import build_drafter
@@ -43,7 +44,7 @@ def main() -> None:
             torch.cuda.synchronize()
             start = time.perf_counter()
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss, _, _ = forward_batch(target, module, batch, cfg.loss)
+                loss, _, _ = forward_batch(target, module, batch, Objective.from_config(cfg.loss))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

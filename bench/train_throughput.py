@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from types import SimpleNamespace
 
 import torch
 
+from draftsmith.distill.objective import Objective
 from draftsmith.models.small_lm import SmallLMTrainModule, build_small_lm
 from draftsmith.models.target import load_target
 from draftsmith.train.steps import forward_batch, target_signals
@@ -49,7 +49,7 @@ def main() -> None:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
              "loss_mask": (torch.rand(ids.shape, generator=g) < 0.75).to(args.device)}
     mask = batch["loss_mask"][:, 1:].clone()
-    loss_cfg = SimpleNamespace(name="forward_kl", temperature=1.0, beta=0.5, top_k=10, data_ce_weight=0.0)
+    objective = Objective()     # forward KL
     autocast = lambda: torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None)  # noqa: E731
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
@@ -63,7 +63,7 @@ def main() -> None:
         t_target = time.perf_counter() - start
         start = time.perf_counter()
         with autocast():
-            loss, _, _ = forward_batch(target.model, drafter, batch, loss_cfg)
+            loss, _, _ = forward_batch(target.model, drafter, batch, objective)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -20,7 +20,12 @@ Conventions shared by every function here:
   the target (or `labels[t]`); aligning "logits at t predict token t+1" is the caller's job.
 
 The target-signal losses share one call shape, `fn(target_logits, drafter_logits, mask=None,
-temperature=1.0)`; `data_ce` alone takes `(drafter_logits, labels, mask=None)`.
+temperature=1.0)`; `data_ce` alone takes `(drafter_logits, labels, mask=None)`. Each is the mean of a
+per-row kernel `fn_rows(Rows) -> [M]` (ROW_LOSSES), which is what a weighted mix of losses and
+per-position weights combine (distill/objective.py).
+
+The acceptance objectives (the LK losses, arXiv 2602.23881) train for α = Σ_x min(p, q) itself:
+`tvd` = 1 − α, `nla` = −log α, `lk_hybrid` = λ·KL(p‖q) + (1 − λ)·(1 − α) with λ = exp(−3α), α detached.
 """
 
 from __future__ import annotations
@@ -106,7 +111,101 @@ def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return torch.where(log_a == -math.inf, torch.zeros_like(terms), terms).sum(-1)
 
 
+# --------------------------------------------------------------------------- per-row values
+
+
+class Rows:
+    """The kept rows of one comparison, [M, V] each, with the softmaxes computed once and shared by
+    every loss of a mix (distill/objective.py). `t` is None for a loss on the data alone."""
+
+    def __init__(self, t: torch.Tensor | None, d: torch.Tensor, labels: torch.Tensor | None = None,
+                 temperature: float = 1.0):
+        self.t = None if t is None else t.detach()
+        self.d, self.labels, self.temperature = d, labels, temperature
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _get(self, key: str, make) -> torch.Tensor:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def log_p(self) -> torch.Tensor:
+        if self.t is None:
+            raise DraftsmithError("this loss compares with the target's distribution, and none is given",
+                                  fix="Train with the target in the loop (data.teacher online or a cache), "
+                                      "or use loss.name=data_ce")
+        return self._get("log_p", lambda: _log_probs(self.t, self.temperature))
+
+    @property
+    def log_q(self) -> torch.Tensor:
+        return self._get("log_q", lambda: _log_probs(self.d, self.temperature))
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """β = Σ_x min(p(x), q(x)) per row [M]: the acceptance of exact speculative sampling there
+        (Leviathan et al. 2211.17192), with its gradient through q."""
+        return self._get("alpha", lambda: torch.minimum(self.log_p.exp(), self.log_q.exp()).sum(-1))
+
+
+def forward_kl_rows(r: Rows) -> torch.Tensor:
+    return _kl_rows(r.log_p, r.log_q)
+
+
+def reverse_kl_rows(r: Rows) -> torch.Tensor:
+    return _kl_rows(r.log_q, r.log_p)
+
+
+def jsd_rows(r: Rows, beta: float = 0.5) -> torch.Tensor:
+    if not 0.0 <= beta <= 1.0:
+        raise DraftsmithError("jsd's beta must lie in [0, 1]", seen=beta, fix="Use 0.5 for JS")
+    if beta == 0.0:
+        return forward_kl_rows(r)
+    if beta == 1.0:
+        return reverse_kl_rows(r)
+    log_m = torch.logaddexp(r.log_p + math.log(beta), r.log_q + math.log1p(-beta))
+    return beta * _kl_rows(r.log_p, log_m) + (1 - beta) * _kl_rows(r.log_q, log_m)
+
+
+def tvd_rows(r: Rows) -> torch.Tensor:
+    return 0.5 * (r.log_p.exp() - r.log_q.exp()).abs().sum(-1)
+
+
+NLA_FLOOR = 1e-6
+"""nla's α is floored here: −log 0 would be inf (a drafter with no overlap at all)."""
+
+
+def nla_rows(r: Rows) -> torch.Tensor:
+    return -r.alpha.clamp_min(NLA_FLOOR).log()
+
+
+def lk_hybrid_rows(r: Rows) -> torch.Tensor:
+    lam = torch.exp(-3.0 * r.alpha.detach())
+    return lam * forward_kl_rows(r) + (1 - lam) * (1 - r.alpha)
+
+
+def topk_forward_kl_rows(r: Rows, k: int = 10) -> torch.Tensor:
+    if k < 1:
+        raise DraftsmithError("topk_forward_kl needs k >= 1", seen=k, fix="Use e.g. k=10")
+    top, index = _scaled(r.t, r.temperature).topk(min(k, r.t.shape[-1]), dim=-1)  # [M, k]
+    return _kl_rows(torch.log_softmax(top, dim=-1), r.log_q.gather(-1, index))
+
+
+def target_ce_rows(r: Rows) -> torch.Tensor:
+    return F.cross_entropy(r.log_q, r.t.argmax(dim=-1), reduction="none")
+
+
+def data_ce_rows(r: Rows) -> torch.Tensor:
+    """−log q(label) at temperature 1; rows labelled IGNORE_INDEX count 0 (callers mask them)."""
+    return F.cross_entropy(r.d.float(), r.labels, reduction="none", ignore_index=IGNORE_INDEX)
+
+
 # --------------------------------------------------------------------------- divergences
+
+
+def _divergence(kernel, target_logits, drafter_logits, mask, temperature, **options) -> torch.Tensor:
+    (t, d), w = _rows((target_logits.detach(), drafter_logits), mask)
+    return _mean(kernel(Rows(t, d, temperature=temperature), **options), w)
 
 
 def forward_kl(
@@ -120,8 +219,7 @@ def forward_kl(
     The expectation is under the TARGET p: the drafter is pushed to cover every token the
     target gives mass to (mass-covering). This is standard KD and what DistillSpec calls FKL.
     """
-    (t, d), w = _rows((target_logits.detach(), drafter_logits), mask)
-    return _mean(_kl_rows(_log_probs(t, temperature), _log_probs(d, temperature)), w)
+    return _divergence(forward_kl_rows, target_logits, drafter_logits, mask, temperature)
 
 
 def reverse_kl(
@@ -135,8 +233,7 @@ def reverse_kl(
     The expectation is under the DRAFTER q: the drafter is pushed onto the target's modes and
     punished for mass where p is small (mode-seeking). DistillSpec's RKL.
     """
-    (t, d), w = _rows((target_logits.detach(), drafter_logits), mask)
-    return _mean(_kl_rows(_log_probs(d, temperature), _log_probs(t, temperature)), w)
+    return _divergence(reverse_kl_rows, target_logits, drafter_logits, mask, temperature)
 
 
 def jsd(
@@ -158,14 +255,7 @@ def jsd(
     """
     if not 0.0 <= beta <= 1.0:
         raise DraftsmithError("jsd's beta must lie in [0, 1]", seen=beta, fix="Use 0.5 for JS")
-    if beta == 0.0:
-        return forward_kl(target_logits, drafter_logits, mask, temperature)
-    if beta == 1.0:
-        return reverse_kl(target_logits, drafter_logits, mask, temperature)
-    (t, d), w = _rows((target_logits.detach(), drafter_logits), mask)
-    log_p, log_q = _log_probs(t, temperature), _log_probs(d, temperature)
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-    return _mean(beta * _kl_rows(log_p, log_m) + (1 - beta) * _kl_rows(log_q, log_m), w)
+    return _divergence(jsd_rows, target_logits, drafter_logits, mask, temperature, beta=beta)
 
 
 def tvd(
@@ -177,12 +267,38 @@ def tvd(
     """Total variation distance TV(p, q) = ½ Σ_x |p(x) − q(x)| (symmetric, no expectation).
 
     1 − TV(p, q) = Σ_x min(p, q) is the per-token acceptance β of speculative sampling
-    (METHODS.md), so minimising TVD maximises teacher-forced acceptance (DistillSpec's TVD).
+    (METHODS.md), so minimising TVD maximises teacher-forced acceptance (DistillSpec's TVD;
+    the LK losses' and speculators' `tv`).
     """
-    (t, d), w = _rows((target_logits.detach(), drafter_logits), mask)
-    p = _log_probs(t, temperature).exp()
-    q = _log_probs(d, temperature).exp()
-    return _mean(0.5 * (p - q).abs().sum(-1), w)
+    return _divergence(tvd_rows, target_logits, drafter_logits, mask, temperature)
+
+
+def nla(
+    target_logits: torch.Tensor,
+    drafter_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Negative log-acceptance −log α, α = Σ_x min(p(x), q(x)) (LK losses, 2602.23881).
+
+    The same optimum as TV (α = 1 at q = p) with the gradient −∇α / α: rows the drafter barely
+    accepts pull hardest, so it trains from a cold start where TV's gradient is flat. α is
+    floored at NLA_FLOOR. Symmetric in p and q; the gradient reaches q only.
+    """
+    return _divergence(nla_rows, target_logits, drafter_logits, mask, temperature)
+
+
+def lk_hybrid(
+    target_logits: torch.Tensor,
+    drafter_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """LK hybrid λ·KL(p‖q) + (1 − λ)·TV(p, q) with λ = exp(−3·α), α = Σ_x min(p, q) DETACHED
+    (LK losses, 2602.23881; speculators' lk_hybrid): forward KL (an expectation under the
+    target p) while the drafter is far from the target, TV = 1 − α once it is close.
+    """
+    return _divergence(lk_hybrid_rows, target_logits, drafter_logits, mask, temperature)
 
 
 def topk_forward_kl(
@@ -204,12 +320,7 @@ def topk_forward_kl(
     """
     if k < 1:
         raise DraftsmithError("topk_forward_kl needs k >= 1", seen=k, fix="Use e.g. k=10")
-    (t, d), w = _rows((target_logits.detach(), drafter_logits), mask)
-    top, index = _scaled(t, temperature).topk(min(k, t.shape[-1]), dim=-1)  # [M, k]
-    log_p_k = torch.log_softmax(top, dim=-1)
-    d = _scaled(d, temperature)
-    log_q_k = d.gather(-1, index) - d.logsumexp(-1, keepdim=True)  # [M, k]
-    return _mean(_kl_rows(log_p_k, log_q_k), w)
+    return _divergence(topk_forward_kl_rows, target_logits, drafter_logits, mask, temperature, k=k)
 
 
 # --------------------------------------------------------------------------- cross-entropies
@@ -225,11 +336,10 @@ def target_argmax_ce(
 
     A hard-label expectation under the point mass at argmax p; it trains for greedy (T = 0)
     acceptance, where a draft is accepted iff it equals argmax p. The argmax ignores the
-    temperature; q is softmax(drafter_logits / temperature).
+    temperature; q is softmax(drafter_logits / temperature). Named `ce` in a loss mix
+    (speculators' and DSpark's CE term), `target_ce` as a loss of its own.
     """
-    (t, d), w = _rows((target_logits.detach(), drafter_logits), mask)
-    greedy = t.argmax(dim=-1)  # [M]
-    return _mean(F.cross_entropy(_log_probs(d, temperature), greedy, reduction="none"), w)
+    return _divergence(target_ce_rows, target_logits, drafter_logits, mask, temperature)
 
 
 def data_ce(
@@ -258,7 +368,7 @@ def data_ce(
         mask = mask * keep
     (d,), w = _rows((drafter_logits,), mask)
     (y,), _ = _rows((labels.unsqueeze(-1),), mask)
-    return _mean(F.cross_entropy(d.float(), y.squeeze(-1), reduction="none"), w)
+    return _mean(data_ce_rows(Rows(None, d, y.squeeze(-1))), w)
 
 
 # --------------------------------------------------------------------------- acceptance
@@ -278,9 +388,7 @@ def acceptance_estimate(
     computed without gradient (use 1 − `tvd` to train on it).
     """
     (t, d), w = _rows((target_logits, drafter_logits), mask)
-    p = _log_probs(t, temperature).exp()
-    q = _log_probs(d, temperature).exp()
-    return _mean(torch.minimum(p, q).sum(-1), w)
+    return _mean(Rows(t, d, temperature=temperature).alpha, w)
 
 
 def chain_tau(alpha: float, k: int) -> float:
@@ -302,10 +410,28 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "reverse_kl": reverse_kl,
     "jsd": jsd,
     "tvd": tvd,
+    "nla": nla,
+    "lk_hybrid": lk_hybrid,
     "target_ce": target_argmax_ce,
     "data_ce": data_ce,
     "topk_forward_kl": topk_forward_kl,
 }
+"""Every loss by its recipe name (`loss.name`), as a function over [..., V] logits."""
+
+ROW_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "forward_kl": forward_kl_rows,
+    "reverse_kl": reverse_kl_rows,
+    "jsd": jsd_rows,
+    "tvd": tvd_rows,
+    "nla": nla_rows,
+    "lk_hybrid": lk_hybrid_rows,
+    "target_ce": target_ce_rows,
+    "ce": target_ce_rows,
+    "data_ce": data_ce_rows,
+    "topk_forward_kl": topk_forward_kl_rows,
+}
+"""The same losses per kept row, `fn(Rows, **options) -> [M]`: what a loss mix (distill/objective.py)
+combines. `ce` is the mix's name for target_ce (speculators' and DSpark's CE term)."""
 
 
 def get_loss(name: str) -> Callable[..., torch.Tensor]:

@@ -226,19 +226,22 @@ def ttt_attention(past: list):
 class Eagle3TrainModule(nn.Module):
     """What the trainer wraps for kind `eagle3`. Step i (0..ttt_steps-1), row t: predicts token t+2+i
     against the target's distribution at position t+1+i restricted (renormalised) to the draft
-    vocabulary — forward KL, weight decay**i, rows masked where the target's argmax lies outside
-    the draft vocabulary. Returns step 0's logits on the shared trained positions (mapped to the
-    target vocabulary, -inf outside the draft one) for the held-out metrics, and the loss."""
+    vocabulary, rows masked where the target's argmax lies outside the draft vocabulary. The loss is the
+    recipe's objective (handed in by the trainer, distill/objective.py) per row, step i weighed by its
+    position weight (default: decay**i, EAGLE-3's). Returns step 0's logits on the shared trained
+    positions (mapped to the target vocabulary, -inf outside the draft one) for the held-out metrics,
+    and the loss."""
 
     owns_loss = True
 
-    def __init__(self, head: Eagle3Head, target_model: nn.Module, ttt_steps: int, decay: float):
+    def __init__(self, head: Eagle3Head, target_model: nn.Module, ttt_steps: int, decay: float, objective):
         super().__init__()
         self.model = head
         self._target = (target_parts(target_model),)     # a tuple: not registered, not saved
         self.target_layers = tuple(head.config.aux_layers)
-        self.ttt_steps, self.decay = ttt_steps, decay
+        self.ttt_steps, self.decay, self.objective = ttt_steps, decay, objective
         self.step_stats: dict[str, float] = {}
+        self.train_stats: dict[str, float] = {}
 
     def forward(self, input_ids, attention_mask, mask, target_hidden, t_logits):
         head = self.model
@@ -255,21 +258,25 @@ class Eagle3TrainModule(nn.Module):
             valid[mask] = head.t2d[t_arg]
             arg = torch.full_like(input_ids[:, 1:], -1)
             arg[mask] = t_arg
+            draft_of = torch.full((head.config.vocab_size,), -100, dtype=torch.long, device=ids.device)
+            draft_of[ids] = torch.arange(len(ids), device=ids.device)
+            labels = draft_of[input_ids[:, 1:].clamp(0, head.config.vocab_size - 1)]   # [B, R] data token, draft id
+            gold = None
+            if self.objective.position_weights == "reach":   # p(data token) at position r + 1, on row r
+                g = torch.zeros(mask.shape, device=mask.device)
+                g[mask] = torch.softmax(t_logits, dim=-1).gather(1, input_ids[:, 1:][mask][:, None])[:, 0]
+                gold = torch.cat([g[:, 1:], g[:, :1] * 0], dim=1)
             embeds = embed(input_ids).detach()
         past: list = []
-        loss = t_logits.new_zeros(())
-        stats, match_prod, tau = {}, 1.0, 1.0
+        steps, stats = [], {}
+        match_prod, tau = 1.0, 1.0
         step0 = t_logits.new_zeros((0, len(ids)))
         for i, h in enumerate(self.unroll(embeds, target_hidden, past)):
             n = rows - 1 - i                                                  # rows with a target at t+1+i
             logits = head.logits(h[:, :n]).float()                            # [B, n, Vd]
             p, v, m = grid_p[:, 1 + i:], valid[:, 1 + i:], mask[:, 1 + i:]
-            if v.any():
-                log_q = torch.log_softmax(logits[v], dim=-1)
-                kl = (p[v].exp() * (p[v] - log_q)).sum(-1).mean()
-                loss = loss + self.decay ** i * kl
-            else:   # no row to learn from: a zero that still backpropagates (and keeps DDP's buckets whole)
-                loss = loss + 0.0 * logits.sum()
+            loss_rows, alpha = self.objective.rows(p[v], logits[v], labels[:, 1 + i:][v])
+            steps.append((v, loss_rows, alpha, logits))
             with torch.no_grad():
                 hit = (ids[logits.argmax(-1)] == arg[:, 1 + i:])[m].float()
                 rate = float(hit.mean()) if hit.numel() else float("nan")
@@ -281,9 +288,35 @@ class Eagle3TrainModule(nn.Module):
                 step0 = logits[mask[:, 1:]]
         stats["ttt_tau_greedy_k4"] = tau
         self.step_stats = stats
+        loss = self._weighted(steps, b, rows, gold) if steps else t_logits.new_zeros(())
+        if self.training and steps:
+            self.train_stats = self.objective.stats(
+                torch.cat([a for _, _, a, _ in steps]),
+                torch.cat([torch.full((len(a),), i, device=a.device) for i, (_, _, a, _) in enumerate(steps)]),
+                len(steps))
         full = step0.new_full((step0.shape[0], head.config.vocab_size), float("-inf"))
         full[:, ids] = step0
         return full, loss
+
+    def _weighted(self, steps: list, b: int, rows: int, gold: torch.Tensor | None) -> torch.Tensor:
+        """Σ_i mean over step i's rows of w_i · loss_i; w from the objective's position weights (per row
+        for reach and accepted_length), default decay**i."""
+        count = len(steps)
+        grid = None
+        if self.objective.position_weights == "accepted_length":
+            grid = torch.zeros(count, b, rows, device=steps[0][1].device)   # α of step i at row t, 0 where unknown
+            for i, (v, _, alpha, _) in enumerate(steps):
+                grid[i, :, : v.shape[1]][v] = alpha
+        default = torch.tensor([self.decay ** i for i in range(count)])
+        w = self.objective.along(count, default, alpha=grid, gold=gold)
+        loss = steps[0][1].new_zeros(())
+        for i, (v, loss_rows, _, logits) in enumerate(steps):
+            if not v.any():   # no row to learn from: a zero that still backpropagates (and keeps DDP's buckets whole)
+                loss = loss + 0.0 * logits.sum()
+                continue
+            wi = w[i].to(loss_rows.device) if w.dim() == 1 else w[i, :, : v.shape[1]].to(loss_rows.device)[v]
+            loss = loss + (wi * loss_rows).mean()
+        return loss
 
     def unroll(self, embeds: torch.Tensor, target_hidden: list[torch.Tensor], past: list):
         """Yield the head's features [B, T-1, H] of each training-time-test step. embeds: the target's

@@ -14,12 +14,12 @@ tokens): drafting starts from the last committed token and only ever drafts the 
 The blocks, their attention mask and conditional drop-token (COD) live in models/mask_blocks.py,
 shared with P-EAGLE (models/peagle.py).
 
-Loss: the recipe's loss by name (distill/losses.py, p = the target's distribution at the position the
-element predicts, given the data's prefix) plus `loss.data_ce_weight` x CE on the data's token, a
-weighted mean over all kept rows. CAT (PARD-2's confidence-adaptive token weighting) weights the
-element (d, a) by prod_{j=a}^{a+d-1} p(x_{j+1} | x_<=j): the target's chance to accept the gold
-drafts before it, so that the rows drafting actually reaches dominate. With `loss.name: data_ce` and
-CAT off no target runs during training (PARD's target-independent mode).
+Loss: the recipe's objective (distill/objective.py, handed in by the trainer: a loss mix per row, p =
+the target's distribution at the position the element predicts, given the data's prefix), a weighted
+mean over all kept rows, each weighed by its depth's position weight. `reach` is PARD-2's CAT: the
+element (d, a) weighs prod_{j=a}^{a+d-1} p(x_{j+1} | x_<=j), the target's chance to accept the gold
+drafts before it; `accepted_length` uses the batch's mean α per depth. With `loss.name: data_ce` (and
+no reach weights) no target runs during training (PARD's target-independent mode).
 """
 
 from __future__ import annotations
@@ -32,19 +32,6 @@ from draftsmith.models.mask_blocks import (MaskBlocks, block_attention, cod_frac
                                           gather_blocks, valid_anchors)
 
 
-def cat_weights(t_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, k: int) -> list[torch.Tensor]:
-    """PARD-2's CAT weights w[d] [B, R] = prod_{j=a}^{a+d-1} p(x_{j+1} | x_<=j) (w[0] = 1). t_logits are
-    the target's [N, V] on the rows of `mask`, labels [N] the data's tokens there."""
-    gold = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    gold[mask] = torch.softmax(t_logits.float(), dim=-1).gather(1, labels[:, None])[:, 0]
-    weights = [torch.ones_like(gold)]
-    for d in range(1, k):
-        w = torch.zeros_like(gold)
-        w[:, : gold.shape[1] - d] = weights[-1][:, : gold.shape[1] - d] * gold[:, d - 1: gold.shape[1] - 1]
-        weights.append(w)
-    return weights
-
-
 class ParallelTrainModule(nn.Module):
     """What the trainer wraps for kind `parallel`. Returns the depth-0 logits on the trained positions
     (the rows of the target's logits, for the held-out figures) and the whole loss (`owns_loss`)."""
@@ -52,7 +39,7 @@ class ParallelTrainModule(nn.Module):
     owns_loss = True
     target_layers = ()
 
-    def __init__(self, model: nn.Module, loss_cfg, k: int, cod_ratio: float, cod_floor: float, cat: bool,
+    def __init__(self, model: nn.Module, objective, k: int, cod_ratio: float, cod_floor: float,
                  freeze_embeddings: bool = False):
         super().__init__()
         from draftsmith.models.parallel import freeze_embeddings_but_mask, mask_token_id, target_vocab_size
@@ -60,12 +47,13 @@ class ParallelTrainModule(nn.Module):
         if k < 1:
             raise DraftsmithError("drafter.parallel_k must be >= 1", k)
         self.model = model
-        self.loss_cfg, self.k, self.cat = loss_cfg, k, cat
+        self.objective, self.k = objective, k
         self.fractions = cod_fractions(k, cod_ratio, cod_floor)
         self.mask_id, self.vocab = mask_token_id(model), target_vocab_size(model)
         # PARD's target-independent mode: plain CE on the data, no target forward in training steps
-        self.needs_target = loss_cfg.name != "data_ce" or cat
+        self.needs_target = objective.needs_target
         self.step_stats: dict[str, float] = {}
+        self.train_stats: dict[str, float] = {}
         # frozen embeddings: the LM head reads a detached weight, so no [V, H] weight gradient is computed
         self.frozen_head = freeze_embeddings
         if freeze_embeddings:
@@ -88,8 +76,6 @@ class ParallelTrainModule(nn.Module):
         return blocks
 
     def forward(self, input_ids, attention_mask, mask, target_hidden=None, t_logits=None):
-        from draftsmith.train import steps
-
         b, t = input_ids.shape
         blocks = self._blocks(mask)
         ids = torch.cat([input_ids, torch.full_like(blocks.anchor, self.mask_id)], dim=1)         # [B, T+M]
@@ -107,21 +93,36 @@ class ParallelTrainModule(nn.Module):
         h = torch.cat([hidden[:, : t - 1][mask], hidden[:, t:][blocks.real]])
         logits = self._head(h)                                                                    # [N0 + Ne, V]
         labels0 = input_ids[:, 1:][mask]
+        n0 = labels0.shape[0]
         labels = torch.cat([labels0, labels0[el_rows]])
-        weights = torch.ones(labels.shape[0], device=ids.device)
-        if self.cat:
-            w = torch.stack(cat_weights(t_logits, labels0, mask, self.k))                       # [K, B, R]
-            weights[labels0.shape[0]:] = w[blocks.depth, torch.arange(b, device=ids.device)[:, None],
-                                           blocks.anchor][blocks.real]
+        depth = torch.cat([blocks.depth.new_zeros(n0), blocks.depth[blocks.real]])              # [N0 + Ne]
         t_rows = None if t_logits is None else torch.cat([t_logits, t_logits[el_rows]])
-        loss = steps.distill_loss(self.loss_cfg, t_rows, logits, labels, weights)
+        loss_rows, alpha = self.objective.rows(t_rows, logits, labels)
+        weights = self._row_weights(blocks, depth, alpha, t_logits, labels0, mask).to(loss_rows.device)
+        loss = (loss_rows * weights).sum() / weights.sum().clamp_min(1e-12)
         if labels.numel() == 0:   # no trained row: a zero that still reaches every weight (DDP's buckets)
             loss = loss + 0.0 * hidden.sum()
-        n0 = labels0.shape[0]
-        if not self.training and t_logits is not None:
+        if self.training:
+            self.train_stats = self.objective.stats(alpha, depth, self.k)
+        elif t_logits is not None:
             self._depth_stats(logits[n0:].detach(), t_logits[el_rows], blocks.depth[blocks.real],
                               logits[:n0].detach(), t_logits)
         return logits[:n0], loss
+
+    def _row_weights(self, blocks: MaskBlocks, depth, alpha, t_logits, labels0, mask) -> torch.Tensor:
+        """Each row's position weight (by its depth; reach: by its anchor too), [N0 + Ne]."""
+        if alpha is not None and alpha.numel():
+            alpha = torch.stack([alpha[depth == d].mean() if (depth == d).any() else alpha.new_zeros(())
+                                 for d in range(self.k)])                                          # [K]
+        gold = None
+        if self.objective.position_weights == "reach" and t_logits is not None:
+            gold = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)               # [B, R]
+            gold[mask] = torch.softmax(t_logits.float(), dim=-1).gather(1, labels0[:, None])[:, 0]
+        w = self.objective.along(self.k, alpha=alpha, gold=gold).to(depth.device)
+        if w.dim() == 1:
+            return w[depth]
+        b = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(blocks.anchor)
+        return torch.cat([w.new_ones(int(mask.sum())), w[blocks.depth, b, blocks.anchor][blocks.real]])
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head over the target's vocabulary only (the mask token is never drafted)."""

@@ -192,16 +192,19 @@ def _next_row(x: torch.Tensor) -> torch.Tensor:
 class PEagleTrainModule(nn.Module):
     """What the trainer wraps for kind `eagle3` with `parallel: true`. Every sequence's rows (depth 0)
     are followed by its kept mask elements; an element (d, a) predicts the token the row a+d does,
-    against the target's distribution there restricted to the draft vocabulary (forward KL, rows masked
-    where the target's argmax lies outside it, as EAGLE-3's loss), all kept rows weighing the same
-    (speculators' P-EAGLE loss). Returns the depth-0 logits on the trained positions (target vocabulary,
+    against the target's distribution there restricted to the draft vocabulary (the recipe's objective,
+    distill/objective.py; rows masked where the target's argmax lies outside it, as EAGLE-3's loss), a
+    weighted mean over the kept rows by their depth's position weight (default: all the same,
+    speculators' P-EAGLE loss). Returns the depth-0 logits on the trained positions (target vocabulary,
     -inf outside the draft one) for the held-out figures, and the loss (`owns_loss`)."""
 
     owns_loss = True
 
-    def __init__(self, head: PEagleHead, target_model: nn.Module, cod_ratio: float, cod_floor: float):
+    def __init__(self, head: PEagleHead, target_model: nn.Module, cod_ratio: float, cod_floor: float, objective):
         super().__init__()
         self.model = head
+        self.objective = objective
+        self.train_stats: dict[str, float] = {}
         self._target = (target_parts(target_model),)     # a tuple: not registered, not saved
         self.target_layers = tuple(head.config.aux_layers)
         self.k = head.config.parallel_k
@@ -223,7 +226,16 @@ class PEagleTrainModule(nn.Module):
             learn[mask] = head.t2d[t_arg]
             arg = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
             arg[mask] = t_arg
-            log_p, learn, arg = _next_row(log_p), _next_row(learn), _next_row(arg)
+            draft_of = torch.full((head.config.vocab_size,), -100, dtype=torch.long, device=mask.device)
+            draft_of[ids] = torch.arange(len(ids), device=mask.device)
+            label = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)   # the data's token, draft id
+            label[mask] = draft_of[input_ids[:, 1:][mask]]
+            gold = None
+            if self.objective.position_weights == "reach":
+                gold = torch.zeros(mask.shape, device=mask.device)    # p(data token) at each position
+                gold[mask] = torch.softmax(t_logits, dim=-1).gather(1, input_ids[:, 1:][mask][:, None])[:, 0]
+                gold = _next_row(gold)
+            log_p, learn, arg, label = _next_row(log_p), _next_row(learn), _next_row(arg), _next_row(label)
         g = None if self.training else torch.Generator(device=mask.device).manual_seed(0)   # held-out: same draw
         blocks = gather_blocks(cod_keep(valid_anchors(trained, self.k), self.fractions, g))
         m = blocks.real.shape[1]
@@ -240,17 +252,33 @@ class PEagleTrainModule(nn.Module):
         logits = head.logits(torch.cat([f[:, :rows][trained], f[:, rows:][blocks.real]])).float()   # [N0 + Ne, Vd]
         p = torch.cat([log_p[trained], log_p[where]])
         keep = torch.cat([learn[trained], learn[where]])
+        n0 = int(trained.sum())
+        depth = torch.cat([torch.zeros(n0, dtype=torch.long, device=f.device), blocks.depth[blocks.real]])
+        loss_rows, alpha = self.objective.rows(p[keep], logits[keep], torch.cat([label[trained], label[where]])[keep])
         if keep.any():
-            log_q = torch.log_softmax(logits[keep], dim=-1)
-            loss = (p[keep].exp() * (p[keep] - log_q)).sum(-1).mean()
+            w = self._row_weights(blocks, depth, keep, alpha, gold, trained)
+            loss = (w * loss_rows).sum() / w.sum().clamp_min(1e-12)
         else:   # no row to learn from: a zero that still backpropagates (and keeps DDP's buckets whole)
             loss = 0.0 * logits.sum() + 0.0 * f.sum()
-        n0 = int(trained.sum())
-        if not self.training:
+        if self.training:
+            self.train_stats = self.objective.stats(alpha, depth[keep], self.k)
+        else:
             with torch.no_grad():
                 hit = ids[logits.argmax(-1)] == torch.cat([arg[trained], arg[where]])
-                depth = torch.cat([torch.zeros(n0, dtype=torch.long, device=f.device), blocks.depth[blocks.real]])
                 self.step_stats = depth_stats(hit, depth, self.k)
         full = logits.new_full((n0, head.config.vocab_size), float("-inf"))
         full[:, ids] = logits[:n0]
         return full, loss
+
+    def _row_weights(self, blocks, depth, keep, alpha, gold, trained) -> torch.Tensor:
+        """The position weight of every kept row [Nk]: by its depth (accepted_length: the batch's mean α per
+        depth), reach: by its anchor's row too."""
+        kept = depth[keep]
+        means = torch.stack([alpha[kept == d].mean() if (kept == d).any() else alpha.new_zeros(())
+                             for d in range(self.k)])                                        # [K]
+        w = self.objective.along(self.k, alpha=means, gold=gold).to(kept.device)
+        if w.dim() == 1:
+            return w[kept]
+        b = torch.arange(trained.shape[0], device=trained.device)[:, None].expand_as(blocks.anchor)
+        per_row = torch.cat([w.new_ones(int(trained.sum())), w[blocks.depth, b, blocks.anchor][blocks.real]])
+        return per_row[keep]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from draftsmith.distill.objective import Objective
 from draftsmith.errors import DraftsmithError
 from draftsmith.eval.decoder import DecodeState, autoregressive_generate, make_sampler, speculative_generate
 from draftsmith.eval.verify import Sampling, warp
@@ -95,7 +96,7 @@ def test_training_time_test_sees_what_drafting_sees(target4):
     """Step i of the unrolled training forward at row t equals the feature the proposer computes when
     it drafts i tokens (the data's) past a prefix ending at t."""
     head = random_head(target4)
-    module = Eagle3TrainModule(head, target4.model, ttt_steps=4, decay=0.8)
+    module = Eagle3TrainModule(head, target4.model, ttt_steps=4, decay=0.8, objective=Objective())
     ids = torch.tensor([prompts(1, length=14)[0]])
     out = target4.forward(ids[0].tolist(), target4.new_cache(), hidden_layers=module.target_layers)
     embed = target_parts(target4.model)[0]
@@ -132,7 +133,7 @@ def ttt_batch(target, module, n: int, length: int, seed: int):
 def test_training_loss_falls_and_logs_every_step(target4):
     torch.manual_seed(0)
     head = random_head(target4).float()
-    module = Eagle3TrainModule(head, target4.model, ttt_steps=3, decay=0.8)
+    module = Eagle3TrainModule(head, target4.model, ttt_steps=3, decay=0.8, objective=Objective())
     ids, attention, mask, hidden, t_logits = ttt_batch(target4, module, 4, 20, seed=1)
     opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=3e-3)
     losses = []
@@ -216,7 +217,7 @@ def test_batch_without_a_learnable_row_gives_a_zero_loss_that_backpropagates(tar
     """Every target argmax outside the draft vocabulary (or no assistant token): loss 0, zero grads,
     no "does not require grad" crash in the trainer's backward."""
     head = random_head(target4).float()
-    module = Eagle3TrainModule(head, target4.model, ttt_steps=3, decay=0.8)
+    module = Eagle3TrainModule(head, target4.model, ttt_steps=3, decay=0.8, objective=Objective())
     ids, attention, mask, hidden, t_logits = ttt_batch(target4, module, 2, 12, seed=2)
     outside = (~head.t2d).nonzero()[0, 0]
     t_logits[:, outside] = 1e4                     # every argmax lies outside the draft vocabulary

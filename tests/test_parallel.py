@@ -15,7 +15,8 @@ from draftsmith.eval.decoder import DecodeState, autoregressive_generate, make_s
 from draftsmith.eval.verify import Sampling, warp
 from draftsmith.models.parallel import ParallelProposer, build_parallel
 from draftsmith.models.mask_blocks import cod_fractions, cod_keep, valid_anchors
-from draftsmith.models.parallel_train import ParallelTrainModule, cat_weights
+from draftsmith.distill.objective import Objective, reach_weights
+from draftsmith.models.parallel_train import ParallelTrainModule
 from draftsmith.models.target import Target
 from draftsmith.train import steps
 
@@ -23,8 +24,9 @@ from conftest import VOCAB, perturbed, prompts, tiny_llama
 from test_verify import law_of_verify_sampling
 from tiny import make_tiny_tokenizer
 
-KD = types.SimpleNamespace(name="forward_kl", temperature=1.0, beta=0.5, top_k=10, data_ce_weight=0.1)
-CE = types.SimpleNamespace(name="data_ce", temperature=1.0, beta=0.5, top_k=10, data_ce_weight=0.0)
+KD = Objective((("forward_kl", 1.0), ("data_ce", 0.1)))
+CAT = Objective((("forward_kl", 1.0), ("data_ce", 0.1)), position_weights="reach")
+CE = Objective((("data_ce", 1.0),))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch on one thread per module
@@ -197,7 +199,7 @@ def test_training_layout_sees_what_drafting_sees(target4):
     """With every element kept, the logits of element (d, a) in the one training forward equal the
     drafter's logits at mask d after committing x_0..x_a."""
     model = parallel_model(target4)
-    module = ParallelTrainModule(copy.deepcopy(model), CE, k=4, cod_ratio=1.0, cod_floor=1.0, cat=False).eval()
+    module = ParallelTrainModule(copy.deepcopy(model), CE, k=4, cod_ratio=1.0, cod_floor=1.0).eval()
     b = batch(n=2, length=16, prompt=1)
     mask = b["loss_mask"][:, 1:] & b["attention_mask"][:, 1:].bool()
     blocks = module._blocks(mask)
@@ -240,23 +242,22 @@ def test_cod_keeps_all_of_depth_0_and_the_stated_share_of_each_depth():
     assert not valid[1][:, 99].any() and valid[1][:, 98].all() and not valid[3][:, 97].any()
 
 
-def test_cat_weights_are_the_target_chance_of_reaching_a_depth():
+def test_reach_weights_are_the_target_chance_of_reaching_a_depth():
     torch.manual_seed(0)
-    mask = torch.ones(1, 6, dtype=torch.bool)
     t_logits = torch.randn(6, 10)
     labels = torch.randint(0, 10, (6,))
-    w = cat_weights(t_logits, labels, mask, 3)
     gold = torch.softmax(t_logits, -1)[torch.arange(6), labels]
+    w = reach_weights(gold[None], 3)
     assert torch.equal(w[0], torch.ones(1, 6))
     torch.testing.assert_close(w[1][0, :5], gold[:5])
     torch.testing.assert_close(w[2][0, :4], gold[:4] * gold[1:5])
     assert float(w[2][0, 5]) == 0
 
 
-@pytest.mark.parametrize("loss_cfg, cat", [(KD, False), (KD, True), (CE, False)], ids=["kd", "kd-cat", "ce"])
-def test_training_lowers_the_loss(target4, loss_cfg, cat, monkeypatch):
+@pytest.mark.parametrize("loss_cfg", [KD, CAT, CE], ids=["kd", "kd-cat", "ce"])
+def test_training_lowers_the_loss(target4, loss_cfg, monkeypatch):
     torch.manual_seed(0)
-    module = ParallelTrainModule(parallel_model(target4).float(), loss_cfg, 4, 0.7, 0.2, cat)
+    module = ParallelTrainModule(parallel_model(target4).float(), loss_cfg, 4, 0.7, 0.2)
     target_calls = []
     real = steps.target_signals
     monkeypatch.setattr(steps, "target_signals", lambda *a, **kw: target_calls.append(1) or real(*a, **kw))
@@ -282,7 +283,7 @@ def test_training_lowers_the_loss(target4, loss_cfg, cat, monkeypatch):
 def test_frozen_embeddings_train_the_mask_row_only(target4):
     model = parallel_model(target4).float()
     before = model.get_input_embeddings().weight.detach().clone()
-    module = ParallelTrainModule(model, KD, 4, 0.7, 0.2, False, freeze_embeddings=True)
+    module = ParallelTrainModule(model, KD, 4, 0.7, 0.2, freeze_embeddings=True)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     for _ in range(3):
         loss, _, _ = steps.forward_batch(target4.model, module, batch(), KD)
@@ -301,7 +302,7 @@ def test_train_export_load_and_eval(setup, tmp_path, capsys):
     from draftsmith.models import load_drafter, load_target
 
     assert main(["train", str(setup / "recipe.yaml"), f"run.out_dir={tmp_path}", "run.name=par",
-                 "drafter.freeze_embeddings=true", "drafter.cat=true"]) == 0
+                 "drafter.freeze_embeddings=true", "loss.position_weights=reach"]) == 0
     lines = [json.loads(x) for x in (tmp_path / "par" / "metrics.jsonl").read_text().splitlines()]
     assert any("parallel_greedy_match_depth2" in x for x in lines)
     out = tmp_path / "export"
@@ -355,7 +356,7 @@ def test_cuda_fp32_greedy_equality_and_bf16_training():
         ar = autoregressive_generate(target, prompt, max_new_tokens=24)
         assert speculative_generate(target, proposer, prompt, k=4, max_new_tokens=24).tokens == ar.tokens
     torch.manual_seed(0)
-    module = ParallelTrainModule(parallel_model(target).float().cuda(), KD, 4, 0.7, 0.2, True)
+    module = ParallelTrainModule(parallel_model(target).float().cuda(), CAT, 4, 0.7, 0.2)
     opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=3e-3)
     b = {k: v.cuda() for k, v in batch().items()}
     losses = []

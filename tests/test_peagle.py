@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from draftsmith.distill.objective import Objective
 from draftsmith.bench.decode_profile import count_drafter_forwards
 from draftsmith.errors import DraftsmithError
 from draftsmith.eval.decoder import DecodeState, autoregressive_generate, make_sampler, speculative_generate
@@ -155,7 +156,7 @@ def test_training_layout_sees_what_drafting_sees(target4):
     """With every element kept, the logits of element (d, a) in the one training forward equal the
     proposer's logits at depth d after committing the data up to row a."""
     head = peagle_head(target4)
-    module = PEagleTrainModule(head, target4.model, cod_ratio=1.0, cod_floor=1.0).eval()
+    module = PEagleTrainModule(head, target4.model, cod_ratio=1.0, cod_floor=1.0, objective=Objective()).eval()
     ids, attention, mask, hidden, t_logits = batch(target4, module)
     captured = []
     real_logits = head.logits
@@ -185,7 +186,7 @@ def test_training_layout_sees_what_drafting_sees(target4):
 def test_training_lowers_the_loss_and_logs_depths(target4):
     torch.manual_seed(0)
     head = peagle_head(target4).float().train()
-    module = PEagleTrainModule(head, target4.model, 0.7, 0.2)
+    module = PEagleTrainModule(head, target4.model, 0.7, 0.2, Objective())
     opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=3e-3)
     data = batch(target4, module)
     losses = []
@@ -235,7 +236,6 @@ def test_recipe_settings_are_checked():
         (quick.train.max_steps, quick.train.batch_size, quick.data.max_length)
     for overrides, match in ((["drafter.kind=parallel"], "drafter.parallel"),
                              (["drafter.parallel_k=1"], "drafter.parallel_k"),
-                             (["drafter.cat=true"], "drafter.cat"),
                              (["drafter.parallel=false", "drafter.mask_token_id=3"], "drafter.mask_token_id")):
         with pytest.raises(DraftsmithError, match=match):
             load_recipe("smollm2-135m/eagle3-parallel-quick", overrides)

@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from draftsmith.distill.objective import Objective
 from draftsmith.eval.benchmarks import load_bench
 from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
 from draftsmith.eval.harness import EvalConfig, Runner, encode_turn, eos_ids, top2_margin
@@ -102,7 +103,7 @@ def test_gemma3_eagle3_is_lossless_and_trains_one_step():
     layers = default_aux_layers(target.num_layers)
     t_logits, hidden = target_signals(target.model, x, torch.ones_like(x), mask, tuple(layers))
     ids = torch.unique(torch.cat([ids, t_logits.argmax(-1)]))     # the target's choices are draftable
-    module = Eagle3TrainModule(build_eagle3(target.model, layers, ids).float(), target.model, ttt_steps=3, decay=0.8)
+    module = Eagle3TrainModule(build_eagle3(target.model, layers, ids).float(), target.model, ttt_steps=3, decay=0.8, objective=Objective())
     _, loss = module(x, torch.ones_like(x), mask, hidden, t_logits)
     loss.backward()
     assert torch.isfinite(loss) and module.model.fc.weight.grad.abs().sum() > 0

@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file
 
 from draftsmith.cli import main
-from draftsmith.train import steps
+from draftsmith.distill.objective import Objective
 from draftsmith.train.data import BatchSchedule
 from draftsmith.train.run import train
 from draftsmith.train.checkpoints import is_complete, latest_checkpoint
@@ -282,17 +282,17 @@ def test_export_hf_works_as_assistant_model(setup, run_a, tmp_path, capsys):
 # ------------------------------------------------------------------------------------ failures
 
 def test_nan_loss_stops_with_step_number(setup, tmp_path, monkeypatch):
-    real, calls = steps.distill_loss, []
+    real, calls = Objective.rows, []
 
     def nan_at_step_3(*args, **kwargs):
-        loss = real(*args, **kwargs)
+        loss, alpha = real(*args, **kwargs)
         if torch.is_grad_enabled():   # training forwards only; held-out evaluation runs under no_grad
             calls.append(1)
             if len(calls) == 3:
-                return loss * float("nan")
-        return loss
+                return loss * float("nan"), alpha
+        return loss, alpha
 
-    monkeypatch.setattr(steps, "distill_loss", nan_at_step_3)
+    monkeypatch.setattr(Objective, "rows", nan_at_step_3)
     with pytest.raises(TrainingDiverged, match="loss became nan at step 3") as info:
         train(str(setup / "recipe.yaml"), [f"run.out_dir={tmp_path}", "run.name=nan"])
     assert "Lower train.lr" in str(info.value)

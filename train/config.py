@@ -11,6 +11,7 @@ The resolved config (defaults and overrides applied) is written into the run fol
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import ClassVar, Iterable, get_type_hints
 
 import yaml
 
+from draftsmith.distill.losses import LOSSES, ROW_LOSSES
+from draftsmith.distill.objective import POSITION_WEIGHTS
 from draftsmith.errors import DraftsmithError
 from draftsmith.train.schema import (Dumper, Loader, Section, apply_override, check, check_choice, parse_yaml,
                                      section_from_dict, unknown_key)
@@ -101,9 +104,6 @@ class DrafterConfig(Section):
     of depth d (PARD: 0.7)."""
     cod_floor: float = 0.2
     """parallel, eagle3 with parallel: the least share of a depth kept by conditional drop-token (PARD: 0.2)."""
-    cat: bool = False
-    """parallel: PARD-2's confidence-adaptive token weighting (a depth-d row weighs the target's chance
-    to accept the d gold tokens before it); needs the target in the loop."""
     lora: dict | None = None
     """small_lm / parallel: train LoRA adapters through peft on frozen base weights, a mapping
     {r, alpha, dropout, target_modules} (defaults 16, 32, 0.0, null = every linear layer but the LM
@@ -126,7 +126,6 @@ class DrafterConfig(Section):
         if self.parallel:
             check(self.parallel_k >= 2, "drafter.parallel_k", self.parallel_k,
                   "P-EAGLE drafts parallel_k tokens per forward from parallel_k - 1 mask rows: use 2 or more")
-            check(not self.cat, "drafter.cat", self.cat, "CAT weighting is for kind parallel; set drafter.cat=false")
         if self.lora is not None:
             from draftsmith.models.lora import lora_settings
 
@@ -196,9 +195,19 @@ class DataConfig(Section):
 class LossConfig(Section):
     section: ClassVar[str] = "loss"
     at_least: ClassVar = {"beta": 0.0, "top_k": 1, "data_ce_weight": 0.0, "feature_weight": 0.0}
-    above: ClassVar = {"temperature": 0.0}
+    above: ClassVar = {"temperature": 0.0, "gamma": 0.0}
     name: str = "forward_kl"
-    """A key of draftsmith.distill.losses.LOSSES (forward_kl = KL(p || q), p the target's)."""
+    """A key of draftsmith.distill.losses.LOSSES (forward_kl = KL(p || q), p the target's; tvd = 1 - alpha;
+    nla = -log alpha; lk_hybrid = lambda KL + (1 - lambda) TV, lambda = exp(-3 alpha)); loss.mix replaces it."""
+    mix: dict | None = None
+    """A weighted combination of named losses, e.g. {ce: 0.1, tvd: 0.9} (DSpark); `ce` = target_ce.
+    null = loss.name alone."""
+    position_weights: str | None = None
+    """Weights along the draft (training-time-test steps, parallel depths): uniform | exp_decay |
+    reach (the target's chance to reach the position, PARD-2's CAT) | accepted_length (the gradient of
+    the implied tau); null = the kind's default (eagle3: drafter.ttt_decay ** i, else uniform)."""
+    gamma: float = 4.0
+    """exp_decay: position i weighs exp(-i / gamma)."""
     temperature: float = 1.0
     """Softmax temperature applied to both p and q."""
     beta: float = 0.5
@@ -211,19 +220,32 @@ class LossConfig(Section):
     """eagle: weight of the SmoothL1 feature regression (features divided by their std)."""
 
     def validate(self) -> None:
-        from draftsmith.distill.losses import LOSSES
-
         check_choice("loss.name", self.name, sorted(LOSSES))
         check(self.beta <= 1.0, "loss.beta", self.beta, "Use a value in [0, 1]")
+        check(self.position_weights in (*POSITION_WEIGHTS, None), "loss.position_weights", self.position_weights,
+              f"Use one of: {', '.join(POSITION_WEIGHTS)}, or null for the drafter kind's default")
+        if self.mix is not None:
+            names = sorted(ROW_LOSSES)
+            check(bool(self.mix), "loss.mix", self.mix, f"Give {{name: weight}} pairs of {', '.join(names)}, or null")
+            for name, weight in self.mix.items():
+                check_choice("loss.mix key", name, names)
+                check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+                      and weight >= 0, f"loss.mix.{name}", weight, "Use a finite weight >= 0, e.g. {ce: 0.1, tvd: 0.9}")
+            check(any(w > 0 for w in self.mix.values()), "loss.mix", self.mix, "Give at least one weight > 0")
+            self.mix = {name: float(w) for name, w in self.mix.items()}
+        data_only = {n for n, w in (self.mix or {self.name: 1.0}).items() if w} == {"data_ce"}
+        check(not (data_only and self.position_weights == "accepted_length"), "loss.position_weights",
+              self.position_weights, "accepted_length weighs positions by the drafter's acceptance of the target's "
+              "distribution, which a data_ce-only loss never reads: use uniform or exp_decay, or add a target loss")
 
 
 @dataclass
 class TrainConfig(Section):
     section: ClassVar[str] = "train"
-    choices: ClassVar = {"mixed_precision": ("auto", "no", "bf16", "fp16")}
+    choices: ClassVar = {"mixed_precision": ("auto", "no", "bf16", "fp16"), "optimizer": ("adamw", "muon")}
     at_least: ClassVar = {"max_steps": 0, "batch_size": 1, "grad_accum": 1, "weight_decay": 0.0,
                           "warmup_steps": 0, "min_lr_ratio": 0.0, "seed": 0}
-    above: ClassVar = {"lr": 0.0, "max_grad_norm": 0.0, "max_minutes": 0.0}
+    above: ClassVar = {"lr": 0.0, "muon_lr": 0.0, "max_grad_norm": 0.0, "max_minutes": 0.0}
     max_steps: int = 1000
     """Optimizer steps."""
     batch_size: int = 4
@@ -233,7 +255,12 @@ class TrainConfig(Section):
     lr: float = 3e-4
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """Weight decay (AdamW, and Muon's matrices)."""
+    optimizer: str = "adamw"
+    """adamw | muon (torch.optim.Muon for the 2-D weight matrices of hidden layers at muon_lr, AdamW at lr
+    for the rest: embeddings, LM heads, norms, biases; speculators' default)."""
+    muon_lr: float = 0.02
+    """Peak learning rate of Muon's matrices (optimizer muon only); the same schedule as lr."""
     warmup_steps: int = 50
     """Linear warm-up steps, then cosine decay to lr * min_lr_ratio."""
     min_lr_ratio: float = 0.1

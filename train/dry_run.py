@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from draftsmith.distill.objective import Objective
 from draftsmith.errors import DraftsmithError
 
 GiB = 1024 ** 3
@@ -99,7 +100,7 @@ def _activation_bytes(cfg, tcfg, drafter) -> dict[str, float]:
         out["mask-block attention mask (bool)"] = b * (t + blocks / b) ** 2
         # logits, the target's rows gathered per block and the loss's fp32 softmaxes: ~24 bytes per row and
         # token with a KD loss, ~10 with CE only (H100, parallel-kd shapes: 39.0 and 18.7 GiB peak)
-        per = 10 if cfg.loss.name == "data_ce" else 24
+        per = 24 if Objective.from_config(cfg.loss).needs_target else 10
         out["drafter logits and the loss's fp32 temporaries"] = (rows + blocks) * v * per
     elif d.kind == "eagle":
         out["drafter activations"] = rows * (14 * h + 3 * tcfg.intermediate_size) * act

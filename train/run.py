@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from draftsmith.distill.objective import Objective
 from draftsmith.errors import DraftsmithError
 
 
@@ -162,7 +163,7 @@ def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False,
             from draftsmith.models.lora import apply_lora
 
             apply_lora(drafter, d.lora)    # frozen base; the mask row trains through peft's trainable tokens
-        return ParallelTrainModule(drafter, cfg.loss, d.parallel_k, d.cod_ratio, d.cod_floor, d.cat,
+        return ParallelTrainModule(drafter, Objective.from_config(cfg.loss), d.parallel_k, d.cod_ratio, d.cod_floor,
                                    d.freeze_embeddings and d.lora is None)
     if d.init_from is not None and not dry:
         head = warm_start(d, target_model)
@@ -221,10 +222,10 @@ def _train_module(d, loss_cfg, head, target_model):
     if d.parallel:
         from draftsmith.models.peagle import PEagleTrainModule
 
-        return PEagleTrainModule(head, target_model, d.cod_ratio, d.cod_floor)
+        return PEagleTrainModule(head, target_model, d.cod_ratio, d.cod_floor, Objective.from_config(loss_cfg))
     from draftsmith.models.eagle3 import Eagle3TrainModule
 
-    return Eagle3TrainModule(head, target_model, d.ttt_steps, d.ttt_decay)
+    return Eagle3TrainModule(head, target_model, d.ttt_steps, d.ttt_decay, Objective.from_config(loss_cfg))
 
 
 def as_peagle(d, head, target_model, train_rows, tokenizer):

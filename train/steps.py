@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from draftsmith.distill import losses
+from draftsmith.distill.objective import Objective
 
 
 def target_signals(target_model: torch.nn.Module, input_ids, attention_mask, mask, layers: tuple[int, ...] = ()):
@@ -28,31 +29,14 @@ def target_signals(target_model: torch.nn.Module, input_ids, attention_mask, mas
     return logits, [captured[j % n] for j in layers]
 
 
-def distill_loss(loss_cfg, t_logits: torch.Tensor, d_logits: torch.Tensor, labels: torch.Tensor,
-                 weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The recipe's loss between target p and drafter q, plus an optional CE on the data's tokens;
-    `weights` [N] make both a weighted mean over the rows (None: a plain mean)."""
-    fn = losses.get_loss(loss_cfg.name)
-    if loss_cfg.name == "data_ce":
-        loss = fn(d_logits, labels, mask=weights)
-    else:
-        extra = {"beta": loss_cfg.beta} if loss_cfg.name == "jsd" else {}
-        if loss_cfg.name == "topk_forward_kl":
-            extra = {"k": loss_cfg.top_k}
-        if loss_cfg.name != "target_ce":
-            extra["temperature"] = loss_cfg.temperature
-        loss = fn(t_logits, d_logits, mask=weights, **extra)
-    if loss_cfg.data_ce_weight:
-        loss = loss + loss_cfg.data_ce_weight * losses.data_ce(d_logits, labels, mask=weights)
-    return loss
-
-
-def forward_batch(target_model, drafter, batch: dict, loss_cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward_batch(target_model, drafter, batch: dict, objective: Objective
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, target logits [N, V], drafter logits [N, V]) for one batch. `drafter` is the (wrapped)
     training module of its kind (models/<kind>.py). It declares the target layers it reads
     (`target_layers`), returns its logits on the same N positions and a loss term of its own
     (EAGLE's feature regression), which is the whole loss when it `owns_loss` (EAGLE-3's unrolled,
-    vocabulary-restricted KL)."""
+    vocabulary-restricted objective). A kind that owns its loss leaves its α per draft position in
+    `train_stats`; for the others this sets it (one position)."""
     ids, attention = batch["input_ids"], batch["attention_mask"]
     # position j is trained when token j+1 is an assistant token
     mask = batch["loss_mask"][:, 1:] & attention[:, 1:].bool()          # [B, T-1]
@@ -70,18 +54,20 @@ def forward_batch(target_model, drafter, batch: dict, loss_cfg) -> tuple[torch.T
     if getattr(module, "owns_loss", False):
         return aux, t_logits, d_logits
     labels = ids[:, 1:][mask]
-    return distill_loss(loss_cfg, t_logits, d_logits, labels) + aux, t_logits, d_logits
+    loss, alpha = objective.rows(t_logits, d_logits, labels)
+    module.train_stats = objective.stats(alpha, torch.zeros_like(labels), 1)
+    return (loss.mean() if loss.numel() else 0.0 * d_logits.sum()) + aux, t_logits, d_logits
 
 
 @torch.no_grad()
-def heldout_metrics(target_model, drafter, batches: list[dict], loss_cfg, k_max: int) -> dict:
+def heldout_metrics(target_model, drafter, batches: list[dict], objective: Objective, k_max: int) -> dict:
     """Held-out loss and teacher-forced acceptance: α = mean Σ_x min(p, q) (sampling at T=1) and
     the argmax agreement rate (greedy), with the chain τ = (1 − α^(k+1)) / (1 − α) they predict."""
     total, accept, greedy, rows = 0.0, 0.0, 0.0, 0
     module = getattr(drafter, "module", drafter)
     extra: dict[str, list[float]] = {}
     for batch in batches:
-        loss, t_logits, d_logits = forward_batch(target_model, drafter, batch, loss_cfg)
+        loss, t_logits, d_logits = forward_batch(target_model, drafter, batch, objective)
         n = t_logits.shape[0]
         if n == 0:
             continue

@@ -1,4 +1,4 @@
-"""The training loop on accelerate: AdamW, cosine schedule with warm-up, gradient accumulation,
+"""The training loop on accelerate: AdamW or Muon (train/optim.py), cosine schedule with warm-up, gradient accumulation,
 clipping, mixed precision, held-out evaluation, atomic checkpoints and exact resume.
 
 Run folder: runs/<name>/ with config.yaml (resolved recipe), metrics.jsonl, tb/ (TensorBoard),
@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from draftsmith.distill.objective import Objective
 from draftsmith.errors import DraftsmithError
 from draftsmith.models.lora import count_parameters
 from draftsmith.train import state as training_state
 from draftsmith.train.checkpoints import file_digests, is_complete, list_checkpoints, read_meta, remove_checkpoint
 from draftsmith.train.data import BatchSchedule, collate
+from draftsmith.train.optim import build_optimizer
 from draftsmith.train.steps import forward_batch, heldout_metrics
 from draftsmith.train.weights import load_drafter_weights
 
@@ -70,13 +72,8 @@ class Trainer:
         self.target, self.train_rows, self.heldout_rows = target, train_rows, heldout_rows
         self.tokenizer = target.tokenizer
         t = cfg.train
-        decay, no_decay = [], []
-        for name, p in drafter.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
+        self.objective = Objective.from_config(cfg.loss)
+        optimizer = build_optimizer(drafter, t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_with_warmup(t.warmup_steps, t.max_steps, t.min_lr_ratio))
         self.drafter, self.optimizer = accelerator.prepare(drafter, optimizer)   # the kind's train module
@@ -118,7 +115,7 @@ class Trainer:
     def evaluate(self) -> dict:
         self.drafter.eval()
         with self.acc.autocast():
-            metrics = heldout_metrics(self.target.model, self.drafter, self.heldout_batches, self.cfg.loss,
+            metrics = heldout_metrics(self.target.model, self.drafter, self.heldout_batches, self.objective,
                                       self.cfg.eval.k_max)
         self.drafter.train()
         return metrics
@@ -255,18 +252,16 @@ class Trainer:
         tokens seen."""
         cfg, acc, t = self.cfg, self.acc, self.cfg.train
         tokens_seen, window_start, window_tokens, loss_sum, loss_n = 0, time.time(), 0, 0.0, 0
+        stats: dict[str, list[float]] = {}      # the window's alpha per draft position and implied tau
         metrics: dict = {}
         while self.step < t.max_steps:
             for _ in range(t.grad_accum):
                 batch = self._batch(self.micro_step)
                 self.micro_step += 1
                 with acc.accumulate(self.drafter), acc.autocast():
-                    loss, _, _ = forward_batch(self.target.model, self.drafter, batch, cfg.loss)
+                    loss, _, _ = forward_batch(self.target.model, self.drafter, batch, self.objective)
                     if not torch.isfinite(acc.reduce(loss.detach(), reduction="mean")):
-                        raise TrainingDiverged(
-                            f"The loss became {float(loss.detach())} at step {self.step + 1}; "
-                            "the last good checkpoint is kept",
-                            str(self.run_dir), "Lower train.lr or use mixed_precision=no, then --resume")
+                        raise self._diverged(float(loss.detach()))
                     acc.backward(loss)
                     if acc.sync_gradients and t.max_grad_norm:
                         acc.clip_grad_norm_(self.drafter.parameters(), t.max_grad_norm)
@@ -277,15 +272,20 @@ class Trainer:
                 window_tokens += n_tok
                 loss_sum += float(loss.detach())
                 loss_n += 1
+                for key, value in getattr(acc.unwrap_model(self.drafter), "train_stats", {}).items():
+                    stats.setdefault(key, []).append(value)
             self.scheduler.step()
             self.step += 1
             bar.update()
             if self.step % cfg.log.every == 0 or self.step == t.max_steps:
                 rate = window_tokens / max(1e-9, time.time() - window_start)
+                means = {key: sum(v) / len(v) for key, v in stats.items()}
                 self.log({"loss": loss_sum / loss_n, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": rate,
-                          "tokens": tokens_seen, "epoch": self.schedule.epoch_of(self.micro_step)})
-                bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", tok_s=f"{rate:.0f}")
-                window_start, window_tokens, loss_sum, loss_n = time.time(), 0, 0.0, 0
+                          "tokens": tokens_seen, "epoch": self.schedule.epoch_of(self.micro_step), **means})
+                alphas = "/".join(f"{means[f'alpha_pos{i}']:.2f}" for i in range(len(means)) if f"alpha_pos{i}" in means)
+                shown = {"alpha": alphas, "tau": f"{means['tau_implied']:.2f}"} if alphas else {}
+                bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", tok_s=f"{rate:.0f}", **shown)
+                window_start, window_tokens, loss_sum, loss_n, stats = time.time(), 0, 0.0, 0, {}
             out_of_time = deadline is not None and time.time() > deadline
             stopping = stop.check(acc)
             if (self.step % cfg.eval.every == 0 or self.step == t.max_steps or out_of_time) and not stopping:
@@ -303,6 +303,15 @@ class Trainer:
                     tqdm.write(f"{why} at step {self.step}; checkpoint saved (continue with --resume)")
                 break
         return metrics, tokens_seen
+
+
+    def _diverged(self, value: float) -> TrainingDiverged:
+        saved = [c for c in list_checkpoints(self.run_dir) if is_complete(c)]
+        kept = (f"the last good checkpoint ({saved[-1].name}) is kept" if saved else
+                "no checkpoint was saved before it")
+        fix = ("Lower train.lr or use mixed_precision=no, then --resume" if saved else
+               "Lower train.lr or use mixed_precision=no, then train again with --overwrite")
+        return TrainingDiverged(f"The loss became {value} at step {self.step + 1}; {kept}", str(self.run_dir), fix)
 
 
 class _StopOnSigterm:
