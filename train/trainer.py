@@ -11,7 +11,6 @@ that `--resume` continues from.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import resource
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from draftsmith.distill.objective import Objective
 from draftsmith.errors import DraftsmithError
+from draftsmith.folders import disk_full_error
 from draftsmith.models.lora import count_parameters
 from draftsmith.train import state as training_state
 from draftsmith.train.checkpoints import file_digests, is_complete, list_checkpoints, read_meta, remove_checkpoint
@@ -171,13 +171,12 @@ class Trainer:
             return
         if self.acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        if failure is not None and failure.errno in (errno.ENOSPC, errno.EDQUOT):
-            free = shutil.disk_usage(tmp.parent if tmp.parent.exists() else self.run_dir).free
-            raise DraftsmithError(f"The disk is full: checkpoint step {self.step} could not be saved",
-                                  f"{failure.filename or tmp}: {free} bytes free",
-                                  "Free some space (or set run.out_dir on a larger disk), then continue with --resume "
-                                  "from the last checkpoint") from None
         if failure is not None:
+            said = disk_full_error(failure, f"checkpoint step {self.step} could not be saved", tmp,
+                                   "Free some space (or set run.out_dir on a larger disk), then continue with --resume "
+                                   "from the last checkpoint")
+            if said is not None:
+                raise said from None
             raise failure
         raise DraftsmithError(f"Another process failed to write its part of checkpoint step {self.step}", str(tmp),
                               "Its error is printed above; fix it, then continue with --resume")
