@@ -91,7 +91,9 @@ def add_train_parsers(sub) -> None:
     p = sub.add_parser("export", help="export a trained drafter")
     p.add_argument("run_dir", help="the run folder, e.g. runs/small_lm-kd-quick")
     p.add_argument("--format", default="hf",
-                   help="hf (draftsmith / transformers folder) | speculators (vLLM, eagle3) | sglang (SGLang, eagle3)")
+                   help="hf (draftsmith / transformers folder, every kind) | speculators (vLLM: kind eagle3, and "
+                        "P-EAGLE as its peagle type; not kind eagle) | sglang (SGLang: kinds eagle and eagle3; "
+                        "not P-EAGLE nor norm_before_residual: true). docs/formats.md")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint", default=None, help="checkpoint name or folder (default: the latest complete one)")
     p.add_argument("--overwrite", action="store_true")

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -32,10 +33,18 @@ class ChatClient:
     """A few calls of the OpenAI HTTP API over urllib (no client library needed)."""
 
     def __init__(self, url: str, timeout: float, retries: int, backoff: float = 1.0):
-        url = url.rstrip("/")
-        self.base = url[: -len("/v1")] if url.endswith("/v1") else url
+        base = url.rstrip("/")
+        self.base = base[: -len("/v1")] if base.endswith("/v1") else base
+        example = "e.g. --endpoint http://localhost:8000 or http://[::1]:8000"
         if not self.base.startswith(("http://", "https://")):
-            raise DraftsmithError("--endpoint must be an http(s) URL", url, "e.g. --endpoint http://localhost:8000")
+            raise DraftsmithError("--endpoint must be an http(s) URL", url, example)
+        try:    # urllib would raise these on the first request, as tracebacks
+            parts = urllib.parse.urlsplit(self.base)
+            host, _ = parts.hostname, parts.port
+        except ValueError as e:
+            raise DraftsmithError(f"--endpoint is not a valid URL ({e})", url, example) from None
+        if not host:
+            raise DraftsmithError("--endpoint names no host", url, example)
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         key = os.environ.get("OPENAI_API_KEY")     # what vLLM's --api-key and the openai client use
         self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}

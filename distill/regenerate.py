@@ -90,10 +90,11 @@ class RegenerateConfig:
         for name, value in positive.items():
             if value is not None and not value > 0:
                 raise DraftsmithError(f"--{name.replace('_', '-')} must be positive", value)
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.retries < 0:
+        # written as ranges so that NaN (every comparison false) and infinity fail them too
+        if not 0 <= self.temperature < float("inf") or not 0 < self.top_p <= 1 or self.retries < 0:
             raise DraftsmithError("invalid sampling or retry settings",
                                   {"temperature": self.temperature, "top_p": self.top_p, "retries": self.retries},
-                                  "Use --temperature >= 0 (0 = greedy), --top-p in (0, 1], --retries >= 0")
+                                  "Use a finite --temperature >= 0 (0 = greedy), --top-p in (0, 1], --retries >= 0")
 
 
 # ------------------------------------------------------------------------------- one conversation

@@ -38,6 +38,16 @@ class Draft:
     conf: list[float] | None = None
 
 
+MAX_TREE_NODES = 1024
+"""The most draft nodes a tree may verify: ONE target forward reads them all (EAGLE-2 verifies 48-60
+nodes, Medusa 64); past a thousand that forward costs what a prefill does. The target's context
+bounds it further (eval/harness.py, `check_draft_fits`)."""
+MAX_DRAFTED_NODES = 16384
+"""The most nodes a dynamic tree may draft in a step: topk + (depth - 1) * topk^2 (each level
+expands the topk best frontier nodes into topk children each, with one [topk, vocab] draft-logit
+block per level). dynamic:6,8,48 drafts 328; the cap keeps a mistyped tree from allocating gigabytes."""
+
+
 @dataclass(frozen=True)
 class TreeShape:
     """`dynamic`: EAGLE-2 (expand the `topk` best frontier nodes by cumulative value, `topk`
@@ -64,6 +74,12 @@ class TreeShape:
                 raise DraftsmithError("--tree dynamic takes up to three positive integers: depth,topk,nodes",
                                       spec, "e.g. --tree dynamic:6,8,48")
             depth, topk, nodes = values + [6, 8, 48][len(values):]
+            drafted = topk + (depth - 1) * topk * topk
+            if nodes > MAX_TREE_NODES or drafted > MAX_DRAFTED_NODES:
+                raise DraftsmithError(
+                    f"--tree dynamic verifies at most {MAX_TREE_NODES} nodes and drafts at most {MAX_DRAFTED_NODES} "
+                    "a step (topk + (depth - 1) x topk^2)", f"{spec}: {nodes} verified, {drafted} drafted",
+                    "Use a smaller tree, e.g. --tree dynamic:6,8,48 (EAGLE-2's size)")
             return cls("dynamic", depth, topk, nodes)
         if kind == "static":
             return cls.static_from_file(rest)
@@ -71,17 +87,27 @@ class TreeShape:
 
     @classmethod
     def static_from_file(cls, path: str) -> "TreeShape":
+        example = "Give a JSON list of rank paths, e.g. [[0], [1], [0, 0]]"
         try:
             raw = json.loads(Path(path).read_text())
-            paths = sorted({tuple(int(r) for r in p) for p in raw}, key=lambda p: (len(p), p))
-        except (OSError, ValueError, TypeError) as e:
-            raise DraftsmithError("Cannot read the static tree file", path,
-                                  f"Give a JSON list of rank paths, e.g. [[0], [1], [0, 0]] ({e})") from None
+        except (OSError, ValueError) as e:
+            raise DraftsmithError("Cannot read the static tree file", path, f"{example} ({e})") from None
+        if not isinstance(raw, list) or not raw:
+            raise DraftsmithError(f"The static tree file {path} holds no list of rank paths", json.dumps(raw)[:80],
+                                  example)
+        for p in raw:   # a rank is an int: 0.9 or true must not pass as 0 or 1
+            if not isinstance(p, list) or not p or not all(type(r) is int and r >= 0 for r in p):
+                raise DraftsmithError(f"A path in the static tree file {path} is not a non-empty list of "
+                                      "non-negative integer ranks", json.dumps(p)[:80], example)
+        paths = sorted({tuple(p) for p in raw}, key=lambda p: (len(p), p))
         known = set(paths)
-        bad = [p for p in paths if not p or min(p) < 0 or (len(p) > 1 and p[:-1] not in known)]
+        bad = [p for p in paths if len(p) > 1 and p[:-1] not in known]
         if bad:
-            raise DraftsmithError("A static tree path is empty, negative or lacks its parent path", list(bad[0]),
+            raise DraftsmithError("A static tree path lacks its parent path", list(bad[0]),
                                   "List every prefix of every path, e.g. [[0], [0, 1]] not [[0, 1]]")
+        if len(paths) > MAX_TREE_NODES:
+            raise DraftsmithError(f"A static tree verifies at most {MAX_TREE_NODES} nodes in one target forward",
+                                  f"{path}: {len(paths)} paths", "Use a smaller tree")
         return cls("static", max(len(p) for p in paths), max(max(p) for p in paths) + 1, len(paths), tuple(paths))
 
 

@@ -1,6 +1,14 @@
 """The benchmark harness: on the same prompts, in one run, after warm-up, it times the target alone
 (autoregressive baseline), draftsmith's speculative decoding, and transformers' assisted generation
-with the same drafter where transformers supports it."""
+with the same drafter where transformers supports it.
+
+Timing order: plain and speculative decoding of a prompt alternate which runs first (plain first on
+the 1st, 3rd, ... prompt, speculative first on the 2nd, 4th, ...; assisted generation last), so a
+shared machine's load, which differs between the first and the second run of a pair, falls on both
+alike; each prompt's order is in report.json. The null-drafter floor: on the first few prompts, the
+same decoder with a drafter that proposes nothing, timed against plain decoding the same way. Its
+speedup is what "no speedup" measures on this machine now; a drafter's speedup within its distance
+of 1.0 is noise."""
 
 from __future__ import annotations
 
@@ -17,10 +25,10 @@ from tqdm.auto import tqdm
 
 from draftsmith.errors import DraftsmithError
 from draftsmith.eval.benchmarks import BenchItem, check_prompt_lengths, load_bench
-from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
+from draftsmith.eval.decoder import NoDraft, autoregressive_generate, speculative_generate
 from draftsmith.eval.draft_length import DraftLengthRule, measure_cost_curve
 from draftsmith.eval.drafting import TreeShape
-from draftsmith.eval.metrics import PromptRecord, first_divergence, summarize
+from draftsmith.eval.metrics import PromptRecord, first_divergence, speedup, summarize
 from draftsmith.eval.verify import Sampling
 from draftsmith.models import load_drafter, load_target
 from draftsmith.models.target import Target
@@ -48,12 +56,28 @@ class EvalConfig:
     def __post_init__(self):
         if self.k != "auto" and not (isinstance(self.k, int) and self.k >= 1):
             raise DraftsmithError("k (draft length) must be auto or an integer >= 1", self.k, "Use --k auto or e.g. --k 4")
+        if not (isinstance(self.k_max, int) and self.k_max >= 1):   # 0 would draft nothing and still report
+            raise DraftsmithError("--k-max (the deepest draft --k auto may choose) must be an integer >= 1",
+                                  self.k_max, "Use e.g. --k-max 8 (the default)")
         self.tree_shape = TreeShape.parse(self.tree)
         # the deepest draft path: the tree's depth, else k (auto: up to k_max)
         self.depth = self.tree_shape.depth if self.tree_shape else (self.k_max if self.k == "auto" else self.k)
         if self.max_new_tokens < 1:
             raise DraftsmithError("max_new_tokens must be >= 1", self.max_new_tokens)
         self.sampling = Sampling(self.temperature, self.top_k, self.top_p)  # validates
+
+
+def check_draft_fits(cfg: EvalConfig, context: int) -> None:
+    """A draft sits after the prompt (at least one token) and the root token: its depth, and a tree's
+    verified nodes, must fit the target's context, or no step could ever verify it."""
+    room = context - 2
+    nodes = cfg.tree_shape.nodes if cfg.tree_shape else cfg.depth
+    if max(cfg.depth, nodes) > room:
+        setting = (f"--tree {cfg.tree}" if cfg.tree_shape else
+                   f"--k auto --k-max {cfg.k_max}" if cfg.k == "auto" else f"--k {cfg.k}")
+        raise DraftsmithError(f"The draft does not fit the target's context of {context} tokens",
+                              f"{setting}: depth {cfg.depth}, {nodes} nodes",
+                              f"Draft at most {room} deep and wide (useful draft lengths are 1-8, e.g. --k 4)")
 
 
 def eos_ids(target: Target) -> tuple[int, ...]:
@@ -99,6 +123,19 @@ def _timed(fn, device):
     out = fn()
     _sync(device)
     return out, time.perf_counter() - start
+
+
+def timed_pair(plain, speculative, device, plain_first: bool):
+    """((plain output, s), (speculative output, s)), run in the order asked (module docstring)."""
+    if plain_first:
+        first = _timed(plain, device)
+        return first, _timed(speculative, device)
+    second = _timed(speculative, device)
+    return _timed(plain, device), second
+
+
+FLOOR_PROMPTS = 4
+"""Prompts the null-drafter floor is measured on (the first ones of the run)."""
 
 
 def hf_generate(target: Target, prompt: list[int], cfg: EvalConfig, eos: tuple[int, ...], extra: dict,
@@ -149,6 +186,9 @@ class Runner:
         self.cfg = cfg
         self.interrupted, self.planned = False, 0
         self.target = target or load_target(cfg.target, cfg.dtype, cfg.device)
+        check_draft_fits(cfg, self.target.max_length)
+        self.floor_prompts: list[list[int]] = []   # the first FLOOR_PROMPTS prompts, for the null-drafter floor
+        self.floor: dict | None = None
         self.proposer = proposer or load_drafter(cfg.drafter, self.target)
         self.eos = eos_ids(self.target)
         kwargs_fn = getattr(self.proposer, "hf_assisted_kwargs", None)
@@ -163,13 +203,17 @@ class Runner:
     def _gen(self, seed: int) -> torch.Generator:
         return torch.Generator().manual_seed(seed)
 
-    def run_prompt(self, prompt: list[int], seed: int, max_new_tokens: int | None = None):
+    def _limits(self, max_new_tokens: int | None = None) -> dict:
+        return dict(max_new_tokens=max_new_tokens or self.cfg.max_new_tokens, sampling=self.cfg.sampling,
+                    eos_token_ids=self.eos)
+
+    def run_prompt(self, prompt: list[int], seed: int, max_new_tokens: int | None = None, plain_first: bool = True):
         cfg, t = self.cfg, self.target
-        limits = dict(max_new_tokens=max_new_tokens or cfg.max_new_tokens, sampling=cfg.sampling,
-                      eos_token_ids=self.eos)
-        ar, ar_s = _timed(lambda: autoregressive_generate(t, prompt, generator=self._gen(seed), **limits), t.device)
-        sd, sd_s = _timed(lambda: speculative_generate(t, self.proposer, prompt, k=cfg.depth, tree=cfg.tree_shape,
-                                                       rule=self.rule, generator=self._gen(seed), **limits), t.device)
+        limits = self._limits(max_new_tokens)
+        (ar, ar_s), (sd, sd_s) = timed_pair(
+            lambda: autoregressive_generate(t, prompt, generator=self._gen(seed), **limits),
+            lambda: speculative_generate(t, self.proposer, prompt, k=cfg.depth, tree=cfg.tree_shape, rule=self.rule,
+                                         generator=self._gen(seed), **limits), t.device, plain_first)
         hf, hf_s = None, None
         if self.hf_extra is not None:
             hf, hf_s = _timed(lambda: hf_generate(t, prompt, cfg, self.eos, self.hf_extra, seed), t.device)
@@ -177,6 +221,22 @@ class Runner:
 
     def warm_up(self, prompt: list[int]) -> None:
         self.run_prompt(prompt, self.cfg.seed, max_new_tokens=min(16, self.cfg.max_new_tokens))
+
+    def null_floor(self) -> dict:
+        """The speedup of the decoder with a drafter that proposes nothing (at the same depth, tree and
+        draft-length rule) over plain decoding, on the first prompts, in the same alternating order."""
+        cfg, t, limits = self.cfg, self.target, self._limits()
+        rows = []
+        for i, prompt in enumerate(self.floor_prompts):
+            seed = cfg.seed + i
+            rule = DraftLengthRule(self.rule.curve) if self.rule else None   # fresh: the run's rule keeps its counts
+            (ar, ar_s), (nd, nd_s) = timed_pair(
+                lambda: autoregressive_generate(t, prompt, generator=self._gen(seed), **limits),
+                lambda: speculative_generate(t, NoDraft(), prompt, k=cfg.depth, tree=cfg.tree_shape, rule=rule,
+                                             generator=self._gen(seed), **limits), t.device, i % 2 == 0)
+            rows.append((len(ar.tokens), ar_s, len(nd.tokens), nd_s, "ar,null" if i % 2 == 0 else "null,ar"))
+        return {"speedup": speedup(*(sum(r[j] for r in rows) for j in range(4))), "prompts": len(rows),
+                "ar_s": [r[1] for r in rows], "null_s": [r[3] for r in rows], "timing_order": [r[4] for r in rows]}
 
     def evaluate(self, items: list[BenchItem], progress: bool = True) -> list[PromptRecord]:
         # every prompt is checked before the first runs: a late too-long prompt must not waste the others
@@ -189,6 +249,7 @@ class Runner:
         bar = tqdm(total=len(work), desc="prompts", unit="prompt", disable=not progress)
         try:
             self._loop(work, records, answers, bar)
+            self.floor = self.null_floor()
         except KeyboardInterrupt:
             if not records:
                 raise
@@ -205,8 +266,12 @@ class Runner:
                                       f"of {t.max_length} tokens", len(prompt), "Drop it from the benchmark file")
             if index == 0:
                 self.warm_up(prompt)
+            if len(self.floor_prompts) < FLOOR_PROMPTS:
+                self.floor_prompts.append(prompt)
             seed = cfg.seed + index
-            ar, ar_s, sd, sd_s, hf, hf_s = self.run_prompt(prompt, seed)
+            plain_first = index % 2 == 0
+            ar, ar_s, sd, sd_s, hf, hf_s = self.run_prompt(prompt, seed, plain_first=plain_first)
+            order = ("ar,sd" if plain_first else "sd,ar") + (",hf" if hf is not None else "")
             # a second turn follows the target's own first answer (the baseline's)
             answers.setdefault(item.id, []).append(t.tokenizer.decode(ar.tokens, skip_special_tokens=True))
             greedy = cfg.sampling.greedy
@@ -214,7 +279,7 @@ class Runner:
                 id=item.id, turn=turn + 1, prompt_tokens=len(prompt), ar_tokens=ar.tokens, ar_s=ar_s,
                 sd_tokens=sd.tokens, sd_s=sd_s, proposed=sd.proposed, accepted=sd.accepted, emitted=sd.emitted,
                 depth=sd.depth, draft_s=sd.draft_s, verify_s=sd.verify_s,
-                hf_tokens=hf, hf_s=hf_s,
+                hf_tokens=hf, hf_s=hf_s, timing_order=order,
                 divergence=_divergence(t, prompt, ar.tokens, sd.tokens) if greedy else None,
                 hf_divergence=_divergence(t, prompt, ar.tokens, hf) if greedy and hf is not None else None,
                 extra={"category": item.category}))
@@ -251,6 +316,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, list[PromptR
                   eos_token_ids=list(runner.eos), hf_assisted_applies=runner.hf_extra is not None)
     report = summarize(records, cfg.depth, cfg.sampling.greedy)
     report["draft_length"] = draft_length_report(cfg, runner.rule)
+    report["timing"] = {"order": "alternating per prompt: plain decoding first on the 1st, 3rd, ... prompt, "
+                                 "speculative first on the 2nd, 4th, ...; HF assisted last",
+                        "null_drafter_floor": runner.floor}
     report["config"] = config
     report["environment"] = environment(runner.target)
     if runner.interrupted:

@@ -28,10 +28,16 @@ class PromptRecord:
     depth: list[int] | None = None         # longest drafted path per step (= proposed for chains)
     draft_s: float = 0.0                   # seconds drafting, and in the target's verify forwards
     verify_s: float = 0.0
+    timing_order: str = "ar,sd"            # which decoder ran first (eval/harness.py alternates it per prompt)
 
 
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
+
+
+def speedup(ar_tokens: int, ar_s: float, sd_tokens: int, sd_s: float) -> float | None:
+    """Tokens per second of speculative decoding over plain decoding's, over the same prompts."""
+    return _ratio(_ratio(sd_tokens, sd_s) or 0.0, _ratio(ar_tokens, ar_s) or 0.0)
 
 
 def acceptance_by_position(records: list[PromptRecord], k: int) -> list[float | None]:
@@ -79,7 +85,7 @@ def summarize(records: list[PromptRecord], k: int, greedy: bool) -> dict:
         "ar_new_tokens": ar_tokens,
         "ar_tokens_per_s": ar_tps,
         "sd_tokens_per_s": sd_tps,
-        "speedup": _ratio(sd_tps or 0.0, ar_tps or 0.0),
+        "speedup": speedup(ar_tokens, ar_s, sd_tokens, sd_s),
         "draft_ms_per_step": _ratio(sum(r.draft_s for r in records) * 1e3, steps),
         "verify_ms_per_step": _ratio(sum(r.verify_s for r in records) * 1e3, steps),
         "nodes_per_step": _ratio(proposed, steps),

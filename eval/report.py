@@ -13,6 +13,8 @@ from draftsmith.eval.metrics import PromptRecord
 from draftsmith.folders import marker_kind, write_marker
 
 REPORT_FILES = ("report.json", "report.md", "acceptance.png")
+MD_POSITIONS = 16
+"""Draft positions report.md shows (α_i, accepted lengths); report.json keeps every one of them."""
 
 
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
@@ -29,7 +31,7 @@ def prompt_row(r: PromptRecord, greedy: bool) -> dict:
            "tau": sum(r.emitted) / len(r.emitted) if r.emitted else None,
            "accepted": sum(r.accepted), "proposed": sum(r.proposed),
            "ar_s": r.ar_s, "sd_s": r.sd_s, "hf_assisted_s": r.hf_s,
-           "speedup": r.ar_s / r.sd_s if r.sd_s else None,
+           "speedup": r.ar_s / r.sd_s if r.sd_s else None, "timing_order": r.timing_order,
            "lossless_match": (r.sd_tokens == r.ar_tokens) if greedy else None,
            "divergence": r.divergence, "hf_assisted_divergence": r.hf_divergence}
     return row
@@ -62,9 +64,15 @@ def markdown(report: dict) -> str:
             "hf_assisted_tokens_per_s", "hf_assisted_speedup",
             "lossless_match_rate", "hf_assisted_match_rate", "divergences_not_near_tie"]
     lines += [f"| {k} | {_fmt(report.get(k))} |" for k in keys]
-    alphas = " ".join(f"α{i + 1}={_fmt(a, '.3f')}" for i, a in enumerate(report["acceptance_by_position"]))
-    lines += [f"| acceptance_by_position | {alphas} |",
-              f"| accepted_length_histogram | {report['accepted_length_histogram']} |", ""]
+    floor = (report.get("timing") or {}).get("null_drafter_floor")
+    if floor and floor["speedup"] is not None:
+        lines.append(f"| null_drafter_floor | {floor['speedup']:.3f} (the same decoder with a drafter that proposes "
+                     f"nothing, first {floor['prompts']} prompts: a speedup within {abs(floor['speedup'] - 1):.3f} "
+                     "of 1.0 is noise) |")
+    lines += [f"| acceptance_by_position | {_positions(report['acceptance_by_position'])} |",
+              f"| accepted_length_histogram | {_histogram(report['accepted_length_histogram'])} |", ""]
+    if report.get("timing"):
+        lines += [f"Timing order: {report['timing']['order']} (per prompt in report.json).", ""]
     dl = report.get("draft_length") or {}
     if dl.get("mode") == "auto":
         curve = dl["cost_curve"]
@@ -89,6 +97,17 @@ def markdown(report: dict) -> str:
               f"| {_fmt(r['ar_s'], '.2f')} | {_fmt(r['sd_s'], '.2f')} | {_fmt(r['hf_assisted_s'], '.2f')} "
               f"| {_fmt(r['speedup'], '.2f')} |" for r in report["prompts"]]
     return "\n".join(lines) + "\n"
+
+
+def _positions(alphas: list) -> str:
+    """α_1..α_16 at most; deeper positions (a --k 1000 run) are in report.json only."""
+    shown = " ".join(f"α{i + 1}={_fmt(a, '.3f')}" for i, a in enumerate(alphas[:MD_POSITIONS]))
+    return shown + (f" … (α{MD_POSITIONS + 1}..α{len(alphas)} in report.json)" if len(alphas) > MD_POSITIONS else "")
+
+
+def _histogram(hist: list[int]) -> str:
+    shown = str(hist[:MD_POSITIONS + 1])
+    return shown + (f" … ({len(hist) - MD_POSITIONS - 1} more in report.json)" if len(hist) > MD_POSITIONS + 1 else "")
 
 
 def plot_acceptance(report: dict, path: Path) -> None:

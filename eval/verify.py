@@ -27,8 +27,8 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise DraftsmithError("temperature must be >= 0 (0 means greedy)", self.temperature)
+        if not 0 <= self.temperature < float("inf"):    # NaN fails every comparison
+            raise DraftsmithError("temperature must be >= 0 and finite (0 means greedy)", self.temperature)
         if not 0 < self.top_p <= 1:
             raise DraftsmithError("top_p must lie in (0, 1]", self.top_p, "Use 1.0 to turn it off")
         if self.top_k is not None and self.top_k < 1:

@@ -124,14 +124,14 @@ def test_interrupted_eval_reports_the_prompts_done(tiny_folders, tmp_path, monke
     bench.write_text("".join(f'{{"prompt": "Question number {i}?"}}\n' for i in range(5)))
     real, calls = Runner.run_prompt, []
 
-    def stop_at_third(self, prompt, seed, max_new_tokens=None):
+    def stop_at_third(self, prompt, seed, max_new_tokens=None, **order):
         if max_new_tokens is None:                      # not the warm-up
             calls.append(1)
             if len(calls) == 3:
                 if how == "sigterm":
                     os.kill(os.getpid(), signal.SIGTERM)
                 raise KeyboardInterrupt
-        return real(self, prompt, seed, max_new_tokens)
+        return real(self, prompt, seed, max_new_tokens, **order)
 
     monkeypatch.setattr(Runner, "run_prompt", stop_at_third)
     before = signal.getsignal(signal.SIGTERM)
@@ -145,3 +145,63 @@ def test_interrupted_eval_reports_the_prompts_done(tiny_folders, tmp_path, monke
     assert report["num_prompts"] == 2 and report["lossless_match_rate"] == 1.0
     assert "Interrupted: 2 of 5 prompts ran" in (out / "report.md").read_text()
     assert signal.getsignal(signal.SIGTERM) == before      # the eval's handler is removed again
+
+
+def test_export_help_says_which_kinds_each_serving_format_takes(capsys):
+    """speculators writes eagle3 and P-EAGLE (peagle) heads and refuses kind eagle; sglang writes eagle
+    and eagle3 and refuses P-EAGLE (models/formats.py, docs/formats.md)."""
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "speculators (vLLM: kind eagle3, and P-EAGLE as its peagle type; not kind eagle)" in text
+    assert "sglang (SGLang: kinds eagle and eagle3; not P-EAGLE" in text
+
+
+def test_report_md_shows_16_draft_positions_report_json_all(tiny_folders, tmp_path):
+    out = tmp_path / "report"
+    assert run(["--target", tiny_folders / "target", "--drafter", "prompt-lookup", "--bench",
+                tiny_folders / "bench.jsonl", "--max-new-tokens", 4, "--k", 40, "--device", "cpu",
+                "--no-hf-assisted", "--out", out]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["acceptance_by_position"]) == 40 and len(report["accepted_length_histogram"]) == 41
+    md = (out / "report.md").read_text()
+    alphas = next(line for line in md.splitlines() if line.startswith("| acceptance_by_position"))
+    assert "α16=" in alphas and "α17=" not in alphas and "(α17..α40 in report.json)" in alphas
+    hist = next(line for line in md.splitlines() if line.startswith("| accepted_length_histogram"))
+    assert hist.count(",") == 16 and "(24 more in report.json)" in hist
+
+
+def test_timing_order_alternates_and_the_report_shows_the_null_drafter_floor(tiny_folders, tmp_path, monkeypatch):
+    """Plain and speculative decoding of a prompt alternate which runs first; the null-drafter floor is
+    the same decoder with a drafter that proposes nothing (NoDraft), on the first min(4, n) prompts."""
+    from draftsmith.eval import harness
+
+    calls = []
+    real_ar, real_sd = harness.autoregressive_generate, harness.speculative_generate
+
+    def ar(*a, **kw):
+        calls.append("ar")
+        return real_ar(*a, **kw)
+
+    def sd(target, proposer, *a, **kw):
+        calls.append("null" if isinstance(proposer, harness.NoDraft) else "sd")
+        assert kw["k"] == 2                       # the null pass drafts at the run's depth: the same decoder path
+        return real_sd(target, proposer, *a, **kw)
+
+    monkeypatch.setattr(harness, "autoregressive_generate", ar)
+    monkeypatch.setattr(harness, "speculative_generate", sd)
+    bench = tmp_path / "three.jsonl"
+    bench.write_text("".join(f'{{"prompt": "Question number {i}?"}}\n' for i in range(3)))
+    out = tmp_path / "report"
+    assert run(["--target", tiny_folders / "target", "--drafter", "prompt-lookup", "--bench", bench, "--k", 2,
+                "--max-new-tokens", 4, "--device", "cpu", "--no-hf-assisted", "--out", out]) == 0
+    assert calls == ["ar", "sd",                                    # warm-up
+                     "ar", "sd", "sd", "ar", "ar", "sd",            # prompts 1-3
+                     "ar", "null", "null", "ar", "ar", "null"]      # the floor on the same three
+    report = json.loads((out / "report.json").read_text())
+    assert [row["timing_order"] for row in report["prompts"]] == ["ar,sd", "sd,ar", "ar,sd"]
+    floor = report["timing"]["null_drafter_floor"]
+    assert floor["prompts"] == 3 and floor["speedup"] > 0 and floor["timing_order"] == ["ar,null", "null,ar", "ar,null"]
+    assert "alternating per prompt" in report["timing"]["order"]
+    md = (out / "report.md").read_text()
+    assert f"| null_drafter_floor | {floor['speedup']:.3f} " in md and "Timing order: alternating" in md

@@ -309,3 +309,56 @@ def test_parallel_drafter_with_damaged_weights(root, tmp_path, capsys):
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])   # cut mid-tensor
     assert main(eval_args(root, tmp_path / "out", **{"--drafter": folder})) == 2
     clear_error(capsys, "weights file is damaged")
+
+
+# --------------------------------------------- D: settings accepted and then ignored (issue 21)
+
+def test_k_max_below_one_is_refused(root, tmp_path, capsys):
+    """--k auto --k-max 0 drafted nothing and still reported tau 1.0 and a speedup."""
+    assert main(eval_args(root, tmp_path / "out", **{"--k": "auto", "--k-max": 0})) == 2
+    clear_error(capsys, "--k-max", "must be an integer >= 1", "(got: 0)", "--k-max 8")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "inf"),
+                                        ("--temperature", "-0.5"), ("--top-p", "nan"), ("--top-p", "1.5")])
+def test_regenerate_refuses_non_finite_or_out_of_range_sampling(root, tmp_path, capsys, flag, value):
+    """--temperature nan ran greedy and wrote NaN into the manifest."""
+    assert main(["data", "regenerate", "--target", str(root / "target"), "--source", str(root / "chats.jsonl"),
+                 "--out", str(tmp_path / "regen"), flag, value]) == 2
+    clear_error(capsys, "invalid sampling", "finite --temperature >= 0", "--top-p in (0, 1]")
+    assert not (tmp_path / "regen").exists()
+
+
+@pytest.mark.parametrize("url,needle", [("http://[::1", "Invalid IPv6 URL"), ("http://localhost:99999", "Port"),
+                                        ("http://:8000", "names no host")])
+def test_malformed_endpoint_url_is_a_clear_error(root, tmp_path, capsys, url, needle):
+    assert main(["data", "regenerate", "--target", str(root / "target"), "--source", str(root / "chats.jsonl"),
+                 "--out", str(tmp_path / "regen"), "--endpoint", url, "--retries", "0"]) == 2
+    clear_error(capsys, "--endpoint", needle, url, "http://localhost:8000")
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("[]", "holds no list of rank paths"), ("{}", "holds no list of rank paths"),
+    ("[[0], [0.9]]", "non-negative integer ranks"), ("[[0], [1.7]]", "non-negative integer ranks"),
+    ("[[true]]", "non-negative integer ranks"),
+])
+def test_bad_static_tree_file_is_a_clear_error(root, tmp_path, capsys, content, needle):
+    (tmp_path / "tree.json").write_text(content)
+    assert main(eval_args(root, tmp_path / "out", **{"--tree": f"static:{tmp_path / 'tree.json'}"})) == 2
+    clear_error(capsys, needle, "[[0], [1], [0, 0]]")
+
+
+@pytest.mark.parametrize("flags,seen", [
+    ({"--tree": "dynamic:1000000,1000000,1000000"}, "at most 1024 nodes and drafts at most 16384"),
+    ({"--tree": "dynamic:100,1,8"}, "does not fit the target's context of 64 tokens"),
+    ({"--tree": "dynamic:4,4,63"}, "does not fit the target's context of 64 tokens"),
+    ({"--k": 1000}, "does not fit the target's context of 64 tokens"),
+    ({"--k": "auto", "--k-max": 63}, "--k auto --k-max 63: depth 63"),
+])
+def test_draft_sizes_beyond_what_a_step_can_hold_are_refused(root, tmp_path, capsys, flags, seen):
+    """dynamic:1000000,... tried to allocate ~21 GB of draft logits; a draft deeper or wider than the
+    target's context could never be verified."""
+    assert main(eval_args(root, tmp_path / "out", **flags)) == 2
+    clear_error(capsys, seen)
+    assert not (tmp_path / "out").exists()

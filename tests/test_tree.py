@@ -216,6 +216,29 @@ def test_bad_tree_specs(bad):
         TreeShape.parse(bad)
 
 
+@pytest.mark.parametrize("paths", [[], [[0], [0.9]], [[0], [1.7]], [[0], [1.0]], [[True]], [[0], [-1]], [[0], []],
+                                   [0], {"0": [0]}, "[[0]]"])
+def test_static_tree_ranks_are_non_negative_integers(tmp_path, paths):
+    """0.9 and 1.7 were read as ranks 0 and 1; [] was a traceback."""
+    (tmp_path / "t.json").write_text(json.dumps(paths))
+    with pytest.raises(DraftsmithError, match="rank paths|integer ranks"):
+        TreeShape.parse(f"static:{tmp_path / 't.json'}")
+
+
+def test_tree_sizes_are_capped_by_what_a_step_costs(tmp_path):
+    from draftsmith.eval.drafting import MAX_DRAFTED_NODES, MAX_TREE_NODES
+
+    assert TreeShape.parse("dynamic:6,8,48").nodes == 48                 # EAGLE-2's size: 8 + 5 x 64 drafted
+    assert TreeShape.parse(f"dynamic:2,127,{MAX_TREE_NODES}").topk == 127    # 127 + 127^2 = 16256 drafted
+    for spec in ["dynamic:1000000,1000000,1000000", "dynamic:2,128,48", f"dynamic:6,8,{MAX_TREE_NODES + 1}",
+                 f"dynamic:{MAX_DRAFTED_NODES + 1},1,8"]:
+        with pytest.raises(DraftsmithError, match="verifies at most"):
+            TreeShape.parse(spec)
+    (tmp_path / "t.json").write_text(json.dumps([[i] for i in range(MAX_TREE_NODES + 1)]))
+    with pytest.raises(DraftsmithError, match="at most 1024 nodes"):
+        TreeShape.parse(f"static:{tmp_path / 't.json'}")
+
+
 # ------------------------------------------------------------------------- exact law of tree sampling
 
 def rrs_law(p: torch.Tensor, kids: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
