@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from draftsmith.eval.metrics import PromptRecord
-from draftsmith.folders import marker_kind, write_marker
+from draftsmith.folders import disk_full_said, marker_kind, write_marker
 
 REPORT_FILES = ("report.json", "report.md", "acceptance.png")
 MD_POSITIONS = 16
@@ -136,18 +136,20 @@ def write_report(report: dict, records: list[PromptRecord], out: str | Path, sav
     report = dict(report)
     greedy = report["config"]["temperature"] == 0
     report["prompts"] = [prompt_row(r, greedy) for r in records]
-    out.mkdir(parents=True, exist_ok=True)
-    if marker_kind(out) is None:     # what --overwrite checks before replacing this report (folders.py)
-        write_marker(out, "eval")
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
-    try:
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / "report.md").write_text(markdown(report))
-        plot_acceptance(report, tmp / "acceptance.png")
-        if save_tokens:
-            (tmp / "outputs.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
-        for name in os.listdir(tmp):
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with disk_full_said("the eval report could not be written", out,
+                        "Free some space (or choose another --out), then run the eval again"):
+        out.mkdir(parents=True, exist_ok=True)
+        if marker_kind(out) is None:     # what --overwrite checks before replacing this report (folders.py)
+            write_marker(out, "eval")
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+        try:
+            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            (tmp / "report.md").write_text(markdown(report))
+            plot_acceptance(report, tmp / "acceptance.png")
+            if save_tokens:
+                (tmp / "outputs.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
+            for name in os.listdir(tmp):
+                os.replace(tmp / name, out / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out

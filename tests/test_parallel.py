@@ -16,8 +16,10 @@ from draftsmith.eval.verify import Sampling, warp
 from draftsmith.models.parallel import ParallelProposer, build_parallel
 from draftsmith.models.mask_blocks import cod_fractions, cod_keep, valid_anchors
 from draftsmith.distill.objective import Objective, reach_weights
+from draftsmith.errors import DraftsmithError
 from draftsmith.models.parallel_train import ParallelTrainModule
 from draftsmith.models.target import Target
+from draftsmith.train.config import load_recipe
 from draftsmith.train import steps
 
 from conftest import VOCAB, perturbed, prompts, tiny_llama
@@ -368,3 +370,9 @@ def test_cuda_fp32_greedy_equality_and_bf16_training():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("k", [1, 65, 1000])
+def test_parallel_k_outside_2_to_64_is_refused(k):
+    with pytest.raises(DraftsmithError, match="drafter.parallel_k"):
+        load_recipe("smollm2-135m/parallel-kd-quick", [f"drafter.parallel_k={k}"])

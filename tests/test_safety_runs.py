@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from draftsmith.cli import main
@@ -527,3 +528,33 @@ def test_a_full_disk_during_an_export_is_said_and_leaves_nothing(setup, base, tm
     assert "The disk is full: the export could not be written" in err and "bytes free" in err, err
     assert "model.safetensors" in err and "Traceback" not in err
     assert not out.exists() and list((tmp_path / "exports").iterdir()) == []     # no half-written export
+
+
+@pytest.mark.parametrize("fmt", ["speculators", "sglang"])
+def test_serving_export_of_another_kind_says_which_kinds_each_format_takes(tmp_path, fmt):
+    from draftsmith.train.export import export
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"drafter": {"kind": "small_lm"}}))
+    with pytest.raises(DraftsmithError) as info:
+        export(run, fmt, tmp_path / "out")
+    said = str(info.value)
+    assert "speculators: kind eagle3, P-EAGLE as its peagle type" in said and "sglang: kinds eagle and eagle3" in said
+    assert "small_lm" in said and "--format hf" in said
+
+
+def test_a_full_disk_during_an_eval_report_is_said_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from draftsmith.eval import report as report_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "acceptance.png"))
+
+    monkeypatch.setattr(report_module, "markdown", lambda report: "")
+    monkeypatch.setattr(report_module, "plot_acceptance", full)
+    with pytest.raises(DraftsmithError, match="The disk is full: the eval report could not be written") as info:
+        report_module.write_report({"config": {"temperature": 0}}, [], tmp_path / "out")
+    assert "bytes free" in str(info.value)
+    assert not any(p.name.startswith(".partial-") for p in (tmp_path / "out").iterdir())

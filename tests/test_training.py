@@ -482,3 +482,21 @@ def test_token_rows_round_trip_any_vocabulary(tmp_path):
             assert theirs["input_ids"].tolist() == mine["input_ids"]
             assert theirs["loss_mask"].tolist() == mine["loss_mask"]
         assert back[-1]["input_ids"].tolist() == rows[-1]["input_ids"]
+
+
+def test_resume_with_changed_settings_says_what_changed_and_keeps_the_old_config(setup, tmp_path, capsys):
+    common = [f"run.out_dir={tmp_path}", "run.name=changed", "checkpoint.every=2"]
+    train(str(setup / "recipe.yaml"), [*common, "train.max_steps=2"])
+    capsys.readouterr()
+    train(str(setup / "recipe.yaml"), [*common, "train.max_steps=4", "train.lr=5e-4"], resume=True)
+    err = capsys.readouterr().err
+    assert "resuming at step 2 with changed settings" in err
+    assert "train.lr: 0.001 -> 0.0005" in err and "train.max_steps: 2 -> 4" in err
+    run_dir = tmp_path / "changed"
+    kept = yaml.safe_load((run_dir / "config-until-step-0000002.yaml").read_text())
+    assert kept["train"]["lr"] == 1e-3 and yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["lr"] == 5e-4
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["resumed_with_changes"]["train.lr"] for x in lines if "resumed_with_changes" in x] == [[1e-3, 5e-4]]
+    capsys.readouterr()
+    train(str(setup / "recipe.yaml"), [*common, "train.max_steps=6", "train.lr=5e-4"], resume=True)
+    assert "train.lr" not in capsys.readouterr().err        # only what changed this time: max_steps 4 -> 6

@@ -29,6 +29,10 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 """The repository's `recipes/` folder; names like `smollm2-135m/small_lm-kd` resolve under it."""
 
 _ACCELERATE_DIR = "accelerate"
+
+MAX_PARALLEL_K = 64
+"""The most tokens a parallel drafter may draft per forward: training holds parallel_k - 1 mask blocks per
+sequence (memory grows with it), and --k auto measures the target's cost curve up to 64 new tokens."""
 """Subfolder of RECIPES_DIR holding `accelerate launch` configs, not recipes."""
 
 
@@ -123,9 +127,10 @@ class DrafterConfig(Section):
               "set drafter.parallel=false, or drafter.kind=eagle3")
         check(self.mask_token_id is None or (self.parallel and self.mask_token_id >= 0), "drafter.mask_token_id",
               self.mask_token_id, "A mask token id (>= 0) is for eagle3 with parallel: true; else set it to null")
-        if self.parallel:
-            check(self.parallel_k >= 2, "drafter.parallel_k", self.parallel_k,
-                  "P-EAGLE drafts parallel_k tokens per forward from parallel_k - 1 mask rows: use 2 or more")
+        if self.parallel or self.kind == "parallel":
+            check(2 <= self.parallel_k <= MAX_PARALLEL_K, "drafter.parallel_k", self.parallel_k,
+                  f"A parallel drafter drafts parallel_k tokens per forward from parallel_k - 1 mask rows: use 2 to "
+                  f"{MAX_PARALLEL_K} (PARD-2 trains 16; 1 would be an ordinary drafter, e.g. kind small_lm)")
         if self.lora is not None:
             from draftsmith.models.lora import lora_settings
 
@@ -427,6 +432,21 @@ def save_resolved(cfg: RecipeConfig, run_dir: str | Path) -> Path:
     text = yaml.dump(to_dict(cfg), Dumper=Dumper, sort_keys=False, width=1000, allow_unicode=True)
     out.write_text("# Resolved recipe: defaults and overrides applied.\n" + text, encoding="utf-8")
     return out
+
+
+def changed_settings(run_dir: str | Path, cfg: RecipeConfig) -> dict[str, tuple[object, object]]:
+    """`section.key` -> (the run's saved value, `cfg`'s value) for every setting that differs from the
+    run folder's config.yaml (a key one side lacks counts as changed); {} without a saved config."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return {}
+    saved = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+    saved = saved if isinstance(saved, dict) else {}
+    flat = lambda d: {f"{s}.{k}": v for s, sec in d.items() if isinstance(sec, dict) for k, v in sec.items()}  # noqa: E731
+    old, new = flat(saved), flat(to_dict(cfg))
+    missing = object()
+    return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+            if old.get(key, missing) != new.get(key, missing)}
 
 
 # ---------------------------------------------------------------- listing

@@ -105,7 +105,8 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, checkpoint: str | Non
     config = yaml.safe_load(config_path.read_text())
     kind = config["drafter"]["kind"]
     if fmt in SERVING_FORMATS and kind not in ("eagle", "eagle3"):
-        raise DraftsmithError(f"--format {fmt} writes EAGLE heads (kinds eagle, eagle3); this run trained another kind",
+        raise DraftsmithError(f"--format {fmt} writes EAGLE heads only (speculators: kind eagle3, P-EAGLE as its "
+                              "peagle type; sglang: kinds eagle and eagle3); this run trained another kind",
                               kind, "Export it with --format hf: vLLM and SGLang load it as a plain draft model, "
                               "and so do draftsmith eval and transformers' assisted generation")
     ckpt = _checkpoint(run_dir, checkpoint)

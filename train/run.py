@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 from draftsmith.distill.objective import Objective
 from draftsmith.errors import DraftsmithError
+from draftsmith.train.config import changed_settings, save_resolved
 
 
 def make_accelerator(cfg):
@@ -315,10 +318,26 @@ def train(recipe: str, overrides: list[str] = (), resume: bool = False, overwrit
         lock.release()
 
 
+def keep_changed_config(cfg, run_dir: Path, step: int) -> None:
+    """A resume whose settings differ from the run's says which (old -> new), keeps the run's config.yaml as
+    config-until-step-N.yaml and its new settings in metrics.jsonl, then writes the resolved config."""
+    changes = changed_settings(run_dir, cfg)
+    if changes:
+        kept = run_dir / f"config-until-step-{step:07d}.yaml"
+        if not kept.exists():
+            shutil.copyfile(run_dir / "config.yaml", kept)
+        lines = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+        print(f"[draftsmith] resuming at step {step} with changed settings (the run's earlier config is kept as "
+              f"{kept.name}):\n{lines}", file=sys.stderr, flush=True)
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "resumed_with_changes": {k: list(v) for k, v in changes.items()}},
+                               default=str) + "\n")
+    save_resolved(cfg, run_dir)
+
+
 def _train(cfg, acc, run_dir: Path, ckpt: Path | None) -> dict:
     from draftsmith.distill.teacher import attach_cache, keep_shared_parts, teacher_cache_dir
     from draftsmith.models.target import load_target, resolve_dtype
-    from draftsmith.train.config import save_resolved
     from draftsmith.train.trainer import Trainer
 
     if acc.is_main_process and ckpt is None:
@@ -342,8 +361,8 @@ def _train(cfg, acc, run_dir: Path, ckpt: Path | None) -> dict:
     trainer = Trainer(cfg, run_dir, acc, target, drafter, train_rows, heldout_rows)
     if ckpt is not None:
         trainer.load(Path(ckpt))
-        if acc.is_main_process:
-            save_resolved(cfg, run_dir)   # only now: a refused resume leaves the run's config.yaml as it was
+        if acc.is_main_process:   # only now: a refused resume leaves the run's config.yaml as it was
+            keep_changed_config(cfg, run_dir, trainer.step)
             print(f"[draftsmith] resumed from {ckpt} (step {trainer.step})", flush=True)
     summary = trainer.fit()
     if acc.is_main_process:
