@@ -70,15 +70,6 @@ class Objective:
         alpha = None if t_logits is None else r.alpha.detach()
         return total, alpha
 
-    def mean(self, t_logits, d_logits, labels=None, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """The weighted mean Σ w·loss / Σ w over M rows (w = 1 without weights); 0 with no row."""
-        loss, _ = self.rows(t_logits, d_logits, labels)
-        if loss.numel() == 0:
-            return loss.sum() + 0.0 * d_logits.sum()
-        if weights is None:
-            return loss.mean()
-        return (loss * weights).sum() / weights.sum().clamp_min(1e-12)
-
     def along(self, count: int, default: torch.Tensor | None = None, *, alpha: torch.Tensor | None = None,
               gold: torch.Tensor | None = None) -> torch.Tensor:
         """Weights of `count` draft positions, [count] or [count, *row shape]. `default`: the kind's own
