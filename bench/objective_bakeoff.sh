@@ -17,7 +17,7 @@ STEPS="${STEPS:-600}"
 JOBS="${JOBS:-1}"
 MT="${MT:-80}"
 HE="${HE:-40}"
-KS="${KS:-4 auto}"
+KS="${KS-4 auto}"
 NEW="${NEW:-64}"
 RECIPE=smollm2-135m/eagle3-ttt-quick
 DEFAULT_SETTINGS="forward_kl:loss.name=forward_kl
