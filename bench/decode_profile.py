@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from draftsmith.eval.benchmarks import load_bench
 from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
 from draftsmith.eval.draft_length import DraftLengthRule, measure_cost_curve
-from draftsmith.eval.drafting import TreeShape
 from draftsmith.eval.harness import encode_turn, eos_ids
 from draftsmith.models import load_drafter, load_target
+from draftsmith.protocol.drafting import TreeShape
 
 
 def count_drafter_forwards(proposer, target) -> list[int]:

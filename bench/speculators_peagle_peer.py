@@ -119,9 +119,9 @@ def draftsmith_side(folder: Path, target, sequences) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from draftsmith.eval.decoder import DecodeState
-    from draftsmith.eval.drafting import DraftSampler
-    from draftsmith.eval.verify import Sampling
+    from draftsmith.protocol.proposer import DecodeState
+    from draftsmith.protocol.drafting import DraftSampler
+    from draftsmith.protocol.sampling import Sampling
     from draftsmith.models.formats import proposer_for, read_head_folder
     from draftsmith.models.checks import TargetShape
 

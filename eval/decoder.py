@@ -1,8 +1,8 @@
 """The built-in speculative decoder: one target forward per step verifies a chain or a tree of drafts.
 
-It never branches on drafter kind. A drafter is a `Proposer`: it sees the decode state (all
-tokens so far, and the target's hidden states for newly committed positions) and proposes a draft
-(eval/drafting.py: a chain, or a tree of nodes with parents). Steps, after gpt-fast's
+It never branches on drafter kind. A drafter is a `Proposer` (protocol/proposer.py): it sees the
+decode state (all tokens so far, and the target's hidden states for newly committed positions) and
+proposes a draft (protocol/drafting.py: a chain, or a tree of nodes with parents). Steps, after gpt-fast's
 `speculative_decode` and SpecInfer/EAGLE-2's tree verification:
 
   0. prefill: the target reads the prompt and emits the first token (not a verify step);
@@ -11,7 +11,7 @@ tokens so far, and the target's hidden states for newly committed positions) and
      best-first prefix of nodes that maximises expected tokens per second);
   2. verify: ONE target forward over [last token, draft nodes] (a tree attention mask when the draft
      branches) gives p at every node;
-  3. accept: greedy match or recursive rejection sampling (eval/tree.py) accepts a path of n nodes
+  3. accept: greedy match or recursive rejection sampling (protocol/tree.py) accepts a path of n nodes
      and yields one more token (correction or bonus);
   4. keep: the target cache keeps the last token and the accepted path (gathered, not recomputed);
      the proposer is shown the target's hidden states for exactly those positions.
@@ -19,46 +19,18 @@ tokens so far, and the target's hidden states for newly committed positions) and
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
 
 import torch
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.drafting import Draft, DraftSampler, TreeShape
-from draftsmith.eval.tree import is_chain
-from draftsmith.eval.verify import Sampling, verify_tree_greedy, verify_tree_sampling, warp
+from draftsmith.eval.verify import verify_tree_greedy, verify_tree_sampling
 from draftsmith.models.target import Target
-
-
-@dataclass
-class DecodeState:
-    """What a proposer may read. The target cache holds tokens[:committed]; tokens[-1] is the
-    newest emitted token, not yet seen by the target."""
-
-    tokens: list[int]
-    committed: int
-    hidden: list[torch.Tensor]   # per tapped layer, [n, H] for positions hidden_start..hidden_start+n
-    hidden_start: int
-
-
-# sampler(logits [V]) -> (token, warped q [V] or None in greedy mode); a DraftSampler in the decoder
-Sampler = Callable[[torch.Tensor], "tuple[int, torch.Tensor | None]"]
-
-
-class Proposer(Protocol):
-    """The drafter interface. `hidden_layers`: target layers it reads (empty for token drafters).
-    `propose` drafts up to depth k; it takes `tree=` (a TreeShape) when it can draft trees."""
-
-    hidden_layers: tuple[int, ...]
-
-    def reset(self) -> None: ...
-
-    def observe(self, state: DecodeState) -> None: ...
-
-    def propose(self, state: DecodeState, k: int, sampler: Sampler) -> Draft: ...
+from draftsmith.protocol.drafting import Draft, DraftSampler, TreeShape
+from draftsmith.protocol.proposer import DecodeState, Proposer, Sampler, takes_tree
+from draftsmith.protocol.sampling import Sampling, warp
+from draftsmith.protocol.tree import is_chain
 
 
 class NoDraft:
@@ -101,13 +73,6 @@ class GenerationResult:
 
 def make_sampler(sampling: Sampling, generator: torch.Generator | None, rule=None) -> DraftSampler:
     return DraftSampler(sampling, generator, rule)
-
-
-def takes_tree(proposer) -> bool:
-    try:
-        return "tree" in inspect.signature(proposer.propose).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 @torch.inference_mode()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from draftsmith.eval.tree import children, depths
+from draftsmith.protocol.tree import children, depths
 
 
 @dataclass

@@ -27,11 +27,11 @@ from draftsmith.errors import DraftsmithError
 from draftsmith.eval.benchmarks import BenchItem, check_prompt_lengths, load_bench
 from draftsmith.eval.decoder import NoDraft, autoregressive_generate, speculative_generate
 from draftsmith.eval.draft_length import DraftLengthRule, measure_cost_curve
-from draftsmith.eval.drafting import TreeShape
 from draftsmith.eval.metrics import PromptRecord, first_divergence, speedup, summarize
-from draftsmith.eval.verify import Sampling
 from draftsmith.models import load_drafter, load_target
 from draftsmith.models.target import Target
+from draftsmith.protocol.drafting import TreeShape
+from draftsmith.protocol.sampling import Sampling
 
 
 @dataclass

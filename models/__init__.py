@@ -11,6 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from draftsmith.errors import DraftsmithError
+from draftsmith.models.checks import (TargetShape, check_lm_fits_target, check_shapes, meta_shapes, read_config_json,
+                                     weight_shapes)
+from draftsmith.models.composite import CompositeProposer
+from draftsmith.models.formats import proposer_for, read_head_folder
+from draftsmith.models.parallel import ParallelProposer
+from draftsmith.models.prompt_lookup import PromptLookupProposer
+from draftsmith.models.small_lm import SmallLMProposer, check_vocab, truncated_copy
 from draftsmith.models.target import Target, load_target, resolve_dtype
 
 DRAFTER_KINDS = ("small_lm", "eagle", "eagle3", "parallel", "prompt_lookup")
@@ -18,14 +25,9 @@ DRAFTER_KINDS = ("small_lm", "eagle", "eagle3", "parallel", "prompt_lookup")
 
 def load_drafter(spec: str, target: Target, dtype=None):
     """Return a Proposer for `spec`, on the target's device."""
-    from draftsmith.models.prompt_lookup import PromptLookupProposer
-    from draftsmith.models.small_lm import SmallLMProposer, check_vocab, truncated_copy
-
     if spec in ("prompt-lookup", "prompt_lookup"):
         return PromptLookupProposer()
     if "+" in spec and not Path(spec).expanduser().exists():   # several drafters as one tree
-        from draftsmith.models.composite import CompositeProposer
-
         return CompositeProposer([load_drafter(part, target, dtype) for part in spec.split("+")])
     if spec.startswith("truncated:"):
         try:
@@ -38,18 +40,12 @@ def load_drafter(spec: str, target: Target, dtype=None):
         raise DraftsmithError(
             "Unknown drafter", spec,
             "Use prompt-lookup, truncated:N, or a folder holding an exported drafter (config.json)")
-    from draftsmith.models.formats import proposer_for, read_head_folder
-
-    from draftsmith.models.checks import TargetShape, read_config_json
-
     kind = read_config_json(path).get("draftsmith_kind", "small_lm")
     if kind not in DRAFTER_KINDS:
         raise DraftsmithError("Unknown drafter kind in config.json", kind, f"Known kinds: {', '.join(DRAFTER_KINDS)}")
     shape = TargetShape(target.model.config.hidden_size, target.vocab_size, target.num_layers)
     dtype = resolve_dtype(dtype or target.dtype, str(target.device))
     if kind == "parallel":   # a transformers LM with a mask token: checked as small_lm's are, and its mask
-        from draftsmith.models.parallel import ParallelProposer
-
         return ParallelProposer(load_small_lm(path, shape, dtype).to(target.device))
     head = read_head_folder(path, shape)   # EAGLE heads in any layout, checked against the target; None for LMs
     if head is not None:
@@ -63,8 +59,6 @@ def load_small_lm(path: Path, target, dtype):
     """A transformers causal LM drafter (kinds small_lm and parallel), its config checked against the target
     (models.checks.TargetShape) and its weights' shapes against its config before the model is built."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from draftsmith.models.checks import check_lm_fits_target, check_shapes, meta_shapes, weight_shapes
 
     try:
         config = AutoConfig.from_pretrained(path)

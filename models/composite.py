@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from draftsmith.eval.decoder import DecodeState, Sampler, takes_tree
-from draftsmith.eval.drafting import Draft, TreeShape, best_first_order, subset
+from draftsmith.protocol.drafting import Draft, TreeShape, best_first_order, subset
+from draftsmith.protocol.proposer import DecodeState, Sampler, takes_tree
 
 
 class CompositeProposer:

@@ -24,9 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.decoder import DecodeState, Sampler
-from draftsmith.eval.drafting import Draft, TreeShape, grow_draft
-from draftsmith.eval.tree import depths
+from draftsmith.models.checks import checked_state, config_from_dict, read_config_json
+from draftsmith.models.target import target_signals
+from draftsmith.protocol.drafting import Draft, TreeShape, grow_draft
+from draftsmith.protocol.proposer import DecodeState, Sampler
+from draftsmith.protocol.tree import depths
 
 
 @dataclass
@@ -165,8 +167,6 @@ class HeadIO:
         """A head from a draftsmith folder. config.json is read strictly and checked against `target`
         (a models.checks.TargetShape, or a layer count) and the weights' shapes against the config
         before the head is built: a hostile folder cannot make it allocate what it declares."""
-        from draftsmith.models.checks import checked_state, config_from_dict, read_config_json
-
         path = Path(path)
         config = config_from_dict(cls.config_class, read_config_json(path), str(path))
         return cls.from_state(config, checked_state(cls, config, path, target), str(path))
@@ -269,7 +269,7 @@ class EagleProposer:
 
     @torch.inference_mode()
     def propose(self, state: DecodeState, k: int, sampler: Sampler, tree: TreeShape | None = None) -> Draft:
-        """A chain or tree of drafts (eval/drafting.py). A node's row reads its token and the feature
+        """A chain or tree of drafts (protocol/drafting.py). A node's row reads its token and the feature
         its parent's row produced; its output feature gives the logits of its children."""
         base = self.length
         feats: dict[int, torch.Tensor] = {}       # node -> the feature its row produced
@@ -331,8 +331,6 @@ class EagleTrainModule(nn.Module):
 def feature_scale(target_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
     """The std of the target's final (normed) hidden states on a batch: the feature loss and the
     input noise are taken relative to it."""
-    from draftsmith.train.steps import target_signals
-
     mask = torch.zeros_like(attention_mask[:, 1:], dtype=torch.bool)
     _, hidden = target_signals(target_model, input_ids, attention_mask, mask, layers=(-1,))
     with torch.no_grad():

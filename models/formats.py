@@ -35,9 +35,10 @@ import torch
 
 from draftsmith.errors import DraftsmithError
 from draftsmith.models.checks import TargetShape, checked_state, load_weights, read_config_json, weight_shapes
-from draftsmith.models.eagle import EagleConfig, EagleHead
-from draftsmith.models.eagle3 import Eagle3Config, Eagle3Head
-from draftsmith.models.peagle import PEagleConfig, PEagleHead
+from draftsmith.models.eagle import EagleConfig, EagleHead, EagleProposer
+from draftsmith.models.eagle3 import Eagle3Config, Eagle3Head, Eagle3Proposer
+from draftsmith.models.peagle import PEagleConfig, PEagleHead, PEagleProposer
+from draftsmith.models.target import resolve_model_folder
 
 SPECULATORS_VERSION = "0.9.0"
 """The speculators release whose Eagle3 model these checkpoints were checked against (bench/speculators_peer.py)."""
@@ -159,8 +160,6 @@ def write_sglang(head, out: Path) -> None:
 def target_embedding(target_spec: str) -> torch.Tensor:
     """The target's input embedding [V, H], read alone from its safetensors files (no model is built)."""
     from safetensors import safe_open
-
-    from draftsmith.models.target import resolve_model_folder
 
     folder = Path(resolve_model_folder(target_spec)[0])
     for file in sorted(folder.glob("*.safetensors")):
@@ -297,10 +296,6 @@ def _read_peagle(raw: dict, layer: dict, path: Path, target: TargetShape, common
 
 
 def proposer_for(head, target_model):
-    from draftsmith.models.eagle import EagleProposer
-    from draftsmith.models.eagle3 import Eagle3Proposer
-    from draftsmith.models.peagle import PEagleProposer
-
     if isinstance(head, PEagleHead):
         return PEagleProposer(head, target_model)
     return (Eagle3Proposer if isinstance(head, Eagle3Head) else EagleProposer)(head, target_model)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from draftsmith.errors import DraftsmithError
+from draftsmith.models.target import Target
 
 LORA_KEYS = {"r": 16, "alpha": 32.0, "dropout": 0.0, "target_modules": None}
 """drafter.lora's keys and their defaults; target_modules null = every linear layer but the LM head."""
@@ -192,6 +193,4 @@ def load_with_adapter(model: torch.nn.Module, adapter: str | Path) -> torch.nn.M
 
 def adapted_target(target, adapter: str | Path):
     """A Target whose model is `target`'s with the peft adapter merged in (target.adapter)."""
-    from draftsmith.models.target import Target
-
     return Target(load_with_adapter(target.model, adapter), target.tokenizer, name=f"{target.name}+{Path(adapter).name}")

@@ -15,11 +15,13 @@ from __future__ import annotations
 import torch
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.decoder import DecodeState, Sampler
-from draftsmith.eval.drafting import Draft, TreeShape, grow_draft
-from draftsmith.eval.tree import depths
+from draftsmith.models.architectures import target_config
 from draftsmith.models.prefix import common_prefix
-from draftsmith.models.target import cache_kwarg, new_cache, rollback
+from draftsmith.models.small_lm import build_small_lm
+from draftsmith.models.target import cache_kwarg, new_cache, resolve_model_folder, rollback
+from draftsmith.protocol.drafting import Draft, TreeShape, grow_draft
+from draftsmith.protocol.proposer import DecodeState, Sampler
+from draftsmith.protocol.tree import depths
 
 
 def mask_token_id(model: torch.nn.Module) -> int:
@@ -64,16 +66,10 @@ def build_parallel(target_model: torch.nn.Module, d, dry: bool = False) -> torch
     target's layers like small_lm. dry: the init_from model's architecture only (the meta device)."""
     from transformers import AutoModelForCausalLM
 
-    from draftsmith.models.small_lm import build_small_lm
-
     vocab = target_model.get_output_embeddings().weight.shape[0]
     if d.init_from is not None and dry:
-        from draftsmith.train.dry_run import target_config
-
         model = AutoModelForCausalLM.from_config(target_config(d.init_from))
     elif d.init_from is not None:
-        from draftsmith.models.target import resolve_model_folder
-
         folder, _ = resolve_model_folder(d.init_from)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         print(f"[draftsmith] parallel drafter starts from {d.init_from}", flush=True)

@@ -30,6 +30,7 @@ from torch import nn
 from draftsmith.errors import DraftsmithError
 from draftsmith.models.mask_blocks import (MaskBlocks, block_attention, cod_fractions, cod_keep, depth_stats,
                                           gather_blocks, valid_anchors)
+from draftsmith.models.parallel import freeze_embeddings_but_mask, mask_token_id, target_vocab_size
 
 
 class ParallelTrainModule(nn.Module):
@@ -42,8 +43,6 @@ class ParallelTrainModule(nn.Module):
     def __init__(self, model: nn.Module, objective, k: int, cod_ratio: float, cod_floor: float,
                  freeze_embeddings: bool = False):
         super().__init__()
-        from draftsmith.models.parallel import freeze_embeddings_but_mask, mask_token_id, target_vocab_size
-
         if k < 1:
             raise DraftsmithError("drafter.parallel_k must be >= 1", k)
         self.model = model

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.decoder import DecodeState, Sampler
-from draftsmith.eval.drafting import Draft, TreeShape, grow_draft
-from draftsmith.eval.tree import depths
 from draftsmith.models.eagle import target_parts
 from draftsmith.models.eagle3 import Eagle3Config, Eagle3Head, Eagle3Proposer
 from draftsmith.models.mask_blocks import (block_attention, cod_fractions, cod_keep, depth_stats, gather_blocks,
                                           valid_anchors)
+from draftsmith.protocol.drafting import Draft, TreeShape, grow_draft
+from draftsmith.protocol.proposer import DecodeState, Sampler
+from draftsmith.protocol.tree import depths
 
 
 @dataclass

@@ -12,8 +12,8 @@ min_ngram=1 0.99x AR, min_ngram=2 1.07x AR; bench/prompt_lookup_ngram.py).
 
 from __future__ import annotations
 
-from draftsmith.eval.decoder import DecodeState, Sampler
-from draftsmith.eval.drafting import Draft, TreeShape
+from draftsmith.protocol.drafting import Draft, TreeShape
+from draftsmith.protocol.proposer import DecodeState, Sampler
 
 
 def lookup(tokens: list[int], k: int, max_ngram: int = 3, min_ngram: int = 2, matches: int = 1) -> list[list[int]]:

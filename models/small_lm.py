@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.decoder import DecodeState, Sampler
-from draftsmith.eval.drafting import Draft, TreeShape, grow_draft
-from draftsmith.eval.tree import depths
 from draftsmith.models.prefix import common_prefix
 from draftsmith.models.target import attention_inputs, cache_kwarg, new_cache, rollback
+from draftsmith.protocol.drafting import Draft, TreeShape, grow_draft
+from draftsmith.protocol.proposer import DecodeState, Sampler
+from draftsmith.protocol.tree import depths
 
 
 class SmallLMProposer:

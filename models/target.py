@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from draftsmith import assets
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.tree import ancestor_mask, depths
+from draftsmith.protocol.tree import ancestor_mask, depths
 
 
 def cache_root() -> Path:
@@ -133,7 +134,7 @@ class Target:
         `hidden_layers` are 0-based decoder-layer output indices; -1 is the last layer's output
         before the final norm (what EAGLE heads read). `parents` makes the input a draft tree:
         input_ids = [root, node 0, ...], node i follows node parents[i] (-1: the root); each row
-        then sees the cache, its ancestors and itself, at position past + depth (eval/tree.py).
+        then sees the cache, its ancestors and itself, at position past + depth (protocol/tree.py).
         """
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).view(1, -1)
         tree = {} if parents is None else self._tree_inputs(parents, cache.get_seq_length())
@@ -219,6 +220,27 @@ def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+def target_signals(target_model: torch.nn.Module, input_ids, attention_mask, mask, layers: tuple[int, ...] = ()):
+    """The online target signals for training (train/steps.py, the teacher cache): [N, V] target
+    logits at the N positions of `mask` ([B, T-1], position j predicts token j+1; the LM head runs
+    on those rows only) and, for feature-level drafters, the outputs [B, T, H] (before the final
+    norm) of the decoder `layers` (-1: last)."""
+    base = getattr(target_model, target_model.base_model_prefix)
+    n = len(base.layers)
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [base.layers[i].register_forward_hook(
+        lambda m, a, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+        for i in sorted({j % n for j in layers})]
+    try:
+        with torch.no_grad():
+            final = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+            logits = target_model.get_output_embeddings()(final[:, :-1][mask])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, [captured[j % n] for j in layers]
+
+
 # ---------------------------------------------------------------------------------------- loading
 
 def load_target(spec: str, dtype: str | torch.dtype | None = "auto", device: str | None = None) -> Target:
@@ -234,8 +256,6 @@ def load_target(spec: str, dtype: str | torch.dtype | None = "auto", device: str
 
 def _apply_asset_chat_format(spec: str, model, tokenizer) -> None:
     """An asset whose GGUF has no chat template gets its family's, and its end-of-turn token as EOS."""
-    from draftsmith import assets
-
     asset = assets.TARGETS.get(spec)
     if asset is None:
         return
@@ -250,8 +270,6 @@ def _apply_asset_chat_format(spec: str, model, tokenizer) -> None:
 
 def resolve_model_folder(spec: str) -> tuple[str, str]:
     """Map a target spec to something `from_pretrained` loads: (folder or hub id, display name)."""
-    from draftsmith import assets
-
     path = Path(spec).expanduser()
     if assets.is_target_asset(spec):
         return str(gguf_to_folder(assets.target_gguf_path(spec))), spec
@@ -276,8 +294,6 @@ def _reachable_hub_id(spec: str) -> str:
     import difflib
 
     from transformers import AutoConfig
-
-    from draftsmith import assets
 
     try:   # the hub cache first; then one short question to the hub (transformers would retry for ~30 s)
         AutoConfig.from_pretrained(spec, local_files_only=True)

@@ -8,9 +8,9 @@ import torch
 
 from draftsmith.errors import DraftsmithError
 from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
-from draftsmith.eval.verify import Sampling
 from draftsmith.models.prompt_lookup import PromptLookupProposer, lookup
 from draftsmith.models.small_lm import SmallLMProposer
+from draftsmith.protocol.sampling import Sampling
 
 from conftest import prompts, tiny_llama
 

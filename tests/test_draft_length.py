@@ -8,9 +8,9 @@ import torch
 
 from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
 from draftsmith.eval.draft_length import Calibration, CostCurve, DraftLengthRule, measure_cost_curve
-from draftsmith.eval.drafting import TreeShape
 from draftsmith.models.prompt_lookup import PromptLookupProposer
 from draftsmith.models.small_lm import SmallLMProposer
+from draftsmith.protocol.drafting import TreeShape
 
 from conftest import prompts, tiny_llama
 
@@ -98,8 +98,8 @@ def test_calibration_explores_young_bins():
 def test_chain_drafts_no_node_that_cannot_pay():
     """A child's value is at most its parent's, so when a node's own value would not pay for one
     more node the chain stops without the next draft forward (no drafted-then-dropped nodes)."""
-    from draftsmith.eval.drafting import DraftSampler, grow_draft
-    from draftsmith.eval.verify import Sampling
+    from draftsmith.protocol.drafting import DraftSampler, grow_draft
+    from draftsmith.protocol.sampling import Sampling
 
     calls = []
 

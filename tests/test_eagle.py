@@ -8,8 +8,8 @@ import torch
 
 from draftsmith.errors import DraftsmithError
 from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
-from draftsmith.eval.verify import Sampling
 from draftsmith.models.eagle import EagleHead, EagleProposer, build_eagle, target_parts
+from draftsmith.protocol.sampling import Sampling
 
 from conftest import perturbed, prompts
 

@@ -10,13 +10,14 @@ from safetensors.torch import load_file, save_file
 
 from draftsmith.distill.objective import Objective
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.decoder import DecodeState, autoregressive_generate, make_sampler, speculative_generate
-from draftsmith.eval.verify import Sampling, warp
+from draftsmith.eval.decoder import autoregressive_generate, make_sampler, speculative_generate
 from draftsmith.models.eagle import target_parts
 from draftsmith.models.eagle3 import (Eagle3Head, Eagle3Proposer, Eagle3TrainModule, build_eagle3,
                                       default_aux_layers, draft_vocab_from_counts)
 from draftsmith.models.formats import read_head_folder, write_sglang, write_speculators
 from draftsmith.models.target import Target
+from draftsmith.protocol.proposer import DecodeState
+from draftsmith.protocol.sampling import Sampling, warp
 
 from conftest import VOCAB, perturbed, prompts, tiny_llama
 from test_verify import law_of_verify_sampling
@@ -120,7 +121,7 @@ def test_training_time_test_sees_what_drafting_sees(target4):
 
 def ttt_batch(target, module, n: int, length: int, seed: int):
     """(ids, attention, mask, hidden, t_logits) of `n` random prompts, every row trained but the first."""
-    from draftsmith.train.steps import target_signals
+    from draftsmith.models.target import target_signals
 
     ids = torch.tensor(prompts(n, length=length, seed=seed))
     attention = torch.ones_like(ids)

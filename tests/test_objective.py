@@ -14,11 +14,10 @@ from draftsmith.distill import losses as L
 from draftsmith.distill.objective import Objective, accepted_length_weights, implied_tau, reach_weights
 from draftsmith.errors import DraftsmithError
 from draftsmith.models.eagle3 import Eagle3TrainModule, build_eagle3
-from draftsmith.models.target import Target
+from draftsmith.models.target import Target, target_signals
 from draftsmith.train.config import load_recipe, save_resolved
 from draftsmith.train.optim import MuonWithAdamW, build_optimizer, is_muon_param
 from draftsmith.train.run import train
-from draftsmith.train.steps import target_signals
 
 from conftest import tiny_llama
 

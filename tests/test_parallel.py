@@ -11,16 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from draftsmith.eval.decoder import DecodeState, autoregressive_generate, make_sampler, speculative_generate
-from draftsmith.eval.verify import Sampling, warp
-from draftsmith.models.parallel import ParallelProposer, build_parallel
-from draftsmith.models.mask_blocks import cod_fractions, cod_keep, valid_anchors
 from draftsmith.distill.objective import Objective, reach_weights
 from draftsmith.errors import DraftsmithError
+from draftsmith.eval.decoder import autoregressive_generate, make_sampler, speculative_generate
+from draftsmith.models.mask_blocks import cod_fractions, cod_keep, valid_anchors
+from draftsmith.models.parallel import ParallelProposer, build_parallel
 from draftsmith.models.parallel_train import ParallelTrainModule
 from draftsmith.models.target import Target
-from draftsmith.train.config import load_recipe
+from draftsmith.protocol.proposer import DecodeState
+from draftsmith.protocol.sampling import Sampling, warp
 from draftsmith.train import steps
+from draftsmith.train.config import load_recipe
 
 from conftest import VOCAB, perturbed, prompts, tiny_llama
 from test_verify import law_of_verify_sampling
@@ -138,7 +139,7 @@ def test_one_drafter_forward_per_verify_step(target4):
 @pytest.mark.parametrize("spec", ["dynamic:4,3,12", "static"])
 def test_trees_cost_one_drafter_forward_and_stay_lossless(target4, spec, tmp_path):
     """Every depth of a tree takes its children from one position of the single forward (Medusa-style)."""
-    from draftsmith.eval.drafting import TreeShape
+    from draftsmith.protocol.drafting import TreeShape
 
     if spec == "static":
         (tmp_path / "t.json").write_text(json.dumps([[0], [1], [0, 0], [1, 0], [0, 0, 0], [0, 0, 0, 0]]))

@@ -10,17 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from draftsmith.distill.objective import Objective
 from draftsmith.bench.decode_profile import count_drafter_forwards
+from draftsmith.distill.objective import Objective
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.decoder import DecodeState, autoregressive_generate, make_sampler, speculative_generate
-from draftsmith.eval.drafting import TreeShape
-from draftsmith.eval.verify import Sampling, warp
+from draftsmith.eval.decoder import autoregressive_generate, make_sampler, speculative_generate
 from draftsmith.models.eagle import target_parts
 from draftsmith.models.eagle3 import build_eagle3, default_aux_layers
 from draftsmith.models.formats import read_head_folder, write_sglang, write_speculators
 from draftsmith.models.peagle import PEagleHead, PEagleProposer, PEagleTrainModule, choose_mask_token
 from draftsmith.models.target import Target
+from draftsmith.protocol.drafting import TreeShape
+from draftsmith.protocol.proposer import DecodeState
+from draftsmith.protocol.sampling import Sampling, warp
 from draftsmith.train import steps
 
 from conftest import VOCAB, perturbed, prompts, tiny_llama

@@ -33,7 +33,7 @@ def test_smollm2_trees_and_auto_are_lossless():
     greedy output identical to plain decoding: an untrained eagle3 head and prompt lookup as one
     composite drafter, dynamic trees and chains."""
     from draftsmith.eval.draft_length import DraftLengthRule, measure_cost_curve
-    from draftsmith.eval.drafting import TreeShape
+    from draftsmith.protocol.drafting import TreeShape
     from draftsmith.models.composite import CompositeProposer
     from draftsmith.models.eagle3 import Eagle3Proposer, build_eagle3, default_aux_layers
     from draftsmith.models.prompt_lookup import PromptLookupProposer
@@ -82,7 +82,7 @@ def test_gemma3_eagle3_is_lossless_and_trains_one_step():
     <end_of_turn> as a stop token, so assistant spans are found and generation stops per turn."""
     from draftsmith.distill.data import tokenize_conversation
     from draftsmith.models.eagle3 import Eagle3Proposer, Eagle3TrainModule, build_eagle3, default_aux_layers
-    from draftsmith.train.steps import target_signals
+    from draftsmith.models.target import target_signals
 
     target = load_target("gemma3-270m", device="cpu")
     assert target.tokenizer.convert_tokens_to_ids("<end_of_turn>") in eos_ids(target)

@@ -11,15 +11,16 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.decoder import DecodeState, autoregressive_generate, speculative_generate
-from draftsmith.eval.drafting import TreeShape
-from draftsmith.eval.tree import ancestor_mask, children, depths
-from draftsmith.eval.verify import (Sampling, acceptance_probability, residual, verify_tree_greedy,
-                                    verify_tree_sampling, warp)
+from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
+from draftsmith.eval.verify import acceptance_probability, residual, verify_tree_greedy, verify_tree_sampling
 from draftsmith.models.eagle3 import Eagle3Proposer
 from draftsmith.models.prompt_lookup import PromptLookupProposer, trie
 from draftsmith.models.small_lm import SmallLMProposer
 from draftsmith.models.target import Target
+from draftsmith.protocol.drafting import TreeShape
+from draftsmith.protocol.proposer import DecodeState
+from draftsmith.protocol.sampling import Sampling, warp
+from draftsmith.protocol.tree import ancestor_mask, children, depths
 
 from conftest import VOCAB, prompts, tiny_llama
 from test_eagle3 import random_head
@@ -226,7 +227,7 @@ def test_static_tree_ranks_are_non_negative_integers(tmp_path, paths):
 
 
 def test_tree_sizes_are_capped_by_what_a_step_costs(tmp_path):
-    from draftsmith.eval.drafting import MAX_DRAFTED_NODES, MAX_TREE_NODES
+    from draftsmith.protocol.drafting import MAX_DRAFTED_NODES, MAX_TREE_NODES
 
     assert TreeShape.parse("dynamic:6,8,48").nodes == 48                 # EAGLE-2's size: 8 + 5 x 64 drafted
     assert TreeShape.parse(f"dynamic:2,127,{MAX_TREE_NODES}").topk == 127    # 127 + 127^2 = 16256 drafted
@@ -320,7 +321,7 @@ def test_composite_lookup_and_model_is_lossless(target, tree):
 
 
 def test_composite_merges_agreeing_branches():
-    from draftsmith.eval.drafting import Draft, DraftSampler
+    from draftsmith.protocol.drafting import Draft, DraftSampler
     from draftsmith.models.composite import merge
 
     a = Draft([5, 6, 7])                                        # a lookup chain

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.verify import (Sampling, acceptance_probability, residual, step_law,
-                                    verify_greedy, verify_sampling, warp)
+from draftsmith.eval.verify import acceptance_probability, residual, step_law, verify_greedy, verify_sampling
+from draftsmith.protocol.sampling import Sampling, warp
 
 SAMPLINGS = [Sampling(1.0), Sampling(0.7), Sampling(1.3, top_k=5), Sampling(1.0, top_p=0.8),
              Sampling(0.9, top_k=6, top_p=0.9)]

@@ -2,9 +2,9 @@
 meta device (no weights, no data, no memory), print their shapes and parameter counts and an
 estimate of the memory one GPU needs, then exit. It checks a cluster recipe before the cluster.
 
-The target's architecture comes from a local folder's config.json, the cached conversion of a
-target asset, or the table below for targets whose weights are not here (a Llama-3.1-8B-class
-model for the cluster recipe). Memory per GPU, with mixed precision and AdamW:
+The target's architecture comes from models/architectures.py (a local folder's config.json, or a
+table of published architectures for targets whose weights are not here: a Llama-3.1-8B-class model
+for the cluster recipe). Memory per GPU, with mixed precision and AdamW:
   target weights (frozen, replicated: it is not part of what DeepSpeed / FSDP shard)
   + trainable drafter: fp32 weights 4P, grads 4P, Adam moments 8P — ZeRO-2 shards grads and
     moments over the GPUs, ZeRO-3 everything; frozen drafter weights 4P
@@ -14,53 +14,15 @@ model for the cluster recipe). Memory per GPU, with mixed precision and AdamW:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from draftsmith.distill.objective import Objective
 from draftsmith.errors import DraftsmithError
+from draftsmith.models.architectures import target_config
+from draftsmith.models.mask_blocks import cod_fractions
+from draftsmith.train.run import build_drafter
 
 GiB = 1024 ** 3
-
-# Published architectures of targets whose weights this machine may not hold.
-KNOWN_CONFIGS: dict[str, dict] = {
-    "smollm2-135m-instruct": dict(
-        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, vocab_size=49152, rms_norm_eps=1e-5, rope_theta=100000.0,
-        max_position_embeddings=8192, tie_word_embeddings=True),
-    "gemma3-270m": dict(
-        model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144, rms_norm_eps=1e-6,
-        rope_theta=1000000.0, rope_local_base_freq=10000.0, sliding_window=512, query_pre_attn_scalar=256,
-        max_position_embeddings=32768, tie_word_embeddings=True),
-    "llama-3.1-8b-instruct": dict(
-        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        max_position_embeddings=131072, tie_word_embeddings=False),
-    "llama-3.2-1b-instruct": dict(   # the drafter the Llama-3.1-8B parallel recipe starts from (PARD's choice)
-        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        max_position_embeddings=131072, tie_word_embeddings=True),
-}
-
-
-def target_config(name: str):
-    from transformers import AutoConfig
-
-    path = Path(name).expanduser()
-    if (path / "config.json").exists():
-        return AutoConfig.from_pretrained(path)
-    key = name.lower().split("/")[-1]
-    if key in KNOWN_CONFIGS:
-        raw = dict(KNOWN_CONFIGS[key])
-        return AutoConfig.for_model(raw.pop("model_type"), **raw)
-    raise DraftsmithError("The dry run does not know this target's architecture", name,
-                          f"Give a folder holding its config.json, or one of: {', '.join(KNOWN_CONFIGS)}")
 
 
 def _params(module: torch.nn.Module) -> tuple[int, int]:
@@ -82,8 +44,6 @@ def _activation_bytes(cfg, tcfg, drafter) -> dict[str, float]:
         out["drafter activations"] = d.num_layers * rows * (12 * dh + 3 * di) * act
         out["drafter logits (fp32, grad)"] = rows * v * 4 * 3
     elif d.kind == "eagle3" and d.parallel:   # P-EAGLE: one forward over the rows and their mask blocks
-        from draftsmith.models.mask_blocks import cod_fractions
-
         blocks = rows * (sum(cod_fractions(d.parallel_k, d.cod_ratio, d.cod_floor)) - 1)
         vd = drafter.model.config.draft_vocab_size
         per_row = 16 * h + 3 * tcfg.intermediate_size
@@ -91,8 +51,6 @@ def _activation_bytes(cfg, tcfg, drafter) -> dict[str, float]:
         out["mask-block attention mask (bool)"] = b * (t + blocks / b) ** 2
         out["draft-vocabulary targets and logits (fp32, grad)"] = (rows + blocks) * vd * 4 * 4
     elif d.kind == "parallel":
-        from draftsmith.models.mask_blocks import cod_fractions
-
         blocks = rows * (sum(cod_fractions(d.parallel_k, d.cod_ratio, d.cod_floor)) - 1)   # mask elements kept
         c = drafter.model.config      # init_from brings its own architecture
         out["drafter activations (sequence + mask blocks)"] = (c.num_hidden_layers * (rows + blocks)
@@ -117,8 +75,6 @@ def _activation_bytes(cfg, tcfg, drafter) -> dict[str, float]:
 
 def dry_run(cfg, gpus: int = 1, zero: int = 0) -> dict:
     from transformers import AutoModelForCausalLM
-
-    from draftsmith.train.run import build_drafter
 
     if gpus < 1 or zero not in (0, 1, 2, 3):
         raise DraftsmithError("--gpus must be >= 1 and --zero one of 0, 1, 2, 3", {"gpus": gpus, "zero": zero})

@@ -7,26 +7,7 @@ import torch
 
 from draftsmith.distill import losses
 from draftsmith.distill.objective import Objective
-
-
-def target_signals(target_model: torch.nn.Module, input_ids, attention_mask, mask, layers: tuple[int, ...] = ()):
-    """The online teacher signals: [N, V] target logits at the N positions of `mask` ([B, T-1],
-    position j predicts token j+1; the LM head runs on those rows only) and, for feature-level
-    drafters, the outputs [B, T, H] (before the final norm) of the decoder `layers` (-1: last)."""
-    base = getattr(target_model, target_model.base_model_prefix)
-    n = len(base.layers)
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [base.layers[i].register_forward_hook(
-        lambda m, a, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out))
-        for i in sorted({j % n for j in layers})]
-    try:
-        with torch.no_grad():
-            final = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
-            logits = target_model.get_output_embeddings()(final[:, :-1][mask])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return logits, [captured[j % n] for j in layers]
+from draftsmith.models.target import target_signals
 
 
 def forward_batch(target_model, drafter, batch: dict, objective: Objective

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.verify import Sampling, sample, warp
+from draftsmith.protocol.sampling import Sampling, sample, warp
 
 
 @dataclass
