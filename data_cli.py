@@ -1,4 +1,6 @@
-"""`draftsmith data regenerate` and `draftsmith data cache`: their arguments (cli.py adds them under `data`)."""
+"""`draftsmith data regenerate` and `draftsmith data cache`: their arguments (cli.py adds them under `data`).
+
+As in cli.py, each `cmd_*` imports its command's module when the command runs (a fast `draftsmith --help`)."""
 
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def add_cache_parser(verbs) -> None:
 
 
 def cmd_cache(args) -> int:
-    from draftsmith.distill.teacher_cache import build_cache
+    from draftsmith.train.teacher_cache import build_cache
 
     manifest = build_cache(args.recipe, args.overrides, args.out, top_k=args.top_k, batch_size=args.batch_size,
                            device=args.device, overwrite=args.overwrite)

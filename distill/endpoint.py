@@ -21,8 +21,10 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from draftsmith.distill.regenerate import Dialogue, RegenerateConfig
+from draftsmith import assets
+from draftsmith.distill.dialogue import Dialogue, RegenerateConfig
 from draftsmith.errors import DraftsmithError
+from draftsmith.models.target import resolve_model_folder
 
 _START_SERVER = ("Start the server (vllm serve MODEL, python -m sglang.launch_server --model-path MODEL, or "
                  "transformers serve MODEL) and pass its address, e.g. --endpoint http://localhost:8000")
@@ -84,9 +86,6 @@ class ChatClient:
 def load_tokenizer(target: str):
     """The target's tokenizer and chat template, without its weights."""
     from transformers import AutoTokenizer
-
-    from draftsmith import assets
-    from draftsmith.models.target import resolve_model_folder
 
     folder, _ = resolve_model_folder(target)
     tokenizer = AutoTokenizer.from_pretrained(folder)

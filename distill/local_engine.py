@@ -12,8 +12,9 @@ from collections import deque
 
 import torch
 
-from draftsmith.distill.regenerate import Dialogue, RegenerateConfig
+from draftsmith.distill.dialogue import Dialogue, RegenerateConfig
 from draftsmith.errors import DraftsmithError
+from draftsmith.models.target import default_device, load_target, resolve_dtype
 
 CPU_BATCH = 8
 """On a CPU a batch mostly amortises Python overhead; larger ones gain little."""
@@ -22,8 +23,6 @@ MAX_BATCH = 256
 
 def generation_dtype(dtype: str, device: str) -> torch.dtype:
     """auto: bf16 on a GPU that runs it (fp16 on older ones), fp32 on CPU."""
-    from draftsmith.models.target import resolve_dtype
-
     if dtype == "auto" and device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return resolve_dtype(dtype, device)
@@ -48,8 +47,6 @@ def default_batch_size(model: torch.nn.Module, tokens_per_sequence: int) -> int:
 class BuiltinEngine:
     def __init__(self, cfg: RegenerateConfig, rank: int = 0):
         from transformers import GenerationConfig
-
-        from draftsmith.models.target import default_device, load_target
 
         device = cfg.device or default_device()
         if device == "cuda" and torch.cuda.device_count() > 1:

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from draftsmith import assets
 from draftsmith.distill.data import log_skips, normalize_conversation
 from draftsmith.distill.regenerated import is_regenerated, read_regenerated
 from draftsmith.errors import DraftsmithError
@@ -29,8 +30,6 @@ def load_conversations(source: str, max_malformed_fraction: float | None = None)
     """
     path = Path(source)
     if source == "sharegpt":
-        from draftsmith import assets
-
         rows = list(enumerate(assets.load_sharegpt()))
     elif is_regenerated(path):     # a `draftsmith data regenerate` folder
         rows = read_regenerated(path)

@@ -1,5 +1,5 @@
 """Teacher signals in training: online (the target runs inside every step, train/steps.py) or read
-from an offline cache written by `draftsmith data cache` (distill/teacher_cache.py), selected by
+from an offline cache written by `draftsmith data cache` (train/teacher_cache.py), selected by
 the recipe's `data.teacher: online | cache:DIR`.
 
 With a cache the trainer never runs the target's decoder layers: the target loads on the CPU, the
@@ -37,7 +37,9 @@ import numpy as np
 import torch
 
 from draftsmith.distill.cache_files import read_manifest, verify_cache
+from draftsmith.distill.data import tokenizer_fingerprint
 from draftsmith.errors import DraftsmithError
+from draftsmith.models.eagle import target_parts
 
 TEACHERS = "online, cache:DIR (a folder written by `draftsmith data cache`)"
 
@@ -108,8 +110,6 @@ class TeacherCache:
 
     def check(self, cfg, target, splits: dict) -> None:
         """Refuse a cache made for other rows or another target than this run's."""
-        from draftsmith.distill.data import tokenizer_fingerprint
-
         plan = self.manifest["plan"]
         mine = {"tokenizer": tokenizer_fingerprint(target.tokenizer), "arch": architecture(target.model)}
         for key, value in mine.items():
@@ -225,8 +225,6 @@ def keep_shared_parts(target, device) -> None:
 def cached_feature_scale(target_model, sample: dict) -> float:
     """EAGLE's feature scale (models/eagle.py `feature_scale`) from cached hidden states: the std of
     the target's final normed hidden states over the sample's real tokens."""
-    from draftsmith.models.eagle import target_parts
-
     signals = sample["teacher"]
     _, (hidden,) = signals.signals(torch.zeros_like(signals.stored), (-1,))   # the last layer's output
     with torch.no_grad():

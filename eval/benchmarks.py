@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from draftsmith import assets
-from draftsmith.distill.splits import is_heldout
 from draftsmith.errors import DraftsmithError
+from draftsmith.splits import is_heldout
 
 BENCH_NAMES = ("mt_bench", "humaneval", "sharegpt-heldout")
 

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from draftsmith.eval.metrics import PromptRecord
-from draftsmith.folders import disk_full_said, marker_kind, write_marker
+from draftsmith.folders import check_output_folder, disk_full_said, marker_kind, write_marker
 
 REPORT_FILES = ("report.json", "report.md", "acceptance.png")
 MD_POSITIONS = 16
@@ -20,8 +20,6 @@ MD_POSITIONS = 16
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     """Refuse to write into a non-empty folder unless asked, and then only over an earlier eval report
     (folders.py has the rule); called before any work starts."""
-    from draftsmith.folders import check_output_folder
-
     return check_output_folder(out, overwrite, "eval")
 
 

@@ -7,8 +7,8 @@ import warnings
 import pytest
 
 from draftsmith import assets
-from draftsmith.distill.splits import is_heldout
 from draftsmith.errors import DraftsmithError
+from draftsmith.splits import is_heldout
 
 RECORDS = [
     {"id": "a_0", "conversations": [{"from": "human", "value": "héllo ✓"}]},

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from draftsmith import assets
-from draftsmith.distill.splits import is_heldout
 from draftsmith.errors import DraftsmithError
 from draftsmith.eval.benchmarks import BENCH_NAMES, BenchItem, load_bench
+from draftsmith.splits import is_heldout
 
 
 def _jsonl(tmp_path, rows, name="custom.jsonl"):

@@ -8,9 +8,10 @@ from collections import Counter
 import datasets
 import pytest
 
-from draftsmith.distill import data, sources, splits
-from draftsmith.distill.splits import is_heldout
+from draftsmith import splits
+from draftsmith.distill import data, sources
 from draftsmith.errors import DraftsmithError
+from draftsmith.splits import is_heldout
 from tiny import make_tiny_tokenizer
 
 END = "<|im_end|>"

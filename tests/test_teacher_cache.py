@@ -15,10 +15,10 @@ import yaml
 from safetensors.torch import load_file
 
 from draftsmith.cli import main
-from draftsmith.distill import teacher_cache
 from draftsmith.distill.cache_files import FORMAT
 from draftsmith.distill.teacher import expand_topk, keep_shared_parts
 from draftsmith.errors import DraftsmithError
+from draftsmith.train import teacher_cache
 from draftsmith.train import steps
 from draftsmith.train.config import load_recipe
 from draftsmith.train.run import train

@@ -22,6 +22,8 @@ import yaml
 from draftsmith.distill.losses import LOSSES, ROW_LOSSES
 from draftsmith.distill.objective import POSITION_WEIGHTS
 from draftsmith.errors import DraftsmithError
+from draftsmith.models import DRAFTER_KINDS
+from draftsmith.models.lora import lora_settings
 from draftsmith.train.schema import (Dumper, Loader, Section, apply_override, check, check_choice, parse_yaml,
                                      section_from_dict, unknown_key)
 
@@ -114,8 +116,6 @@ class DrafterConfig(Section):
     head); export --format hf merges them. null = train the weights themselves."""
 
     def validate(self) -> None:
-        from draftsmith.models import DRAFTER_KINDS
-
         # prompt lookup has no weights: nothing to train
         check_choice("drafter.kind", self.kind, [k for k in DRAFTER_KINDS if k != "prompt_lookup"])
         check(self.init_from is None or self.kind in ("eagle", "eagle3", "parallel"), "drafter.init_from",
@@ -132,8 +132,6 @@ class DrafterConfig(Section):
                   f"A parallel drafter drafts parallel_k tokens per forward from parallel_k - 1 mask rows: use 2 to "
                   f"{MAX_PARALLEL_K} (PARD-2 trains 16; 1 would be an ordinary drafter, e.g. kind small_lm)")
         if self.lora is not None:
-            from draftsmith.models.lora import lora_settings
-
             self.lora = lora_settings(self.lora)
             check(self.kind in ("small_lm", "parallel"), "drafter.lora", self.kind,
                   "LoRA adapters are for the small_lm and parallel drafters; set drafter.lora=null")

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from draftsmith.distill.teacher import collate_signals
+from draftsmith.errors import DraftsmithError
+
 
 class BatchSchedule:
     """Micro-batch m on rank r holds items [m·B·W + r·B, m·B·W + (r+1)·B) of the concatenated
@@ -12,7 +15,6 @@ class BatchSchedule:
 
     def __init__(self, num_items: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0):
         if num_items < batch_size * world_size:
-            from draftsmith.errors import DraftsmithError
             raise DraftsmithError(f"Too few training sequences for one global batch of {batch_size * world_size}",
                                   num_items, "Use more data or a smaller train.batch_size")
         self.n, self.b, self.w, self.r, self.seed = num_items, batch_size, world_size, rank, seed
@@ -49,7 +51,5 @@ def collate(rows: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
         mask[i, :n] = torch.as_tensor(r["loss_mask"], dtype=torch.bool)
     batch = {"input_ids": ids, "attention_mask": attention, "loss_mask": mask}
     if "teacher" in rows[0]:      # rows of an offline teacher cache (data.teacher: cache:DIR)
-        from draftsmith.distill.teacher import collate_signals
-
         batch["teacher"] = collate_signals([r["teacher"] for r in rows], mask)
     return batch

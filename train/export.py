@@ -17,8 +17,14 @@ from pathlib import Path
 
 import yaml
 
+from draftsmith.assets import TARGETS
 from draftsmith.errors import DraftsmithError
 from draftsmith.folders import check_output_folder, disk_full_said, replace_folder, write_marker
+from draftsmith.models.formats import (read_head_folder, strip_target_leftovers, target_embedding, write_sglang,
+                                       write_speculators)
+from draftsmith.models.lora import merged_from_folder
+from draftsmith.models.target import resolve_model_folder
+from draftsmith.train.checkpoints import latest_checkpoint, verify
 
 FORMATS = ("hf", "speculators", "sglang")
 SERVING_FORMATS = ("speculators", "sglang")   # EAGLE heads for vLLM and SGLang
@@ -26,8 +32,6 @@ SERVING_FORMATS = ("speculators", "sglang")   # EAGLE heads for vLLM and SGLang
 
 def _checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
     """The checkpoint to export, its files checked against the sha256 in its meta.json."""
-    from draftsmith.train.checkpoints import latest_checkpoint, verify
-
     if checkpoint:
         ckpt = Path(checkpoint) if Path(checkpoint).is_dir() else run_dir / "checkpoints" / checkpoint
         why = verify(ckpt)
@@ -120,17 +124,12 @@ def _write_export(run_dir: Path, ckpt: Path, fmt: str, out: Path, config: dict) 
     """The export written into a temporary folder beside `out`, moved into place when whole."""
     from transformers import AutoTokenizer
 
-    from draftsmith.models.formats import strip_target_leftovers
-    from draftsmith.models.target import resolve_model_folder
-
     kind = config["drafter"]["kind"]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
         if fmt == "hf":
             if config["drafter"].get("lora"):   # LoRA adapters merged: a plain transformers LM
-                from draftsmith.models.lora import merged_from_folder
-
                 merged_from_folder(ckpt / "drafter").save_pretrained(tmp)
             else:
                 _copy_regular_files(ckpt / "drafter", tmp)
@@ -161,15 +160,11 @@ def _copy_regular_files(src: Path, dst: Path) -> None:
 
 
 def _write_serving(fmt: str, ckpt: Path, out: Path, config: dict) -> None:
-    from draftsmith.models.formats import read_head_folder, target_embedding, write_sglang, write_speculators
-
     head = read_head_folder(ckpt / "drafter")
     if fmt == "sglang":
         write_sglang(head, out)
         return
     name = config["target"]["name"]
-    from draftsmith.assets import TARGETS
-
     asset = TARGETS.get(name)
     embed = target_embedding(name) if head.config.draftsmith_kind == "eagle3" else None   # kind eagle is refused
     write_speculators(head, out, asset.hub_id if asset else name, [asset.architecture if asset else "LlamaForCausalLM"],

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from draftsmith.distill.data import tokenizer_fingerprint
 from draftsmith.errors import DraftsmithError
 
 FORMAT = "draftsmith-tokens/1"
@@ -115,36 +116,8 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
-def prepare(recipe: str, overrides: list[str], out: str, overwrite: bool = False) -> dict:
-    """Tokenise a recipe's data (its target's tokenizer, its data section) into `out`."""
-    from draftsmith.distill.data import tokenizer_fingerprint
-    from draftsmith.folders import check_output_folder, prepare_output_folder
-    from draftsmith.models.target import load_target
-    from draftsmith.train.config import load_recipe, resolve_recipe_path
-    from draftsmith.train.run import load_data
-
-    cfg = load_recipe(resolve_recipe_path(recipe), overrides)
-    if is_prepared(cfg.data.source):
-        raise DraftsmithError("data.source is already prepared data", cfg.data.source,
-                              "Point data.source at raw data: sharegpt, a .jsonl file or a saved dataset folder")
-    protect = [Path(cfg.data.source)] if Path(cfg.data.source).exists() else []
-    check_output_folder(out, overwrite, "data", protect=protect)    # before the (long) tokenisation
-    target = load_target(cfg.target.name, "fp32", device="cpu")
-    train_rows, heldout_rows = load_data(cfg, target.tokenizer)
-    folder = prepare_output_folder(out, overwrite, "data", protect=protect)
-    meta = {"format": FORMAT, "source": cfg.data.source, "target": cfg.target.name,
-            "tokenizer": tokenizer_fingerprint(target.tokenizer), "vocab_size": len(target.tokenizer),
-            **{key: getattr(cfg.data, key) for key in SETTINGS},
-            "train": write_rows(train_rows, folder / "train.npz"),
-            "heldout": write_rows(heldout_rows, folder / "heldout.npz")}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
-
-
 def load_prepared(cfg, tokenizer) -> tuple[TokenRows, TokenRows]:
     """The rows of a prepared folder, after checking they are what this run would tokenise itself."""
-    from draftsmith.distill.data import tokenizer_fingerprint
-
     folder = Path(cfg.data.source)
     meta = read_meta(folder)
     mine = tokenizer_fingerprint(tokenizer)

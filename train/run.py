@@ -11,8 +11,24 @@ from pathlib import Path
 import torch
 
 from draftsmith.distill.objective import Objective
+from draftsmith.distill.teacher import attach_cache, cached_feature_scale, keep_shared_parts, teacher_cache_dir
 from draftsmith.errors import DraftsmithError
-from draftsmith.train.config import changed_settings, save_resolved
+from draftsmith.folders import check_output_folder, marker_kind, write_marker
+from draftsmith.models.eagle import EagleTrainModule, build_eagle, feature_scale, target_parts
+from draftsmith.models.eagle3 import Eagle3TrainModule, build_eagle3, default_aux_layers, draft_vocab_from_counts
+from draftsmith.models.formats import read_head_folder
+from draftsmith.models.lora import adapted_target, apply_lora
+from draftsmith.models.parallel import build_parallel
+from draftsmith.models.parallel_train import ParallelTrainModule
+from draftsmith.models.peagle import PEagleHead, PEagleTrainModule, choose_mask_token
+from draftsmith.models.small_lm import SmallLMTrainModule, build_small_lm
+from draftsmith.models.target import load_target, resolve_dtype
+from draftsmith.train.checkpoints import clean_stale, list_checkpoints, resume_checkpoint
+from draftsmith.train.config import changed_settings, load_recipe, resolve_recipe_path, save_resolved
+from draftsmith.train.data import collate
+from draftsmith.train.lock import LOCK_NAME, RunLock
+from draftsmith.train.rows import load_data
+from draftsmith.train.trainer import Trainer, resolve_mixed_precision
 
 
 def make_accelerator(cfg):
@@ -20,8 +36,6 @@ def make_accelerator(cfg):
     from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
-    from draftsmith.train.trainer import resolve_mixed_precision
-
     precision = resolve_mixed_precision(cfg.train.mixed_precision, "cuda" if cuda else "cpu")
     # multi-process on CPU needs gloo (NCCL is CUDA-only)
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -56,10 +70,6 @@ def open_run_dir(run_dir: Path, resume: bool, overwrite: bool, lock) -> Path | N
     """On the main process: check the run folder against --resume / --overwrite, create it (with its
     marker), lock it, empty it for --overwrite, remove what interrupted saves left, and return the
     checkpoint to resume from."""
-    from draftsmith.folders import check_output_folder, marker_kind, write_marker
-    from draftsmith.train.checkpoints import clean_stale, list_checkpoints, resume_checkpoint
-    from draftsmith.train.lock import LOCK_NAME
-
     if resume and overwrite:
         raise DraftsmithError("--resume and --overwrite contradict each other", "both given",
                               "Pass --resume to continue the run, or --overwrite to start it again")
@@ -120,33 +130,6 @@ def on_main(acc, fn):
     return result
 
 
-def load_data(cfg, tokenizer):
-    """Tokenised train and held-out rows; the split is by conversation and stable across runs.
-    A prepared folder (`draftsmith data prepare`) gives its rows as they are."""
-    from draftsmith.train.prepared import is_prepared, load_prepared
-
-    if is_prepared(cfg.data.source):
-        return load_prepared(cfg, tokenizer)
-    from draftsmith.distill.data import build_dataset
-    from draftsmith.distill.sources import load_conversations
-    from draftsmith.distill.splits import split_conversations
-
-    conversations = load_conversations(cfg.data.source, cfg.data.max_malformed_fraction)
-    train, heldout = split_conversations(conversations, cfg.data.heldout_fraction)
-    if cfg.data.max_conversations is not None:
-        train = train[: cfg.data.max_conversations]
-    if not train or not heldout:
-        raise DraftsmithError("The data split left no training or no held-out conversations",
-                              f"{len(train)} train / {len(heldout)} held out",
-                              "Use more data or change data.heldout_fraction")
-    from draftsmith.models.target import cache_root
-
-    cache = cfg.data.cache_dir or str(cache_root() / "data")
-    train_rows = build_dataset(train, tokenizer, cfg.data.max_length, cache_dir=cache, packing=cfg.data.packing)
-    heldout_rows = build_dataset(heldout, tokenizer, cfg.data.max_length, cache_dir=cache, packing=False)
-    return train_rows, heldout_rows
-
-
 def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False, tokenizer=None):
     """The training module of the recipe's drafter kind (what accelerate wraps). dry: on the meta
     device, without data (feature scale 1, the draft vocabulary the first ids). `tokenizer` names
@@ -154,17 +137,12 @@ def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False,
     d = cfg.drafter
     torch.manual_seed(cfg.train.seed)
     if d.kind == "parallel":
-        from draftsmith.models.parallel import build_parallel
-        from draftsmith.models.parallel_train import ParallelTrainModule
-
         if d.freeze_embeddings and cfg.train.weight_decay:
             raise DraftsmithError("drafter.freeze_embeddings keeps rows frozen by a zero gradient, which "
                                   "weight decay would still shrink", cfg.train.weight_decay,
                                   "Set train.weight_decay=0 or drafter.freeze_embeddings=false")
         drafter = build_parallel(target_model, d, dry).float()   # fp32 master weights; autocast computes in bf16
         if d.lora is not None:
-            from draftsmith.models.lora import apply_lora
-
             apply_lora(drafter, d.lora)    # frozen base; the mask row trains through peft's trainable tokens
         return ParallelTrainModule(drafter, Objective.from_config(cfg.loss), d.parallel_k, d.cod_ratio, d.cod_floor,
                                    d.freeze_embeddings and d.lora is None)
@@ -174,36 +152,25 @@ def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False,
             head = as_peagle(d, head, target_model, train_rows, tokenizer)
         return _train_module(d, cfg.loss, head, target_model)
     if d.kind == "small_lm":
-        from draftsmith.models.small_lm import SmallLMTrainModule, build_small_lm
-
         drafter = build_small_lm(target_model, d.num_layers, d.hidden_size, d.intermediate_size, d.init,
                                  d.layers_from_target)
         if d.lora is not None:
-            from draftsmith.models.lora import apply_lora
-
             return SmallLMTrainModule(apply_lora(drafter.float(), d.lora))   # only the adapters train
         if d.freeze_embeddings:
             drafter.get_input_embeddings().requires_grad_(False)
             drafter.get_output_embeddings().requires_grad_(False)
         return SmallLMTrainModule(drafter.float())   # fp32 master weights; autocast computes in bf16
     if d.kind == "eagle":
-        from draftsmith.models.eagle import build_eagle, feature_scale
-        from draftsmith.train.data import collate
-
         scale = 1.0
         if not dry:
             sample = collate([train_rows[i] for i in range(min(8, len(train_rows)))], pad_id)
             if "teacher" in sample:     # an offline teacher cache: the target's layers do not run
-                from draftsmith.distill.teacher import cached_feature_scale
-
                 scale = cached_feature_scale(target_model, sample)
             else:
                 device = next(target_model.parameters()).device
                 scale = feature_scale(target_model, sample["input_ids"].to(device), sample["attention_mask"].to(device))
         return _train_module(d, cfg.loss, build_eagle(target_model, scale).float(), target_model)
     if d.kind == "eagle3":
-        from draftsmith.models.eagle3 import build_eagle3, default_aux_layers
-
         n_layers = target_model.config.num_hidden_layers
         vocab = target_model.config.vocab_size
         size = d.draft_vocab_size or vocab // 4
@@ -219,15 +186,9 @@ def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False,
 def _train_module(d, loss_cfg, head, target_model):
     """The training module of an EAGLE-style head (what accelerate wraps)."""
     if d.kind == "eagle":
-        from draftsmith.models.eagle import EagleTrainModule
-
         return EagleTrainModule(head, target_model, loss_cfg.feature_weight, d.feature_noise)
     if d.parallel:
-        from draftsmith.models.peagle import PEagleTrainModule
-
         return PEagleTrainModule(head, target_model, d.cod_ratio, d.cod_floor, Objective.from_config(loss_cfg))
-    from draftsmith.models.eagle3 import Eagle3TrainModule
-
     return Eagle3TrainModule(head, target_model, d.ttt_steps, d.ttt_decay, Objective.from_config(loss_cfg))
 
 
@@ -235,9 +196,6 @@ def as_peagle(d, head, target_model, train_rows, tokenizer):
     """The P-EAGLE head of an `eagle3` recipe with `parallel: true`: a fresh or warm-started EAGLE-3 head
     gains the mask parameters (mask token: models/peagle.py choose_mask_token); a P-EAGLE warm start
     keeps its mask token and trains the recipe's depths."""
-    from draftsmith.models.eagle import target_parts
-    from draftsmith.models.peagle import PEagleHead, choose_mask_token
-
     if isinstance(head, PEagleHead):
         if d.mask_token_id is not None and d.mask_token_id != head.config.mask_token_id:
             raise DraftsmithError("drafter.mask_token_id differs from the warm-start head's mask token",
@@ -255,8 +213,6 @@ def as_peagle(d, head, target_model, train_rows, tokenizer):
 def warm_start(d, target_model):
     """A trained head (`drafter.init_from`) in fp32 for further training, checked against the recipe's
     kind and the target's shape; its own layout (layers read, draft vocabulary) is kept."""
-    from draftsmith.models.formats import read_head_folder
-
     folder = Path(d.init_from)
     if not (folder / "config.json").is_file():
         raise DraftsmithError("drafter.init_from is not a drafter folder (no config.json)", str(folder),
@@ -283,8 +239,6 @@ def warm_start(d, target_model):
 
 def draft_vocab(train_rows, vocab_size: int, size: int):
     """EAGLE-3's reduced vocabulary: the `size` most frequent assistant tokens of the training data."""
-    from draftsmith.models.eagle3 import draft_vocab_from_counts
-
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for row in train_rows:
         ids = torch.as_tensor(row["input_ids"])
@@ -298,9 +252,6 @@ def draft_vocab(train_rows, vocab_size: int, size: int):
 
 def train(recipe: str, overrides: list[str] = (), resume: bool = False, overwrite: bool = False) -> dict:
     from accelerate.utils import set_seed
-
-    from draftsmith.train.config import load_recipe, resolve_recipe_path
-    from draftsmith.train.lock import RunLock
 
     path = resolve_recipe_path(recipe)
     cfg = load_recipe(path, overrides)
@@ -336,10 +287,6 @@ def keep_changed_config(cfg, run_dir: Path, step: int) -> None:
 
 
 def _train(cfg, acc, run_dir: Path, ckpt: Path | None) -> dict:
-    from draftsmith.distill.teacher import attach_cache, keep_shared_parts, teacher_cache_dir
-    from draftsmith.models.target import load_target, resolve_dtype
-    from draftsmith.train.trainer import Trainer
-
     if acc.is_main_process and ckpt is None:
         save_resolved(cfg, run_dir)
     cached = teacher_cache_dir(cfg.data.teacher)
@@ -347,8 +294,6 @@ def _train(cfg, acc, run_dir: Path, ckpt: Path | None) -> dict:
     target = load_target(cfg.target.name, resolve_dtype(cfg.target.dtype, str(acc.device)),
                          device="cpu" if cached else str(acc.device))
     if cfg.target.adapter is not None:
-        from draftsmith.models.lora import adapted_target
-
         target = adapted_target(target, cfg.target.adapter)
     with acc.main_process_first():
         train_rows, heldout_rows = load_data(cfg, target.tokenizer)

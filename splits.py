@@ -3,7 +3,7 @@
 Training data (distill/) and the `sharegpt-heldout` benchmark (eval/benchmarks.py) must
 see disjoint conversations, or acceptance measured on the benchmark is inflated by
 memorisation. Both sides call `is_heldout` on the same key, so the split needs no file to
-be stored or shipped.
+be stored or shipped; the module sits below both (beside assets.py), as a type two layers share.
 
 Python's `hash()` is salted per process (PYTHONHASHSEED), so it would give a different
 split on every run; sha256 of the key's UTF-8 bytes gives the same answer everywhere.

@@ -28,9 +28,19 @@ from pathlib import Path
 import torch
 
 from draftsmith.distill.cache_files import FORMAT, is_recorded, read_manifest, record_shard, shard_name
+from draftsmith.distill.data import tokenizer_fingerprint
+from draftsmith.distill.regenerate import versions
 from draftsmith.distill.teacher import architecture, describe_rows
 from draftsmith.errors import DraftsmithError
-from draftsmith.folders import disk_full_said
+from draftsmith.folders import disk_full_said, prepare_output_folder
+from draftsmith.models.lora import adapted_target
+from draftsmith.models.target import default_device, load_target, target_signals
+from draftsmith.train.config import load_recipe, resolve_recipe_path
+from draftsmith.train.data import collate
+from draftsmith.train.prepared import SETTINGS
+from draftsmith.train.rows import load_data
+from draftsmith.train.run import build_drafter
+from draftsmith.train.trainer import resolve_mixed_precision
 
 SHARD_BYTES = 256 * 2**20
 """Shard size on disk: large enough to keep file counts low, small enough to lose little on a kill."""
@@ -58,8 +68,6 @@ def _plan_shards(lengths: list[int], trained: list[int], hidden_bpt: int, logit_
 
 def drafter_layers(cfg, target_model, train_rows, pad: int) -> list[int]:
     """The target layers the recipe's drafter reads (its training module's `target_layers`), 0-based."""
-    from draftsmith.train.run import build_drafter
-
     module = build_drafter(cfg, target_model, train_rows, pad)
     n = target_model.config.num_hidden_layers
     return sorted({j % n for j in getattr(module, "target_layers", ())})
@@ -68,21 +76,12 @@ def drafter_layers(cfg, target_model, train_rows, pad: int) -> list[int]:
 def build_cache(recipe: str, overrides: list[str], out: str, top_k: int = 64, batch_size: int | None = None,
                 device: str | None = None, overwrite: bool = False) -> dict:
     """Write (or finish) the teacher cache of a recipe's data into `out`; returns the manifest."""
-    from draftsmith.distill.data import tokenizer_fingerprint
-    from draftsmith.models.target import default_device, load_target
-    from draftsmith.train.config import load_recipe, resolve_recipe_path
-    from draftsmith.train.prepared import SETTINGS
-    from draftsmith.train.run import load_data
-    from draftsmith.train.trainer import resolve_mixed_precision
-
     if top_k < 1:
         raise DraftsmithError("--top-k must be at least 1", top_k, "e.g. --top-k 64, or the vocabulary size for an exact loss")
     cfg = load_recipe(resolve_recipe_path(recipe), overrides)
     device = device or default_device()
     target = load_target(cfg.target.name, cfg.target.dtype, device=device)
     if getattr(cfg.target, "adapter", None) is not None:      # a LoRA-tuned target: cache what training runs
-        from draftsmith.models.lora import adapted_target
-
         target = adapted_target(target, cfg.target.adapter)
     train_rows, heldout_rows = load_data(cfg, target.tokenizer)
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
@@ -142,8 +141,6 @@ def build_cache(recipe: str, overrides: list[str], out: str, top_k: int = 64, ba
 
 
 def _open_folder(folder: Path, plan: dict, overwrite: bool) -> None:
-    from draftsmith.folders import prepare_output_folder
-
     path = folder / "manifest.json"
     if not path.is_file() or overwrite:     # a new folder: refuses one draftsmith did not write (folders.py)
         prepare_output_folder(folder, overwrite, "cache")
@@ -158,8 +155,6 @@ def _open_folder(folder: Path, plan: dict, overwrite: bool) -> None:
         return
     for split in plan["splits"]:
         (folder / split).mkdir(parents=True, exist_ok=True)
-    from draftsmith.distill.regenerate import versions
-
     _write_json(path, {"format": FORMAT, "plan": plan, "complete": False, "versions": versions(), "files": {},
                        "sha256": {}})
 
@@ -188,9 +183,6 @@ def _save_atomically(tensors: dict, path: Path) -> None:
 def _shard_tensors(model, rows: list[dict], layers: list[int], k: int, batch_size: int, pad: int,
                    precision: str, progress) -> dict[str, torch.Tensor]:
     """One shard's tensors: the target run over `rows` in batches, as an online step runs it."""
-    from draftsmith.train.data import collate
-    from draftsmith.train.steps import target_signals
-
     device = next(model.parameters()).device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     hidden: dict[int, list] = {layer: [] for layer in layers}
