@@ -1,9 +1,14 @@
-"""The figures a report holds, computed in one place (docs/metrics.md defines each in words)."""
+"""The figures a report holds (docs/metrics.md defines each in words). Acceptance and speedup are
+computed by the functions of draftsmith's `evaluate` modules (metric_modules/<name>/<name>_figures.py),
+the one definition both `evaluate.load` and the report use."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from draftsmith.metric_modules.acceptance.acceptance_figures import acceptance_figures
+from draftsmith.metric_modules.speedup.speedup_figures import speedup, speedup_figures, tokens_per_s
 
 
 @dataclass
@@ -35,62 +40,35 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def speedup(ar_tokens: int, ar_s: float, sd_tokens: int, sd_s: float) -> float | None:
-    """Tokens per second of speculative decoding over plain decoding's, over the same prompts."""
-    return _ratio(_ratio(sd_tokens, sd_s) or 0.0, _ratio(ar_tokens, ar_s) or 0.0)
-
-
-def acceptance_by_position(records: list[PromptRecord], k: int) -> list[float | None]:
-    """α_i: P(a token at depth i accepted | depths < i accepted), over steps that drafted depth i
-    (for a tree: the chance that some node at depth i was accepted)."""
-    alphas = []
-    for i in range(1, k + 1):
-        steps = [(p, a) for r in records for p, a in zip(r.depth or r.proposed, r.accepted)]
-        reached = sum(1 for p, a in steps if p >= i and a >= i - 1)
-        accepted = sum(1 for p, a in steps if p >= i and a >= i)
-        alphas.append(_ratio(accepted, reached))
-    return alphas
-
-
-def accepted_length_histogram(records: list[PromptRecord], k: int) -> list[int]:
-    """How many verify steps accepted 0, 1, ..., k drafts."""
-    hist = [0] * (k + 1)
-    for r in records:
-        for a in r.accepted:
-            hist[min(a, k)] += 1
-    return hist
-
-
 def summarize(records: list[PromptRecord], k: int, greedy: bool) -> dict:
-    steps = sum(len(r.emitted) for r in records)
-    emitted = sum(sum(r.emitted) for r in records)
-    proposed = sum(sum(r.proposed) for r in records)
-    accepted = sum(sum(r.accepted) for r in records)
-    per_request = [sum(r.emitted) / len(r.emitted) for r in records if r.emitted]
-    ar_tokens = sum(len(r.ar_tokens) for r in records)
-    sd_tokens = sum(len(r.sd_tokens) for r in records)
-    ar_s = sum(r.ar_s for r in records)
-    sd_s = sum(r.sd_s for r in records)
-    ar_tps, sd_tps = _ratio(ar_tokens, ar_s), _ratio(sd_tokens, sd_s)
+    """The report's figures over the prompts done. Acceptance and speedup come from the `evaluate`
+    modules' own functions (metric_modules/), so the report and `evaluate.load` agree by construction."""
+    acceptance = acceptance_figures([r.accepted for r in records], [r.proposed for r in records],
+                                    [r.depth or None for r in records], [r.emitted for r in records], k=k)
+    pace = speedup_figures([len(r.ar_tokens) for r in records], [r.ar_s for r in records],
+                           [len(r.sd_tokens) for r in records], [r.sd_s for r in records])
+    steps = acceptance["steps"]
     hf = [r for r in records if r.hf_s is not None]
-    hf_tps = _ratio(sum(len(r.hf_tokens) for r in hf), sum(r.hf_s for r in hf)) if hf else None
+    hf_tokens, hf_s = sum(len(r.hf_tokens) for r in hf), sum(r.hf_s for r in hf)
+    hf_tps = tokens_per_s(hf_tokens, hf_s) if hf else None
+    ar_tokens, ar_s = sum(len(r.ar_tokens) for r in records), sum(r.ar_s for r in records)
     return {
-        "tau": _ratio(emitted, steps),
-        "tau_per_request_mean": sum(per_request) / len(per_request) if per_request else None,
-        "acceptance_rate": _ratio(accepted, proposed),
-        "acceptance_by_position": acceptance_by_position(records, k),
-        "accepted_length_histogram": accepted_length_histogram(records, k),
+        "tau": acceptance["tau"],
+        "tau_per_request_mean": acceptance["tau_per_request_mean"],
+        "acceptance_rate": acceptance["acceptance_rate"],
+        "acceptance_by_position": acceptance["acceptance_by_position"],
+        "accepted_length_histogram": acceptance["accepted_length_histogram"],
         "steps": steps,
-        "new_tokens": sd_tokens,
+        "new_tokens": sum(len(r.sd_tokens) for r in records),
         "ar_new_tokens": ar_tokens,
-        "ar_tokens_per_s": ar_tps,
-        "sd_tokens_per_s": sd_tps,
-        "speedup": speedup(ar_tokens, ar_s, sd_tokens, sd_s),
+        "ar_tokens_per_s": pace["ar_tokens_per_s"],
+        "sd_tokens_per_s": pace["sd_tokens_per_s"],
+        "speedup": pace["speedup"],
         "draft_ms_per_step": _ratio(sum(r.draft_s for r in records) * 1e3, steps),
         "verify_ms_per_step": _ratio(sum(r.verify_s for r in records) * 1e3, steps),
-        "nodes_per_step": _ratio(proposed, steps),
+        "nodes_per_step": acceptance["nodes_per_step"],
         "hf_assisted_tokens_per_s": hf_tps,
-        "hf_assisted_speedup": _ratio(hf_tps, ar_tps) if hf_tps else None,
+        "hf_assisted_speedup": speedup(ar_tokens, ar_s, hf_tokens, hf_s) if hf_tps else None,
         "lossless_match_rate": (sum(r.sd_tokens == r.ar_tokens for r in records) / len(records)
                                 if greedy and records else None),
         "hf_assisted_match_rate": (sum(r.hf_tokens == r.ar_tokens for r in hf) / len(hf)

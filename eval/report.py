@@ -11,6 +11,7 @@ from pathlib import Path
 
 from draftsmith.eval.metrics import PromptRecord
 from draftsmith.folders import check_output_folder, disk_full_said, marker_kind, write_marker
+from draftsmith.metric_modules.acceptance.acceptance_figures import request_tau
 
 REPORT_FILES = ("report.json", "report.md", "acceptance.png")
 MD_POSITIONS = 16
@@ -26,7 +27,7 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
 def prompt_row(r: PromptRecord, greedy: bool) -> dict:
     row = {"id": r.id, "turn": r.turn, "category": r.extra.get("category"), "prompt_tokens": r.prompt_tokens,
            "new_tokens": len(r.sd_tokens), "ar_new_tokens": len(r.ar_tokens), "steps": len(r.emitted),
-           "tau": sum(r.emitted) / len(r.emitted) if r.emitted else None,
+           "tau": request_tau(r.emitted),
            "accepted": sum(r.accepted), "proposed": sum(r.proposed),
            "ar_s": r.ar_s, "sd_s": r.sd_s, "hf_assisted_s": r.hf_s,
            "speedup": r.ar_s / r.sd_s if r.sd_s else None, "timing_order": r.timing_order,
