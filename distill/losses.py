@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from draftsmith.errors import DraftsmithError
+from draftsmith.metric_modules.acceptance.acceptance_figures import tau_from_alphas
 
 IGNORE_INDEX = -100
 """A label equal to this is skipped by `data_ce`, as in `F.cross_entropy`."""
@@ -395,12 +396,12 @@ def chain_tau(alpha: float, k: int) -> float:
     """Expected new tokens per step for a chain of k drafts with i.i.d. acceptance alpha.
 
     τ = (1 − α^(k+1)) / (1 − α) = Σ_{i=0}^{k} α^i, bonus/correction token included
-    (Leviathan et al. 2211.17192); τ = k + 1 at α = 1. The sum form is exact at α = 1
-    and accepts a tensor alpha too.
+    (Leviathan et al. 2211.17192); τ = k + 1 at α = 1: `tau_from_alphas` (the eval report's
+    acceptance figures) with α at every position. Accepts a tensor alpha too.
     """
     if int(k) != k or k < 0:
         raise DraftsmithError("the draft length k must be an integer >= 0", seen=k)
-    return sum(alpha**i for i in range(int(k) + 1))
+    return tau_from_alphas([alpha] * int(k))
 
 
 # --------------------------------------------------------------------------- registry

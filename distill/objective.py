@@ -21,13 +21,13 @@ block positions. `loss.position_weights` weighs position i (0 = the first drafte
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from draftsmith.distill import losses
 from draftsmith.errors import DraftsmithError
+from draftsmith.metric_modules.acceptance.acceptance_figures import tau_from_alphas
 
 POSITION_WEIGHTS = ("uniform", "exp_decay", "reach", "accepted_length")
 
@@ -106,7 +106,7 @@ class Objective:
                 break
             means.append(float(at.float().mean()))
             out[f"alpha_pos{i}"] = means[-1]
-        out["tau_implied"] = implied_tau(means)
+        out["tau_implied"] = tau_from_alphas(means)
         return out
 
     def describe(self) -> str:
@@ -135,16 +135,3 @@ def accepted_length_weights(alpha: torch.Tensor) -> torch.Tensor:
     for i in range(alpha.shape[0] - 2, -1, -1):
         after.append(1 + alpha[i + 1] * after[-1])
     return before * torch.stack(after[::-1])
-
-
-def implied_tau(alpha: list[float]) -> float:
-    """τ = 1 + Σ_i Π_{j≤i} α_j of a chain as deep as the positions given (DSpark's estimate)."""
-    tau, run = 1.0, 1.0
-    for a in alpha:
-        if not math.isfinite(a):
-            break
-        run *= a
-        tau += run
-    return tau
-
-

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from draftsmith.errors import DraftsmithError
+from draftsmith.metric_modules.acceptance.acceptance_figures import tau_from_alphas
 from draftsmith.models.eagle import MLP, Attention, EagleConfig, EagleProposer, HeadIO, RMSNorm, target_parts
 
 
@@ -269,7 +270,6 @@ class Eagle3TrainModule(nn.Module):
             embeds = embed(input_ids).detach()
         past: list = []
         steps, stats = [], {}
-        match_prod, tau = 1.0, 1.0
         step0 = t_logits.new_zeros((0, len(ids)))
         for i, h in enumerate(self.unroll(embeds, target_hidden, past)):
             n = rows - 1 - i                                                  # rows with a target at t+1+i
@@ -281,12 +281,10 @@ class Eagle3TrainModule(nn.Module):
                 hit = (ids[logits.argmax(-1)] == arg[:, 1 + i:])[m].float()
                 rate = float(hit.mean()) if hit.numel() else float("nan")
                 stats[f"ttt_greedy_match_step{i}"] = rate
-                if i < 4 and rate == rate:
-                    match_prod *= rate
-                    tau += match_prod
             if i == 0:
                 step0 = logits[mask[:, 1:]]
-        stats["ttt_tau_greedy_k4"] = tau
+        rates = [stats[f"ttt_greedy_match_step{i}"] for i in range(min(4, len(steps)))]
+        stats["ttt_tau_greedy_k4"] = tau_from_alphas([None if r != r else r for r in rates])
         self.step_stats = stats
         loss = self._weighted(steps, b, rows, gold) if steps else t_logits.new_zeros(())
         if self.training and steps:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from draftsmith.metric_modules.acceptance.acceptance_figures import tau_from_alphas
+
 
 def cod_fractions(k: int, ratio: float, floor: float) -> list[float]:
     """Share kept of depths 0..k-1: 1 at depth 0, max(ratio**d, floor) below."""
@@ -88,12 +90,6 @@ def depth_stats(hit: torch.Tensor, depth: torch.Tensor, k: int) -> dict[str, flo
     for d in range(k):
         rows = depth == d
         stats[f"parallel_greedy_match_depth{d}"] = float(hit[rows].float().mean()) if rows.any() else float("nan")
-    tau, prod = 1.0, 1.0
-    for d in range(k):
-        rate = stats[f"parallel_greedy_match_depth{d}"]
-        if rate != rate:
-            break
-        prod *= rate
-        tau += prod
-    stats[f"parallel_tau_greedy_k{k}"] = tau
+    rates = [stats[f"parallel_greedy_match_depth{d}"] for d in range(k)]
+    stats[f"parallel_tau_greedy_k{k}"] = tau_from_alphas([None if r != r else r for r in rates])
     return stats

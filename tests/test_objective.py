@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from draftsmith.distill import losses as L
-from draftsmith.distill.objective import Objective, accepted_length_weights, implied_tau, reach_weights
+from draftsmith.distill.objective import Objective, accepted_length_weights, reach_weights
+from draftsmith.metric_modules.acceptance.acceptance_figures import acceptance_figures, tau_from_alphas
 from draftsmith.errors import DraftsmithError
 from draftsmith.models.eagle3 import Eagle3TrainModule, build_eagle3
 from draftsmith.models.target import Target, target_signals
@@ -124,7 +125,7 @@ def test_objective_from_config_folds_data_ce_weight_into_the_mix():
 
 # ------------------------------------------------------------------------------------ position weights
 
-def test_accepted_length_weights_are_the_gradient_of_the_implied_tau():
+def test_accepted_length_weights_are_the_gradient_of_the_tau_from_alphas():
     """The product rule: Σ_i w_i·∇α_i = ∇τ, τ = 1 + Σ_i Π_{j≤i} α_j — so Σ_i w_i·(1 − α_i) trains τ itself."""
     alpha = torch.tensor([0.8, 0.6, 0.5, 0.3], requires_grad=True)
     tau = 1 + torch.cumprod(alpha, 0).sum()
@@ -134,7 +135,7 @@ def test_accepted_length_weights_are_the_gradient_of_the_implied_tau():
     a = [0.8, 0.6, 0.5, 0.3]       # by hand: w_0 = 1 + α1 + α1α2 + α1α2α3; w_3 = α0α1α2
     assert float(w[0]) == pytest.approx(1 + a[1] + a[1] * a[2] + a[1] * a[2] * a[3])
     assert float(w[3]) == pytest.approx(a[0] * a[1] * a[2])
-    assert implied_tau(a) == pytest.approx(float(tau))
+    assert tau_from_alphas(a) == pytest.approx(float(tau))
     grid = torch.rand(4, 2, 3)                                # per row: the rule holds column by column
     torch.testing.assert_close(accepted_length_weights(grid)[:, 1, 2], accepted_length_weights(grid[:, 1, 2]))
 
@@ -192,7 +193,7 @@ def test_eagle3_accepted_length_loss_by_hand(eagle3_case):
     stats = module.train_stats
     assert set(stats) == {"alpha_pos0", "alpha_pos1", "alpha_pos2", "tau_implied"}
     assert 0 < float(loss) < float(uniform)            # each w_i,row ≤ 1 + ... but rows' α are small here
-    assert stats["tau_implied"] == pytest.approx(implied_tau([stats[f"alpha_pos{i}"] for i in range(3)]))
+    assert stats["tau_implied"] == pytest.approx(tau_from_alphas([stats[f"alpha_pos{i}"] for i in range(3)]))
 
 
 def test_eagle3_reach_weights_need_and_use_the_target(eagle3_case):
@@ -309,3 +310,13 @@ def tiny_setup(tmp_path_factory) -> Path:
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def test_the_trainers_tau_is_the_eval_reports_tau_of_a_fixed_chain():
+    """One definition: τ from α per position (training log, held-out prediction) equals the pooled τ the
+    eval report measures from per-step counts, for a fixed-k chain without EOS."""
+    accepted = [[0, 3, 1, 2, 0, 3], [1, 1, 0, 2]]
+    figures = acceptance_figures(accepted, [[3] * len(a) for a in accepted], k=3)
+    assert tau_from_alphas(figures["acceptance_by_position"]) == pytest.approx(figures["tau"])
+    assert L.chain_tau(0.5, 3) == pytest.approx(tau_from_alphas([0.5, 0.5, 0.5])) == pytest.approx(1.875)
+    assert tau_from_alphas([0.5, None, 0.9]) == 1.5

@@ -57,6 +57,21 @@ def acceptance_by_position(depth: Sequence[int], accepted: Sequence[int], k: int
     return alphas
 
 
+def tau_from_alphas(alphas: Sequence) -> float:
+    """τ of a chain whose draft position i is accepted with probability α_i given the positions before
+    it: 1 + Σ_n Π_{i≤n} α_i (bonus token included), as deep as the α given, stopping at the first None.
+    For a fixed-k chain without EOS this is exactly the measured pooled τ (the products telescope to
+    #steps(accepted ≥ n) / #steps); with one α repeated k times it is (1 − α^(k+1)) / (1 − α). The
+    trainer's held-out prediction and training log use it (teacher-forced α, so an upper estimate)."""
+    tau, reach = 1.0, 1.0
+    for a in alphas:
+        if a is None:
+            break
+        reach = reach * a
+        tau = tau + reach
+    return tau
+
+
 def accepted_length_histogram(accepted: Sequence[int], k: int) -> list[int]:
     """How many verify steps accepted 0, 1, ..., k drafts (more than k counted at k)."""
     hist = [0] * (k + 1)
