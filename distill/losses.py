@@ -148,6 +148,14 @@ class Rows:
         (Leviathan et al. 2211.17192), with its gradient through q."""
         return self._get("alpha", lambda: torch.minimum(self.log_p.exp(), self.log_q.exp()).sum(-1))
 
+    def alpha_value(self) -> torch.Tensor:
+        """α per row without a gradient: the one a loss term built, else computed without a graph (a
+        KL-only mix never keeps two [M, V] probability tensors alive for it)."""
+        if "alpha" in self._cache:
+            return self._cache["alpha"].detach()
+        with torch.no_grad():
+            return torch.minimum(self.log_p.exp(), self.log_q.exp()).sum(-1)
+
 
 def forward_kl_rows(r: Rows) -> torch.Tensor:
     return _kl_rows(r.log_p, r.log_q)

@@ -67,8 +67,7 @@ class Objective:
         for name, weight in self.mix:
             options = {"jsd": {"beta": self.beta}, "topk_forward_kl": {"k": self.top_k}}.get(name, {})
             total = total + weight * losses.ROW_LOSSES[name](r, **options)
-        alpha = None if t_logits is None else r.alpha.detach()
-        return total, alpha
+        return total, (None if t_logits is None else r.alpha_value())
 
     def along(self, count: int, default: torch.Tensor | None = None, *, alpha: torch.Tensor | None = None,
               gold: torch.Tensor | None = None) -> torch.Tensor:

@@ -230,8 +230,8 @@ class Eagle3TrainModule(nn.Module):
     vocabulary, rows masked where the target's argmax lies outside the draft vocabulary. The loss is the
     recipe's objective (handed in by the trainer, distill/objective.py) per row, step i weighed by its
     position weight (default: decay**i, EAGLE-3's). Returns step 0's logits on the shared trained
-    positions (mapped to the target vocabulary, -inf outside the draft one) for the held-out metrics,
-    and the loss."""
+    positions (in eval mode mapped to the target vocabulary, -inf outside the draft one, for the held-out
+    metrics; in training the draft-vocabulary rows, which nobody reads) and the loss."""
 
     owns_loss = True
 
@@ -250,11 +250,10 @@ class Eagle3TrainModule(nn.Module):
         b, t = input_ids.shape
         rows = t - 1                                                          # row r: hidden at r, token r+1
         ids = head.draft_ids
-        with torch.no_grad():
-            t_logits = t_logits.float()
+        with torch.no_grad():   # the target's [N, V] logits stay as they came (bf16 under autocast): no fp32 copy
             t_arg = t_logits.argmax(-1)
-            grid_p = t_logits.new_zeros(b, rows, len(ids))                    # target log p over the draft vocab
-            grid_p[mask] = torch.log_softmax(t_logits[:, ids], dim=-1)
+            grid_p = t_logits.new_zeros(b, rows, len(ids), dtype=torch.float32)   # target log p, draft vocab
+            grid_p[mask] = torch.log_softmax(t_logits[:, ids].float(), dim=-1)
             valid = torch.zeros_like(mask)
             valid[mask] = head.t2d[t_arg]
             arg = torch.full_like(input_ids[:, 1:], -1)
@@ -265,12 +264,12 @@ class Eagle3TrainModule(nn.Module):
             gold = None
             if self.objective.position_weights == "reach":   # p(data token) at position r + 1, on row r
                 g = torch.zeros(mask.shape, device=mask.device)
-                g[mask] = torch.softmax(t_logits, dim=-1).gather(1, input_ids[:, 1:][mask][:, None])[:, 0]
+                g[mask] = torch.softmax(t_logits.float(), dim=-1).gather(1, input_ids[:, 1:][mask][:, None])[:, 0]
                 gold = torch.cat([g[:, 1:], g[:, :1] * 0], dim=1)
             embeds = embed(input_ids).detach()
         past: list = []
         steps, stats = [], {}
-        step0 = t_logits.new_zeros((0, len(ids)))
+        step0 = torch.zeros((0, len(ids)), device=ids.device)
         for i, h in enumerate(self.unroll(embeds, target_hidden, past)):
             n = rows - 1 - i                                                  # rows with a target at t+1+i
             logits = head.logits(h[:, :n]).float()                            # [B, n, Vd]
@@ -286,12 +285,14 @@ class Eagle3TrainModule(nn.Module):
         rates = [stats[f"ttt_greedy_match_step{i}"] for i in range(min(4, len(steps)))]
         stats["ttt_tau_greedy_k4"] = tau_from_alphas([None if r != r else r for r in rates])
         self.step_stats = stats
-        loss = self._weighted(steps, b, rows, gold) if steps else t_logits.new_zeros(())
+        loss = self._weighted(steps, b, rows, gold) if steps else torch.zeros((), device=ids.device)
         if self.training and steps:
             self.train_stats = self.objective.stats(
                 torch.cat([a for _, _, a, _ in steps]),
                 torch.cat([torch.full((len(a),), i, device=a.device) for i, (_, _, a, _) in enumerate(steps)]),
                 len(steps))
+        if self.training:   # nobody reads a training step's logits: skip the [N, V] scatter (200 MB on SmolLM2)
+            return step0, loss
         full = step0.new_full((step0.shape[0], head.config.vocab_size), float("-inf"))
         full[:, ids] = step0
         return full, loss

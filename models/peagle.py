@@ -217,11 +217,10 @@ class PEagleTrainModule(nn.Module):
         rows = t - 1                                      # row r: taps at r, token r+1, predicts position r+1's p
         ids = head.draft_ids
         trained = _next_row(mask)                         # [B, R] row r has a trained target (position r+1)
-        with torch.no_grad():
-            t_logits = t_logits.float()
+        with torch.no_grad():   # the target's [N, V] logits stay as they came (bf16 under autocast): no fp32 copy
             t_arg = t_logits.argmax(-1)
-            log_p = t_logits.new_zeros(b, t - 1, len(ids))    # the target's log p over the draft vocab
-            log_p[mask] = torch.log_softmax(t_logits[:, ids], dim=-1)
+            log_p = t_logits.new_zeros(b, t - 1, len(ids), dtype=torch.float32)    # the target's log p over the draft vocab
+            log_p[mask] = torch.log_softmax(t_logits[:, ids].float(), dim=-1)
             learn = torch.zeros_like(mask)
             learn[mask] = head.t2d[t_arg]
             arg = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
@@ -233,7 +232,7 @@ class PEagleTrainModule(nn.Module):
             gold = None
             if self.objective.position_weights == "reach":
                 gold = torch.zeros(mask.shape, device=mask.device)    # p(data token) at each position
-                gold[mask] = torch.softmax(t_logits, dim=-1).gather(1, input_ids[:, 1:][mask][:, None])[:, 0]
+                gold[mask] = torch.softmax(t_logits.float(), dim=-1).gather(1, input_ids[:, 1:][mask][:, None])[:, 0]
                 gold = _next_row(gold)
             log_p, learn, arg, label = _next_row(log_p), _next_row(learn), _next_row(arg), _next_row(label)
         g = None if self.training else torch.Generator(device=mask.device).manual_seed(0)   # held-out: same draw
@@ -266,6 +265,8 @@ class PEagleTrainModule(nn.Module):
             with torch.no_grad():
                 hit = ids[logits.argmax(-1)] == torch.cat([arg[trained], arg[where]])
                 self.step_stats = depth_stats(hit, depth, self.k)
+        if self.training:   # nobody reads a training step's logits: skip the [N, V] scatter
+            return logits[:n0], loss
         full = logits.new_full((n0, head.config.vocab_size), float("-inf"))
         full[:, ids] = logits[:n0]
         return full, loss

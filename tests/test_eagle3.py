@@ -145,7 +145,13 @@ def test_training_loss_falls_and_logs_every_step(target4):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
-    assert logits.shape == (int(mask[:, 1:].sum()), VOCAB)
+    n = int(mask[:, 1:].sum())
+    assert logits.shape == (n, len(head.draft_ids))     # training: the draft-vocabulary rows, no [N, V] scatter
+    module.eval()
+    with torch.no_grad():
+        full, _ = module(ids, attention, mask, hidden, t_logits)
+    assert full.shape == (n, VOCAB) and torch.equal(full[:, head.draft_ids], module.train()(ids, attention, mask,
+                                                                                          hidden, t_logits)[0].detach())
     assert set(module.step_stats) == {"ttt_greedy_match_step0", "ttt_greedy_match_step1", "ttt_greedy_match_step2",
                                       "ttt_tau_greedy_k4"}
     assert not head.d2t.requires_grad and head.t2d.dtype == torch.bool

@@ -40,6 +40,10 @@ def forward_batch(target_model, drafter, batch: dict, objective: Objective
     return (loss.mean() if loss.numel() else 0.0 * d_logits.sum()) + aux, t_logits, d_logits
 
 
+HELDOUT_CHUNK = 128
+"""Rows per slice of the held-out acceptance estimate (a SmolLM2 [128, V] fp32 slice is 25 MB)."""
+
+
 @torch.no_grad()
 def heldout_metrics(target_model, drafter, batches: list[dict], objective: Objective, k_max: int) -> dict:
     """Held-out loss and teacher-forced acceptance: α = mean Σ_x min(p, q) (sampling at T=1) and
@@ -55,8 +59,10 @@ def heldout_metrics(target_model, drafter, batches: list[dict], objective: Objec
         for key, value in getattr(module, "step_stats", {}).items():   # per-step figures of unrolled heads
             extra.setdefault(key, []).append(value)
         total += float(loss) * n
-        accept += float(losses.acceptance_estimate(t_logits, d_logits)) * n
-        greedy += float((t_logits.argmax(-1) == d_logits.argmax(-1)).float().mean()) * n
+        for i in range(0, n, HELDOUT_CHUNK):   # [N, V] softmaxes in slices: the peak stays a slice's
+            t, d = t_logits[i:i + HELDOUT_CHUNK], d_logits[i:i + HELDOUT_CHUNK]
+            accept += float(losses.acceptance_estimate(t, d)) * t.shape[0]
+        greedy += float((t_logits.argmax(-1) == d_logits.argmax(-1)).float().sum())
         rows += n
     if rows == 0:
         return {}
