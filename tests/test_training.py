@@ -500,3 +500,16 @@ def test_resume_with_changed_settings_says_what_changed_and_keeps_the_old_config
     capsys.readouterr()
     train(str(setup / "recipe.yaml"), [*common, "train.max_steps=6", "train.lr=5e-4"], resume=True)
     assert "train.lr" not in capsys.readouterr().err        # only what changed this time: max_steps 4 -> 6
+
+
+def test_nan_loss_before_any_checkpoint_says_there_is_none(setup, tmp_path, monkeypatch):
+    real = Objective.rows
+
+    def nan_at_once(*args, **kwargs):
+        loss, alpha = real(*args, **kwargs)
+        return (loss * float("nan"), alpha) if torch.is_grad_enabled() else (loss, alpha)
+
+    monkeypatch.setattr(Objective, "rows", nan_at_once)
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 1; no checkpoint was saved before it") as info:
+        train(str(setup / "recipe.yaml"), [f"run.out_dir={tmp_path}", "run.name=nan0"])
+    assert "--overwrite" in str(info.value) and "last good checkpoint" not in str(info.value)
