@@ -6,9 +6,13 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs,
+                              broadcast_object_list, set_seed)
 
 from draftsmith.distill.objective import Objective
 from draftsmith.distill.teacher import attach_cache, cached_feature_scale, keep_shared_parts, teacher_cache_dir
@@ -32,18 +36,36 @@ from draftsmith.train.trainer import Trainer, resolve_mixed_precision
 
 
 def make_accelerator(cfg):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
     cuda = torch.cuda.is_available()
     precision = resolve_mixed_precision(cfg.train.mixed_precision, "cuda" if cuda else "cpu")
     # multi-process on CPU needs gloo (NCCL is CUDA-only)
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if multi and not cuda else []
+    fsdp_on_cpu = multi and not cuda and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_on_cpu and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise DraftsmithError("FSDP on CPU processes needs FSDP2 (FSDP1 wants a device per process)",
+                              f"fsdp_version {os.environ.get('FSDP_VERSION', '1')}",
+                              "Set fsdp_version: 2 in the accelerate config (as recipes/accelerate/fsdp.yaml does)")
     # cpu=True: without it a CPU-only multi-process launch runs as DistributedType.NO and never
     # syncs gradients
-    return Accelerator(cpu=not cuda, gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=precision,
-                       kwargs_handlers=handlers)
+    acc = Accelerator(cpu=not cuda, gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=precision,
+                      kwargs_handlers=handlers)
+    if fsdp_on_cpu:
+        use_fsdp_on_cpu(acc)
+    return acc
+
+
+def use_fsdp_on_cpu(acc) -> None:
+    """An FSDP launch (`accelerate launch` with an FSDP config) on CPU processes: accelerate 1.16 runs a CPU
+    launch as MULTI_CPU (plain DDP) and drops the FSDP plugin, although torch's FSDP2 (`fully_shard`) and its
+    distributed checkpoint run over gloo. Set the state as accelerate does for GPUs (AcceleratorState.__init__),
+    so that prepare, get_state_dict and save_state / load_state take their FSDP2 paths."""
+    plugin = FullyShardedDataParallelPlugin()     # the launch's FSDP_* settings, read as Accelerator reads them
+    if acc.state.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.state.mixed_precision)
+    acc.state.fsdp_plugin = plugin
+    acc.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def run_folder(cfg) -> Path:
@@ -120,8 +142,6 @@ def on_main(acc, fn):
             if acc.num_processes == 1:
                 raise
     if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         box = [result, error]
         broadcast_object_list(box)
         result, error = box
@@ -251,8 +271,6 @@ def draft_vocab(train_rows, vocab_size: int, size: int):
 
 
 def train(recipe: str, overrides: list[str] = (), resume: bool = False, overwrite: bool = False) -> dict:
-    from accelerate.utils import set_seed
-
     path = resolve_recipe_path(recipe)
     cfg = load_recipe(path, overrides)
     if cfg.run.name is None:
@@ -322,4 +340,10 @@ def _train(cfg, acc, run_dir: Path, ckpt: Path | None) -> dict:
         parts.append(f"peak RSS {summary['peak_rss_gib']:.2f} GiB")
         print(f"[draftsmith] done: {run_dir} | " + " | ".join(parts), flush=True)
     acc.end_training()
+    if acc.distributed_type == DistributedType.FSDP and acc.device.type == "cpu":
+        # a gloo worker thread frees the tensors of the last collectives it ran, which takes the GIL; under
+        # FSDP (whose device mesh keeps the group alive past destroy_process_group) it can still be waiting
+        # for the GIL when the interpreter shuts down, and then aborts the process ("terminate called without
+        # an active exception", about one exit in ten here): let it have the GIL first
+        time.sleep(0.2)
     return summary
