@@ -37,7 +37,7 @@ def _grad(fn) -> tuple[float, torch.Tensor]:
     z = Z.clone().requires_grad_(True)
     value = fn(P.log()[None], z[None])
     value.backward()
-    return float(value), z.grad
+    return value.item(), z.grad
 
 
 def _by_hand_dalpha() -> torch.Tensor:
