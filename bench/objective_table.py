@@ -30,12 +30,12 @@ def rows(root: Path) -> list[str]:
         steps = "/".join(f"{s.get(f'ttt_greedy_match_step{i}', float('nan')):.3f}" for i in range(4))
         cells = [_eval_cell(_report(run, f"eval-{b}*-k{k}")) for b in ("mt_bench", "humaneval") for k in ("4", "auto")]
         out.append(f"| {run.name} | {s['tokens']:,} | {sum(rates) / max(1, len(rates)):.0f} | {s['peak_rss_gib']:.2f} | "
-                   f"{steps} | {s.get('tau_greedy_k4', float('nan')):.3f} | " + " | ".join(cells) + " |")
+                   f"{steps} | {s.get('ttt_tau_greedy_k4', float('nan')):.3f} | " + " | ".join(cells) + " |")
     return out
 
 
 def main(root: str) -> None:
-    print("| objective | tokens | train tok/s | peak RSS GiB | held-out greedy match TTT 0/1/2/3 | held-out predicted τ(k=4) "
+    print("| objective | tokens | train tok/s | peak RSS GiB | held-out greedy match TTT 0/1/2/3 | held-out TTT τ(k=4) "
           "| MT-bench k=4: τ (α1..α4) speedup lossless | MT-bench auto | HumanEval k=4 | HumanEval auto |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows(Path(root))))
