@@ -20,13 +20,14 @@ HE="${HE:-40}"
 KS="${KS-4 auto}"
 NEW="${NEW:-64}"
 RECIPE=smollm2-135m/eagle3-ttt-quick
-DEFAULT_SETTINGS="forward_kl:loss.name=forward_kl
-tvd:loss.name=tvd
-nla:loss.name=nla
-lk_hybrid:loss.name=lk_hybrid
-ce0.1-tvd0.9:loss.mix={\"ce\":0.1,\"tvd\":0.9}
-lk_hybrid-reach:loss.name=lk_hybrid loss.position_weights=reach
-lk_hybrid-accepted_length:loss.name=lk_hybrid loss.position_weights=accepted_length"
+# every setting names its whole objective, so a recipe default never leaks into another setting
+DEFAULT_SETTINGS="forward_kl:loss.name=forward_kl loss.mix=null loss.position_weights=null
+tvd:loss.name=tvd loss.mix=null loss.position_weights=null
+nla:loss.name=nla loss.mix=null loss.position_weights=null
+lk_hybrid:loss.name=lk_hybrid loss.mix=null loss.position_weights=null
+ce0.1-tvd0.9:loss.mix={\"ce\":0.1,\"tvd\":0.9} loss.position_weights=null
+lk_hybrid-reach:loss.name=lk_hybrid loss.mix=null loss.position_weights=reach
+lk_hybrid-accepted_length:loss.name=lk_hybrid loss.mix=null loss.position_weights=accepted_length"
 SETTINGS="${SETTINGS:-$DEFAULT_SETTINGS}"
 if [ -n "${MUON:-}" ]; then
   base=$(printf '%s\n' "$SETTINGS" | grep "^${MUON}:" | cut -d: -f2-)
