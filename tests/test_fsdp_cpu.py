@@ -31,6 +31,7 @@ from draftsmith.train.config import RECIPES_DIR
 from draftsmith.train.state import check_engine_pickles
 
 from conftest import tiny_llama
+from test_training import assert_equal_tree, ckpt_path
 from tiny import make_tiny_tokenizer
 
 WORDS = "the a cat dog runs fast red blue answer question capital France Paris help you code add two is what".split()
@@ -103,26 +104,6 @@ def run(args: list[str]) -> str:
     done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout + done.stderr
-
-
-def ckpt_path(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:07d}"
-
-
-def assert_equal_tree(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and (a.dtype, a.shape) == (b.dtype, b.shape), where
-        assert torch.equal(a, b), f"{where} differs (max |a - b| {(a.double() - b.double()).abs().max():.3g})"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_equal_tree(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal_tree(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def sharded_state(ckpt: Path, part: str, tmp_path: Path) -> dict:
