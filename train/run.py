@@ -41,6 +41,12 @@ def make_accelerator(cfg):
     # multi-process on CPU needs gloo (NCCL is CUDA-only)
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if multi and not cuda else []
+    if not cuda and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # accelerate keeps DeepSpeed for accelerator devices: on CPU it would train plain DDP, ZeRO ignored
+        raise DraftsmithError("DeepSpeed through accelerate does not run on CPU processes: they would train as plain DDP and "
+                              "ignore the ZeRO settings", "an accelerate launch with a DeepSpeed config, no CUDA device",
+                              "On CPU launch with recipes/accelerate/fsdp.yaml (FSDP2 over gloo shards weights, "
+                              "gradients and optimizer state) or ddp.yaml; DeepSpeed ZeRO needs GPUs")
     fsdp_on_cpu = multi and not cuda and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if fsdp_on_cpu and os.environ.get("FSDP_VERSION", "1") != "2":
         raise DraftsmithError("FSDP on CPU processes needs FSDP2 (FSDP1 wants a device per process)",
