@@ -32,6 +32,7 @@ from torch import nn
 from draftsmith.errors import DraftsmithError
 from draftsmith.metric_modules.acceptance.acceptance_figures import tau_from_alphas
 from draftsmith.models.eagle import MLP, Attention, EagleConfig, EagleProposer, HeadIO, RMSNorm, target_parts
+from draftsmith.models.target import data_token_probs
 
 
 @dataclass
@@ -93,6 +94,12 @@ class Eagle3Head(HeadIO, nn.Module):
     @property
     def draft_ids(self) -> torch.Tensor:
         return torch.arange(len(self.d2t), device=self.d2t.device) + self.d2t
+
+    def to_draft(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """Target ids -> draft ids, -100 (a skipped label) outside the draft vocabulary; ids >= V count as outside."""
+        index = torch.full((self.config.vocab_size + 1,), -100, dtype=torch.long, device=self.d2t.device)
+        index[self.draft_ids] = torch.arange(len(self.d2t), device=self.d2t.device)
+        return index[target_ids.clamp(0, self.config.vocab_size)]
 
     def fuse(self, hidden: list[torch.Tensor]) -> torch.Tensor:
         return self.fc(torch.cat(hidden, dim=-1))
@@ -258,13 +265,10 @@ class Eagle3TrainModule(nn.Module):
             valid[mask] = head.t2d[t_arg]
             arg = torch.full_like(input_ids[:, 1:], -1)
             arg[mask] = t_arg
-            draft_of = torch.full((head.config.vocab_size,), -100, dtype=torch.long, device=ids.device)
-            draft_of[ids] = torch.arange(len(ids), device=ids.device)
-            labels = draft_of[input_ids[:, 1:].clamp(0, head.config.vocab_size - 1)]   # [B, R] data token, draft id
+            labels = head.to_draft(input_ids[:, 1:])                          # [B, R] data token, draft id
             gold = None
             if self.objective.position_weights == "reach":   # p(data token) at position r + 1, on row r
-                g = torch.zeros(mask.shape, device=mask.device)
-                g[mask] = torch.softmax(t_logits.float(), dim=-1).gather(1, input_ids[:, 1:][mask][:, None])[:, 0]
+                g = data_token_probs(t_logits, input_ids[:, 1:][mask], mask)
                 gold = torch.cat([g[:, 1:], g[:, :1] * 0], dim=1)
             embeds = embed(input_ids).detach()
         past: list = []

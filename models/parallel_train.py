@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from draftsmith.errors import DraftsmithError
+from draftsmith.models.target import data_token_probs
 from draftsmith.models.mask_blocks import (MaskBlocks, block_attention, cod_fractions, cod_keep, depth_stats,
                                           gather_blocks, valid_anchors)
 from draftsmith.models.parallel import freeze_embeddings_but_mask, mask_token_id, target_vocab_size
@@ -115,8 +116,7 @@ class ParallelTrainModule(nn.Module):
                                  for d in range(self.k)])                                          # [K]
         gold = None
         if self.objective.position_weights == "reach" and t_logits is not None:
-            gold = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)               # [B, R]
-            gold[mask] = torch.softmax(t_logits.float(), dim=-1).gather(1, labels0[:, None])[:, 0]
+            gold = data_token_probs(t_logits, labels0, mask)                                       # [B, R]
         w = self.objective.along(self.k, alpha=alpha, gold=gold).to(depth.device)
         if w.dim() == 1:
             return w[depth]

@@ -29,6 +29,7 @@ from torch import nn
 from draftsmith.errors import DraftsmithError
 from draftsmith.models.eagle import target_parts
 from draftsmith.models.eagle3 import Eagle3Config, Eagle3Head, Eagle3Proposer
+from draftsmith.models.target import data_token_probs
 from draftsmith.models.mask_blocks import (block_attention, cod_fractions, cod_keep, depth_stats, gather_blocks,
                                           valid_anchors)
 from draftsmith.protocol.drafting import Draft, TreeShape, grow_draft
@@ -225,15 +226,11 @@ class PEagleTrainModule(nn.Module):
             learn[mask] = head.t2d[t_arg]
             arg = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
             arg[mask] = t_arg
-            draft_of = torch.full((head.config.vocab_size,), -100, dtype=torch.long, device=mask.device)
-            draft_of[ids] = torch.arange(len(ids), device=mask.device)
             label = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)   # the data's token, draft id
-            label[mask] = draft_of[input_ids[:, 1:][mask]]
+            label[mask] = head.to_draft(input_ids[:, 1:][mask])
             gold = None
-            if self.objective.position_weights == "reach":
-                gold = torch.zeros(mask.shape, device=mask.device)    # p(data token) at each position
-                gold[mask] = torch.softmax(t_logits.float(), dim=-1).gather(1, input_ids[:, 1:][mask][:, None])[:, 0]
-                gold = _next_row(gold)
+            if self.objective.position_weights == "reach":   # p(data token) at each position, on its row
+                gold = _next_row(data_token_probs(t_logits, input_ids[:, 1:][mask], mask))
             log_p, learn, arg, label = _next_row(log_p), _next_row(learn), _next_row(arg), _next_row(label)
         g = None if self.training else torch.Generator(device=mask.device).manual_seed(0)   # held-out: same draw
         blocks = gather_blocks(cod_keep(valid_anchors(trained, self.k), self.fractions, g))

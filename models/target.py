@@ -220,6 +220,15 @@ def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+def data_token_probs(t_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The target's probability of the data's token at each trained position: [B, T-1] float32, 0 outside
+    `mask`. t_logits [N, V] are target_signals' rows of `mask`, tokens [N] the data's next token there
+    (PARD-2's CAT, the `reach` position weights)."""
+    probs = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    probs[mask] = torch.softmax(t_logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
+    return probs
+
+
 def target_signals(target_model: torch.nn.Module, input_ids, attention_mask, mask, layers: tuple[int, ...] = ()):
     """The online target signals for training (train/steps.py, the teacher cache): [N, V] target
     logits at the N positions of `mask` ([B, T-1], position j predicts token j+1; the LM head runs

@@ -219,6 +219,7 @@ class Trainer:
             tqdm.write(f"[draftsmith] budget: {t.max_steps} steps x {sequences} sequences x <= {cfg.data.max_length} "
                        f"tokens (<= {t.max_steps * sequences * cfg.data.max_length:,} tokens)"
                        + (f", or {t.max_minutes} minutes" if t.max_minutes else ""))
+            tqdm.write(f"[draftsmith] objective: {self.objective.describe()}, optimizer {t.optimizer}")
         self.drafter.train()
         stop = _StopOnSigterm()
         with stop:
