@@ -185,14 +185,15 @@ def test_eagle3_exp_decay_at_the_matching_gamma_is_its_default(eagle3_case):
     assert float(uniform) > float(default) + 1e-4
 
 
-def test_eagle3_accepted_length_loss_by_hand(eagle3_case):
-    """tvd with accepted_length weights: Σ_i mean_rows(w_i,row · (1 − α_i,row)), w from each row's α of all steps."""
+def test_eagle3_accepted_length_weights_shrink_later_steps_and_log_alpha(eagle3_case):
+    """tvd with accepted_length weights (each row's own α of every step, test above for the rule): below the
+    uniform loss, since at small α the later steps weigh Π α << 1; the log's α per step and implied τ agree."""
     objective = Objective((("tvd", 1.0),), position_weights="accepted_length")
     loss, module = _ttt_loss(eagle3_case, objective)
     uniform, _ = _ttt_loss(eagle3_case, Objective((("tvd", 1.0),), position_weights="uniform"))
     stats = module.train_stats
     assert set(stats) == {"alpha_pos0", "alpha_pos1", "alpha_pos2", "tau_implied"}
-    assert 0 < float(loss) < float(uniform)            # each w_i,row ≤ 1 + ... but rows' α are small here
+    assert 0 < float(loss) < float(uniform)
     assert stats["tau_implied"] == pytest.approx(tau_from_alphas([stats[f"alpha_pos{i}"] for i in range(3)]))
 
 
