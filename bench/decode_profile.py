@@ -5,7 +5,8 @@ cost-aware rule; `--tree` specs), on the same prompts, interleaved per prompt wi
 (one AR run per prompt, so every setting is compared in one run): τ, tokens/s, speedup over AR, the
 per-step time split (target verify forward, drafting, observe, decoder work outside model calls, and
 the prompt's prefill spread over the steps),
-drafter forwards per step, and the target's cost curve. Greedy; lossless is checked on every run.
+drafter forwards per step, α per draft position, and the target's cost curve; for a drafter with a
+confidence head (dspark), its predicted acceptance per position beside the measured one. Greedy; lossless is checked on every run.
 
     python bench/decode_profile.py --drafter prompt-lookup --drafter runs/eagle3-ttt-quick/speculators \\
         --k 1,2,3,4,6,8,auto --tree "none;dynamic:4,4,16" --num-prompts 8 --max-new-tokens 96
@@ -25,6 +26,7 @@ from draftsmith.eval.benchmarks import load_bench
 from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
 from draftsmith.eval.draft_length import DraftLengthRule, measure_cost_curve
 from draftsmith.eval.harness import encode_turn, eos_ids
+from draftsmith.metric_modules.acceptance.acceptance_figures import acceptance_figures
 from draftsmith.models import load_drafter, load_target
 from draftsmith.protocol.drafting import TreeShape
 
@@ -83,7 +85,8 @@ def main() -> None:
             depth = tree.depth if tree else (args.k_max if k == "auto" else k)
             runs.append(dict(drafter=spec, name=name, proposer=proposer, forwards=forwards, rule=rule,
                              depth=depth, tree=tree, s=0.0, tokens=0, steps=0, emitted=0, draft=0.0,
-                             verify=0.0, observe=0.0, prefill=0.0, calls=0, lossless=0, nodes=0))
+                             verify=0.0, observe=0.0, prefill=0.0, calls=0, lossless=0, nodes=0,
+                             accepted=[], proposed=[], depths=[], predicted=[]))
     for prompt in tqdm(prompts, desc="prompts", unit="prompt"):   # every setting on this prompt, then the next
         start = time.perf_counter()
         ar = autoregressive_generate(target, prompt, **limits)
@@ -105,20 +108,34 @@ def main() -> None:
             r["observe"] += sd.observe_s
             r["prefill"] += sd.prefill_s
             r["lossless"] += sd.tokens == ar.tokens
+            r["accepted"].append(sd.accepted)
+            r["proposed"].append(sd.proposed)
+            r["depths"].append(sd.depth)
+            r["predicted"] += sd.predicted
     ar_tps = ar_tokens / ar_s
     print(f"\n{len(prompts)} prompts of {args.bench}, {args.max_new_tokens} new tokens, greedy, "
           f"{target.dtype}, {target.device}, torch threads {torch.get_num_threads()}; AR {ar_tps:.1f} tok/s\n")
-    print("| drafter | setting | τ | nodes/step | drafter fwd/step | SD tok/s | speedup | ms/step: verify | draft "
-          "| observe | other | prefill | lossless |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| drafter | setting | τ | α1..α4 | nodes/step | drafter fwd/step | SD tok/s | speedup | ms/step: verify "
+          "| draft | observe | other | prefill | lossless |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         steps = max(r["steps"], 1)
         per = {key: r[key] / steps * 1e3 for key in ("verify", "draft", "observe", "prefill")}
         other = r["s"] / steps * 1e3 - sum(per.values())
         tps = r["tokens"] / r["s"]
-        print(f"| {r['drafter']} | {r['name']} | {r['emitted'] / steps:.3f} | {r['nodes'] / steps:.2f} "
+        alphas = acceptance_figures(r["accepted"], r["proposed"], r["depths"], k=4)["acceptance_by_position"]
+        alpha = "/".join("-" if a is None else f"{a:.2f}" for a in alphas[:4])
+        print(f"| {r['drafter']} | {r['name']} | {r['emitted'] / steps:.3f} | {alpha} | {r['nodes'] / steps:.2f} "
               f"| {r['calls'] / steps:.2f} | {tps:.1f} | {tps / ar_tps:.2f}x | {per['verify']:.1f} | {per['draft']:.1f} "
               f"| {per['observe']:.1f} | {other:.1f} | {per['prefill']:.1f} | {r['lossless']}/{len(prompts)} |", flush=True)
+    for r in runs:     # a drafter that predicts its own acceptance (a confidence head): how well, per position
+        if r["predicted"]:
+            cells = []
+            for depth in sorted({d for d, _, _ in r["predicted"]}):
+                at = [(p, a) for d, p, a in r["predicted"] if d == depth]
+                cells.append(f"pos {depth}: predicted {sum(p for p, _ in at) / len(at):.3f} measured "
+                             f"{sum(a for _, a in at) / len(at):.3f} (n={len(at)})")
+            print(f"confidence head, {r['drafter']} {r['name']}: " + "; ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

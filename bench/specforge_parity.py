@@ -57,7 +57,7 @@ def save_tensors(tensors: dict, path: Path) -> None:
 def cmd_plan(a) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
-    from draftsmith.models.eagle3 import default_aux_layers
+    from draftsmith.models.layers import default_aux_layers
     from draftsmith.models.target import resolve_model_folder
     from draftsmith.train.config import load_recipe, resolve_recipe_path
     from draftsmith.train.data import BatchSchedule

@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from speculators_peer import VOCAB, tiny_target_and_head   # the eagle3 peer check's tiny target and head
+from speculators_peer import VOCAB, real_export, tiny_target_and_head   # the eagle3 peer check's
 
 K, MASK = 4, 7
 
@@ -74,7 +74,7 @@ def tiny_export(folder: Path):
     """A tiny target saved as a local verifier folder, a perturbed P-EAGLE head, its export."""
     import torch
 
-    from draftsmith.models.eagle import target_parts
+    from draftsmith.models.layers import target_parts
     from draftsmith.models.formats import target_embedding, write_speculators
     from draftsmith.models.peagle import PEagleHead
     from draftsmith.models.target import Target
@@ -92,25 +92,6 @@ def tiny_export(folder: Path):
     sequences = [torch.randint(0, VOCAB, (96,), generator=g).tolist() for _ in range(8)]
     sequences[0][10] = MASK        # the mask id as a real token: both sides embed it as the mask
     return Target(model, tokenizer=None, name="tiny"), sequences
-
-
-def real_export(folder: Path, export: Path, target_spec: str, prompts: int, new_tokens: int):
-    """`export` copied with its verifier pointed at the target's local folder; the target's greedy answers."""
-    from draftsmith.eval.benchmarks import load_bench
-    from draftsmith.eval.decoder import autoregressive_generate
-    from draftsmith.eval.harness import encode_turn
-    from draftsmith.models.target import load_target, resolve_model_folder
-
-    shutil.copytree(export, folder / "export", dirs_exist_ok=True)
-    raw = json.loads((folder / "export" / "config.json").read_text())
-    raw["speculators_config"]["verifier"]["name_or_path"] = str(resolve_model_folder(target_spec)[0])
-    (folder / "export" / "config.json").write_text(json.dumps(raw, indent=2))
-    target = load_target(target_spec, "fp32", device="cpu")
-    sequences = []
-    for item in load_bench("mt_bench", prompts, 1):
-        prompt = encode_turn(target, item.turns[:1], [])
-        sequences.append(prompt + autoregressive_generate(target, prompt, max_new_tokens=new_tokens).tokens)
-    return target, sequences
 
 
 def draftsmith_side(folder: Path, target, sequences) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,25 @@ def compare(folder: Path) -> dict:
         }
     report["declared"] = peer_info["export"]["declared"]
     return report
+
+
+def real_export(folder: Path, export: Path, target_spec: str, prompts: int, new_tokens: int):
+    """A trained `export` copied with its verifier pointed at the target's local folder; the target's greedy answers."""
+    from draftsmith.eval.benchmarks import load_bench
+    from draftsmith.eval.decoder import autoregressive_generate
+    from draftsmith.eval.harness import encode_turn
+    from draftsmith.models.target import load_target, resolve_model_folder
+
+    shutil.copytree(export, folder / "export", dirs_exist_ok=True)
+    raw = json.loads((folder / "export" / "config.json").read_text())
+    raw["speculators_config"]["verifier"]["name_or_path"] = str(resolve_model_folder(target_spec)[0])
+    (folder / "export" / "config.json").write_text(json.dumps(raw, indent=2))
+    target = load_target(target_spec, "fp32", device="cpu")
+    sequences = []
+    for item in load_bench("mt_bench", prompts, 1):
+        prompt = encode_turn(target, item.turns[:1], [])
+        sequences.append(prompt + autoregressive_generate(target, prompt, max_new_tokens=new_tokens).tokens)
+    return target, sequences
 
 
 def main() -> int:

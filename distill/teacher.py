@@ -39,7 +39,7 @@ import torch
 from draftsmith.distill.cache_files import read_manifest, verify_cache
 from draftsmith.distill.data import tokenizer_fingerprint
 from draftsmith.errors import DraftsmithError
-from draftsmith.models.eagle import target_parts
+from draftsmith.models.layers import target_parts
 
 TEACHERS = "online, cache:DIR (a folder written by `draftsmith data cache`)"
 

@@ -55,6 +55,9 @@ class GenerationResult:
     accepted: list[int] = field(default_factory=list)    # draft tokens accepted, per verify step
     emitted: list[int] = field(default_factory=list)     # tokens emitted, per verify step
     depth: list[int] = field(default_factory=list)       # longest drafted path, per verify step
+    # (depth, predicted, accepted) of every verified node whose parent was accepted, when the drafter
+    # predicts its own acceptance (Draft.accept): the report's reliability table
+    predicted: list[tuple[int, float, bool]] = field(default_factory=list)
     draft_s: float = 0.0                                 # seconds in propose()
     verify_s: float = 0.0                                # seconds in the target's verify forwards
     observe_s: float = 0.0                               # seconds in observe() after each step
@@ -127,11 +130,12 @@ def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[in
         started = time.perf_counter()
         draft = proposer.propose(state, k_step, sampler, **tree_kw) if k_step > 0 else Draft([])
         drafted_s = time.perf_counter() - started
-        d, parents, q, conf = _clip(draft, k_step)
+        d, parents, q, conf, accept = _clip(draft, k_step)
         if rule is not None and d:
-            n = rule.choose(conf, parents, drafted_s)
+            n = rule.choose(conf, parents, drafted_s, accept)
             d, parents = d[:n], parents[:n]
             q, conf = (None if q is None else q[:n]), (None if conf is None else conf[:n])
+            accept = None if accept is None else accept[:n]
         # 2. verify: one forward over the last token and the draft nodes
         verify_start = time.perf_counter()
         chain = is_chain(parents)
@@ -155,6 +159,8 @@ def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[in
         result.accepted.append(len(path))
         result.emitted.append(len(new))
         result.depth.append(_depth(parents))
+        if accept is not None:
+            result.predicted += _reached(parents, accept, path)
         if rule is not None:
             rule.update(conf, parents, path, len(draft.tokens), drafted_s,
                         time.perf_counter() - started, len(new))
@@ -171,8 +177,19 @@ def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[in
     return result
 
 
+def _reached(parents: list[int], accept: list[float], path: list[int]) -> list[tuple[int, float, bool]]:
+    """(depth, predicted, accepted) of the nodes whose parent is the root or on the accepted path, and that
+    carry a prediction (a tree's lower-ranked siblings carry none)."""
+    on_path, out, depth = set(path), [], []
+    for i, parent in enumerate(parents):
+        depth.append(1 if parent < 0 else depth[parent] + 1)
+        if (parent < 0 or parent in on_path) and accept[i] is not None:
+            out.append((depth[i], accept[i], i in on_path))
+    return out
+
+
 def _clip(draft: Draft, k: int):
-    """The draft's nodes of depth <= k, as (tokens, parents, q, conf); a chain gets chain parents."""
+    """The draft's nodes of depth <= k, as (tokens, parents, q, conf, accept); a chain gets chain parents."""
     n = len(draft.tokens)
     parents = list(draft.parents) if draft.parents is not None else list(range(-1, n - 1))
     keep, depth = [], []
@@ -186,8 +203,10 @@ def _clip(draft: Draft, k: int):
         parents = [index[parents[i]] if parents[i] >= 0 else -1 for i in keep]
         q = None if draft.q is None else draft.q[keep]
         conf = None if draft.conf is None else [draft.conf[i] for i in keep]
-        return tokens, parents, q, conf
-    return list(draft.tokens), parents[:n], draft.q, (None if draft.conf is None else list(draft.conf))
+        accept = None if draft.accept is None else [draft.accept[i] for i in keep]
+        return tokens, parents, q, conf, accept
+    return (list(draft.tokens), parents[:n], draft.q, None if draft.conf is None else list(draft.conf),
+            None if draft.accept is None else list(draft.accept))
 
 
 def _depth(parents: list[int]) -> int:

@@ -6,7 +6,10 @@ emits 1 + Σ_i P_i tokens in expectation, where P_i is the chance that node i an
 are accepted. P_i is estimated as the product of a(conf) along the node's path: the drafter's own
 probability of each token (`conf`), mapped to an acceptance probability by an online calibration
 (a Beta-smoothed histogram of what the verifier accepted at that confidence; by depth for drafters
-without a confidence, such as prompt lookup). The rule maximises expected tokens per second:
+without a confidence, such as prompt lookup). A drafter with a confidence head (DSpark) predicts each
+node's acceptance itself (`Draft.accept`): P_i is then the product of those predictions, uncalibrated
+(in a tree it predicts each node's most likely child; the lower-ranked siblings are calibrated). The
+rule maximises expected tokens per second:
 
 - while drafting, a node is worth drafting and verifying iff its expected tokens per marginal cost
   (P / (c'(n) + per-node draft cost)) beat the rate the decoder currently achieves;
@@ -135,27 +138,30 @@ class DraftLengthRule:
         recent = self.verified_depth[-self.window:]
         return min(k, max(recent) + 1) if recent else k
 
-    def value(self, parent_value: float, conf: float | None, depth: int) -> float:
-        return parent_value * self.calibration(conf, depth)
+    def value(self, parent_value: float, conf: float | None, depth: int, accept: float | None = None) -> float:
+        """A node's chance to be accepted with its ancestors: the drafter's own prediction (`accept`, a
+        confidence head) where it makes one, else the online calibration of its confidence."""
+        return parent_value * (accept if accept is not None else self.calibration(conf, depth))
 
     def worth(self, value: float, nodes: int) -> bool:
         """Is one more node with path acceptance `value`, after `nodes` nodes, worth its cost?"""
         marginal = self.curve(nodes + 2) - self.curve(nodes + 1) + self.node_s
         return value >= self.rate * max(marginal, 1e-6)
 
-    def path_values(self, conf: list | None, parents: list[int]) -> list[float]:
+    def path_values(self, conf: list | None, parents: list[int], accept: list | None = None) -> list[float]:
         values: list[float] = []
         depth: list[int] = []
         for i, parent in enumerate(parents):
             d = 1 if parent < 0 else depth[parent] + 1
             base = 1.0 if parent < 0 else values[parent]
             depth.append(d)
-            values.append(self.value(base, None if conf is None else conf[i], d))
+            values.append(self.value(base, None if conf is None else conf[i], d,
+                                     None if accept is None else accept[i]))
         return values
 
-    def choose(self, conf: list | None, parents: list[int], draft_s: float) -> int:
+    def choose(self, conf: list | None, parents: list[int], draft_s: float, accept: list | None = None) -> int:
         """How many of the draft's nodes (a best-first prefix) to verify."""
-        values = self.path_values(conf, parents)
+        values = self.path_values(conf, parents, accept)
         best_n, best_rate, expected = 0, 1.0 / (self.curve(1) + draft_s), 1.0
         for n, v in enumerate(values, start=1):
             expected += v

@@ -278,7 +278,7 @@ class Runner:
             records.append(PromptRecord(
                 id=item.id, turn=turn + 1, prompt_tokens=len(prompt), ar_tokens=ar.tokens, ar_s=ar_s,
                 sd_tokens=sd.tokens, sd_s=sd_s, proposed=sd.proposed, accepted=sd.accepted, emitted=sd.emitted,
-                depth=sd.depth, draft_s=sd.draft_s, verify_s=sd.verify_s,
+                depth=sd.depth, draft_s=sd.draft_s, verify_s=sd.verify_s, predicted=sd.predicted,
                 hf_tokens=hf, hf_s=hf_s, timing_order=order,
                 divergence=_divergence(t, prompt, ar.tokens, sd.tokens) if greedy else None,
                 hf_divergence=_divergence(t, prompt, ar.tokens, hf) if greedy and hf is not None else None,
@@ -315,7 +315,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, list[PromptR
     config.update(dtype=str(runner.target.dtype).replace("torch.", ""), device=str(runner.target.device),
                   eos_token_ids=list(runner.eos), hf_assisted_applies=runner.hf_extra is not None)
     report = summarize(records, cfg.depth, cfg.sampling.greedy)
-    report["draft_length"] = draft_length_report(cfg, runner.rule)
+    report["draft_length"] = draft_length_report(cfg, runner.rule, records)
     report["timing"] = {"order": "alternating per prompt: plain decoding first on the 1st, 3rd, ... prompt, "
                                  "speculative first on the 2nd, 4th, ...; HF assisted last",
                         "null_drafter_floor": runner.floor}
@@ -326,14 +326,23 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, list[PromptR
     return report, records
 
 
-def draft_length_report(cfg: EvalConfig, rule: DraftLengthRule | None) -> dict:
-    """How draft lengths were chosen: the mode, and for `--k auto` the measured cost curve and the
-    histogram of draft nodes verified per step."""
-    out = {"mode": "auto" if rule else "fixed", "depth": cfg.depth, "tree": cfg.tree or "none"}
+def draft_length_report(cfg: EvalConfig, rule: DraftLengthRule | None, records: list[PromptRecord] = ()) -> dict:
+    """How draft lengths were chosen: the mode, where the rule's acceptance came from (`acceptance_source`),
+    and for `--k auto` the measured cost curve and the histogram of draft nodes verified per step."""
+    out = {"mode": "auto" if rule else "fixed", "depth": cfg.depth, "tree": cfg.tree or "none",
+           "acceptance_source": acceptance_source(rule, records)}
     if rule is not None:
         out.update(cost_curve=rule.curve.as_dict(), nodes_per_step_histogram=rule.histogram(),
                    draft_ms_per_node=round(rule.node_s * 1e3, 3))
     return out
+
+
+def acceptance_source(rule: DraftLengthRule | None, records: list[PromptRecord]) -> str:
+    """"fixed k" without the rule; with `--k auto`, "confidence head" when the drafts carried the drafter's own
+    predicted acceptance (Draft.accept: some verified node has one), else "online calibration"."""
+    if rule is None:
+        return "fixed k"
+    return "confidence head" if any(r.predicted for r in records) else "online calibration"
 
 
 def _interrupt(signum, frame):

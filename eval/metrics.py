@@ -34,10 +34,28 @@ class PromptRecord:
     draft_s: float = 0.0                   # seconds drafting, and in the target's verify forwards
     verify_s: float = 0.0
     timing_order: str = "ar,sd"            # which decoder ran first (eval/harness.py alternates it per prompt)
+    # (depth, predicted, accepted) per verified node whose parent was accepted, when the drafter predicts its
+    # own acceptance (a confidence head: GenerationResult.predicted); empty otherwise
+    predicted: list = field(default_factory=list)
 
 
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
+
+
+def reliability_by_position(predicted) -> list[dict]:
+    """The confidence head's reliability per draft position from (depth, predicted, accepted) triples: over
+    the reached nodes at position i (their parent accepted), the mean predicted acceptance, the share
+    accepted, their count and |predicted - measured|."""
+    sums: dict[int, list] = {}
+    for depth, p, ok in predicted:
+        s = sums.setdefault(int(depth), [0.0, 0, 0])
+        s[0], s[1], s[2] = s[0] + float(p), s[1] + bool(ok), s[2] + 1
+    rows = []
+    for depth, (p, ok, n) in sorted(sums.items()):
+        rows.append({"position": depth, "predicted": p / n, "measured": ok / n, "count": n,
+                     "abs_gap": abs(p / n - ok / n)})
+    return rows
 
 
 def summarize(records: list[PromptRecord], k: int, greedy: bool) -> dict:
@@ -52,6 +70,8 @@ def summarize(records: list[PromptRecord], k: int, greedy: bool) -> dict:
     hf_tokens, hf_s = sum(len(r.hf_tokens) for r in hf), sum(r.hf_s for r in hf)
     hf_tps = tokens_per_s(hf_tokens, hf_s) if hf else None
     ar_tokens, ar_s = sum(len(r.ar_tokens) for r in records), sum(r.ar_s for r in records)
+    reliability = reliability_by_position([x for r in records for x in r.predicted])
+    reached = sum(r["count"] for r in reliability)
     return {
         "tau": acceptance["tau"],
         "tau_per_request_mean": acceptance["tau_per_request_mean"],
@@ -78,6 +98,9 @@ def summarize(records: list[PromptRecord], k: int, greedy: bool) -> dict:
         "divergences_not_near_tie": (sum(1 for r in records if r.divergence and not r.divergence["near_tie"])
                                      if greedy else None),
         "num_prompts": len(records),
+        # a drafter with a confidence head: its predicted acceptance against the verifier's, per position
+        "confidence_reliability": reliability or None,
+        "confidence_abs_gap": _ratio(sum(r["abs_gap"] * r["count"] for r in reliability), reached),
     }
 
 

@@ -62,7 +62,11 @@ def markdown(report: dict) -> str:
             "sd_tokens_per_s", "speedup", "nodes_per_step", "draft_ms_per_step", "verify_ms_per_step",
             "hf_assisted_tokens_per_s", "hf_assisted_speedup",
             "lossless_match_rate", "hf_assisted_match_rate", "divergences_not_near_tie"]
+    keys += ["confidence_abs_gap"] if report.get("confidence_abs_gap") is not None else []
     lines += [f"| {k} | {_fmt(report.get(k))} |" for k in keys]
+    source = (report.get("draft_length") or {}).get("acceptance_source")
+    if source:
+        lines.append(f"| draft_length acceptance_source | {source} |")
     floor = (report.get("timing") or {}).get("null_drafter_floor")
     if floor and floor["speedup"] is not None:
         lines.append(f"| null_drafter_floor | {floor['speedup']:.3f} (the same decoder with a drafter that proposes "
@@ -81,6 +85,17 @@ def markdown(report: dict) -> str:
                   "| target forward, new tokens | " + " | ".join(str(n) for n in curve["tokens"]) + " |",
                   "|---|" + "---|" * len(curve["tokens"]),
                   "| ms | " + " | ".join(f"{ms:.1f}" for ms in curve["ms"]) + " |", ""]
+    reliability = report.get("confidence_reliability")
+    if reliability:
+        lines += ["## Confidence head reliability", "",
+                  "Over the verified draft nodes whose parent was accepted: the head's mean predicted acceptance "
+                  "against the share the verifier accepted, per draft position.", "",
+                  "| position | predicted | measured | nodes | abs gap |", "|---|---|---|---|---|"]
+        lines += [f"| {r['position']} | {r['predicted']:.3f} | {r['measured']:.3f} | {r['count']} | {r['abs_gap']:.3f} |"
+                  for r in reliability[:MD_POSITIONS]]
+        if len(reliability) > MD_POSITIONS:
+            lines.append(f"| … | positions {MD_POSITIONS + 1}..{reliability[-1]['position']} in report.json | | | |")
+        lines.append("")
     diverged = [row for row in report["prompts"] if row["divergence"]]
     if diverged:
         lines += ["## Greedy divergences from the baseline", "",

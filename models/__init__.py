@@ -20,7 +20,7 @@ from draftsmith.models.prompt_lookup import PromptLookupProposer
 from draftsmith.models.small_lm import SmallLMProposer, check_vocab, truncated_copy
 from draftsmith.models.target import Target, load_target, resolve_dtype
 
-DRAFTER_KINDS = ("small_lm", "eagle", "eagle3", "parallel", "prompt_lookup")
+DRAFTER_KINDS = ("small_lm", "eagle", "eagle3", "parallel", "dflash", "dspark", "prompt_lookup")
 
 
 def load_drafter(spec: str, target: Target, dtype=None):

@@ -91,7 +91,7 @@ def check_head_config(c, where: str) -> None:
         value = getattr(c, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise _bad(where, key, value, "Use a positive integer")
-    for key in ("rms_norm_eps", "rope_theta", "feature_scale"):
+    for key in [k for k in ("rms_norm_eps", "rope_theta", "feature_scale") if hasattr(c, k)]:
         value = getattr(c, key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
             raise _bad(where, key, value, "Use a positive number")
@@ -100,7 +100,7 @@ def check_head_config(c, where: str) -> None:
                    f"num_attention_heads ({c.num_attention_heads}) must be a multiple of it")
     if c.head_dim % 2:
         raise _bad(where, "head_dim", c.head_dim, "Rotary embeddings need an even head_dim")
-    if not isinstance(c.target_layer, int) or isinstance(c.target_layer, bool):
+    if hasattr(c, "target_layer") and (not isinstance(c.target_layer, int) or isinstance(c.target_layer, bool)):
         raise _bad(where, "target_layer", c.target_layer, "Use an integer layer index (-1: the last)")
     if not hasattr(c, "aux_layers"):
         return
@@ -108,10 +108,15 @@ def check_head_config(c, where: str) -> None:
         raise _bad(where, "draft_vocab_size", c.draft_vocab_size, f"Use at most vocab_size ({c.vocab_size})")
     layers = c.aux_layers
     ints = isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
-    if not ints or len(layers) != 3 or min(layers) < 0:   # repeats happen: tiny targets tap one layer twice
-        raise _bad(where, "aux_layers", layers, "Give 3 target layer indices >= 0")
+    count = 3 if c.draftsmith_kind == "eagle3" else None      # block drafters tap any number (DFlash: 5)
+    if not ints or not layers or (count and len(layers) != count) or len(layers) > 64 or min(layers) < 0:
+        # repeats happen: tiny targets tap one layer twice
+        raise _bad(where, "aux_layers", layers, f"Give {count or 'up to 64'} target layer indices >= 0")
     if not isinstance(c.target_hidden_size, int) or isinstance(c.target_hidden_size, bool) or c.target_hidden_size < 0:
         raise _bad(where, "target_hidden_size", c.target_hidden_size, "Use the target's hidden size")
+    if hasattr(c, "block_size"):
+        _check_block_config(c, where)
+        return
     if not hasattr(c, "mask_token_id"):
         return
     if c.parallel is not True:   # a P-EAGLE config (models/peagle.py); plain EAGLE-3 has no such key
@@ -120,6 +125,18 @@ def check_head_config(c, where: str) -> None:
         value = getattr(c, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
             raise _bad(where, key, value, f"Use an integer in [{low}, {high if high is not None else 'inf'}]")
+
+
+def _check_block_config(c, where: str) -> None:
+    """A block drafter's own keys (models/block_drafter.py, kinds dflash and dspark)."""
+    for key, low, high in (("num_layers", 1, 64), ("block_size", 2, 64), ("mask_token_id", 0, c.vocab_size - 1),
+                           ("markov_rank", 0, 4096)):
+        value = getattr(c, key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise _bad(where, key, value, f"Use an integer in [{low}, {high}]")
+    for key in ("sample_from_anchor", "confidence_head", "confidence_with_markov"):
+        if hasattr(c, key) and not isinstance(getattr(c, key), bool):
+            raise _bad(where, key, getattr(c, key), "Use true or false")
 
 
 def check_head_fits_target(c, target: TargetShape, where: str) -> None:

@@ -6,9 +6,7 @@ target's (frozen, shared) embedding of token t+1. One decoder layer reads [input
 through the head's own norm and its own LM head over a reduced draft vocabulary of Vd tokens.
 Drafting feeds f_t back in as the feature of the next row (no fc: it is already H wide).
 
-Vocabulary maps (saved with every checkpoint, refused if missing):
-  d2t [Vd] int64: target id of draft id i = i + d2t[i]   (EAGLE-3 / SGLang / speculators convention)
-  t2d [V] bool:   target id j is in the draft vocabulary
+Vocabulary maps d2t / t2d: models/draft_vocab.py (saved with every checkpoint, refused if missing).
 
 Layer convention: `aux_layers` are 0-based indices of target decoder layers whose OUTPUT is read
 (transformers' hidden_states[i + 1]; SGLang's eagle_config ids). vLLM / speculators count the
@@ -31,7 +29,9 @@ from torch import nn
 
 from draftsmith.errors import DraftsmithError
 from draftsmith.metric_modules.acceptance.acceptance_figures import tau_from_alphas
-from draftsmith.models.eagle import MLP, Attention, EagleConfig, EagleProposer, HeadIO, RMSNorm, target_parts
+from draftsmith.models.eagle import EagleConfig, EagleProposer
+from draftsmith.models.draft_vocab import DraftVocab
+from draftsmith.models.layers import MLP, Attention, HeadIO, RMSNorm, default_aux_layers, norm_weight, target_parts
 from draftsmith.models.target import data_token_probs
 
 
@@ -43,11 +43,6 @@ class Eagle3Config(EagleConfig):
     norm_before_residual: bool = False
     layer_convention: str = "output of target decoder layer i, 0-based (transformers hidden_states[i + 1])"
     draftsmith_kind: str = "eagle3"
-
-
-def default_aux_layers(num_layers: int) -> list[int]:
-    """vLLM's and SGLang's (2, N/2, N-3) before-layer ids as output ids; tiny targets: first, middle, last."""
-    return [1, num_layers // 2 - 1, num_layers - 4] if num_layers >= 8 else [0, num_layers // 2, num_layers - 1]
 
 
 class Eagle3Layer(nn.Module):
@@ -68,11 +63,10 @@ class Eagle3Layer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Eagle3Head(HeadIO, nn.Module):
-    """fc + one decoder layer + norm + draft LM head, with the d2t / t2d maps as buffers."""
+class Eagle3Head(DraftVocab, HeadIO, nn.Module):
+    """fc + one decoder layer + norm + draft LM head, with the d2t / t2d maps as buffers (models/draft_vocab.py)."""
 
     config_class = Eagle3Config
-    optional_tensors = ("d2t", "t2d")   # from_state refuses a folder without them, saying why
 
     def __init__(self, config: Eagle3Config):
         super().__init__()
@@ -81,25 +75,7 @@ class Eagle3Head(HeadIO, nn.Module):
         self.layers = nn.ModuleList([Eagle3Layer(config)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
-        self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
-        self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
-
-    def set_vocab(self, draft_ids: torch.Tensor) -> None:
-        """draft_ids: [Vd] ascending target ids of the draft vocabulary."""
-        ids = draft_ids.to(self.d2t.device, torch.long)
-        self.d2t.copy_(ids - torch.arange(len(ids), device=ids.device))
-        self.t2d.zero_()
-        self.t2d[ids] = True
-
-    @property
-    def draft_ids(self) -> torch.Tensor:
-        return torch.arange(len(self.d2t), device=self.d2t.device) + self.d2t
-
-    def to_draft(self, target_ids: torch.Tensor) -> torch.Tensor:
-        """Target ids -> draft ids, -100 (a skipped label) outside the draft vocabulary; ids >= V count as outside."""
-        index = torch.full((self.config.vocab_size + 1,), -100, dtype=torch.long, device=self.d2t.device)
-        index[self.draft_ids] = torch.arange(len(self.d2t), device=self.d2t.device)
-        return index[target_ids.clamp(0, self.config.vocab_size)]
+        self._init_vocab()
 
     def fuse(self, hidden: list[torch.Tensor]) -> torch.Tensor:
         return self.fc(torch.cat(hidden, dim=-1))
@@ -111,37 +87,8 @@ class Eagle3Head(HeadIO, nn.Module):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(features))     # [..., Vd]
 
-    @classmethod
-    def from_state(cls, config: Eagle3Config, state: dict, where: str) -> "Eagle3Head":
-        missing = [k for k in ("d2t", "t2d") if k not in state]
-        if missing:
-            raise DraftsmithError("This EAGLE-3 checkpoint has no draft-vocabulary maps", f"{where}: missing {missing}",
-                                  "An eagle3 head cannot map its draft tokens to the target's without d2t and t2d; "
-                                  "re-export it with draftsmith export, or add the maps it was trained with")
-        head = super().from_state(config, state, where)
-        ids = head.draft_ids
-        if int(head.t2d.sum()) != len(ids) or not bool(head.t2d[ids.clamp(0, len(head.t2d) - 1)].all()):
-            raise DraftsmithError("The checkpoint's d2t and t2d maps disagree", where,
-                                  "t2d must be True exactly at the target ids i + d2t[i]; re-export the drafter")
-        return head
-
 
 # ---------------------------------------------------------------------------------- building
-
-def _norm_weight(norm: nn.Module) -> torch.Tensor:
-    """A target RMSNorm's multiplier: Gemma's norms scale by (1 + weight)."""
-    w = norm.weight.detach().float()
-    return w + 1 if type(norm).__name__.startswith("Gemma") else w
-
-
-def draft_vocab_from_counts(counts: torch.Tensor, size: int) -> torch.Tensor:
-    """The `size` most frequent target ids (ties: lower id first), ascending: the draft vocabulary."""
-    if not 0 < size <= len(counts):
-        raise DraftsmithError("drafter.draft_vocab_size must be between 1 and the target's vocabulary size",
-                              size, f"Pick a value <= {len(counts)}")
-    order = torch.sort(counts.double() - torch.arange(len(counts)) * 1e-9, descending=True, stable=True).indices
-    return order[:size].sort().values
-
 
 def build_eagle3(target_model: nn.Module, aux_layers: list[int], draft_ids: torch.Tensor,
                  init: str = "target") -> Eagle3Head:
@@ -177,8 +124,8 @@ def build_eagle3(target_model: nn.Module, aux_layers: list[int], draft_ids: torc
             for mine, theirs in (("input_layernorm", "input_layernorm"), ("hidden_norm", "input_layernorm"),
                                  ("post_attention_layernorm", "post_attention_layernorm")):
                 if llama_like:
-                    getattr(layer, mine).weight.copy_(_norm_weight(getattr(last, theirs)))
-            head.norm.weight.copy_(_norm_weight(norm))
+                    getattr(layer, mine).weight.copy_(norm_weight(getattr(last, theirs)))
+            head.norm.weight.copy_(norm_weight(norm))
             head.lm_head.weight.copy_(lm_head.weight[draft_ids.to(lm_head.weight.device)])
             head.fc.weight.zero_()
             head.fc.weight[:, 2 * cfg.hidden_size:] = torch.eye(h, cfg.hidden_size)

@@ -34,7 +34,11 @@ from pathlib import Path
 import torch
 
 from draftsmith.errors import DraftsmithError
+from draftsmith.models.block_drafter import BlockHead, BlockProposer
+from draftsmith.models.block_formats import SPECULATORS_TYPES, read_block_speculators, write_block_speculators
 from draftsmith.models.checks import TargetShape, checked_state, load_weights, read_config_json, weight_shapes
+from draftsmith.models.dflash import DFlashHead
+from draftsmith.models.dspark import DSparkHead
 from draftsmith.models.eagle import EagleConfig, EagleHead, EagleProposer
 from draftsmith.models.eagle3 import Eagle3Config, Eagle3Head, Eagle3Proposer
 from draftsmith.models.peagle import PEagleConfig, PEagleHead, PEagleProposer
@@ -94,6 +98,9 @@ def write_speculators(head, out: Path, verifier: str, verifier_arch: list[str], 
     """An eagle3 head as speculators' Eagle3 checkpoint. `embed_tokens` [V, H] is the target's input
     embedding: speculators' own save always writes it, and its Eagle3 model loaded under transformers 5
     keeps a checkpoint without it at all-zero embeddings instead of fetching the verifier's."""
+    if isinstance(head, BlockHead):   # dflash / dspark (models/block_formats.py): no embed_tokens
+        return write_block_speculators(head, out, verifier, verifier_arch, speculators_config=_speculators_config,
+                                       version=SPECULATORS_VERSION)
     if isinstance(head, EagleHead):
         raise DraftsmithError("speculators has no EAGLE-1 checkpoint type (0.9.0 knows eagle3, peagle, dflash, "
                               "mtp, ...), so vLLM would refuse this export", "--format speculators with kind eagle",
@@ -214,6 +221,8 @@ def read_head_folder(path: Path, target: TargetShape | int | None = None):
         return (PEagleHead if raw.get("parallel") else Eagle3Head).from_pretrained(path, target)
     if raw.get("draftsmith_kind") == "eagle":
         return EagleHead.from_pretrained(path, target)
+    if raw.get("draftsmith_kind") in BLOCK_HEADS:
+        return BLOCK_HEADS[raw["draftsmith_kind"]].from_pretrained(path, target)
     drop = ("embed_tokens.", "verifier", "lm_head.", "model.embed_tokens.")
     if raw.get("speculators_model_type") == "eagle":   # written by draftsmith before 0.9.0 refused it
         if raw.get("layernorms"):
@@ -229,10 +238,13 @@ def read_head_folder(path: Path, target: TargetShape | int | None = None):
         state = checked_state(EagleHead, c, path, target,
                               rename=lambda k: None if k.removeprefix("model.").startswith(drop) else k.removeprefix("model."))
         return EagleHead.from_state(c, state, where)
+    if raw.get("speculators_model_type") in SPECULATORS_TYPES:     # dflash, dspark (models/block_formats.py)
+        return read_block_speculators(raw, path, target, config_from_llama=_config_from_llama)
     if "speculators_model_type" in raw:
         if raw["speculators_model_type"] not in ("eagle3", "peagle"):
-            raise DraftsmithError("draftsmith reads speculators checkpoints of types eagle3 and peagle (and EAGLE-1 "
-                                  "ones it wrote)", raw["speculators_model_type"], "Use an eagle3 or peagle speculator")
+            raise DraftsmithError("draftsmith reads speculators checkpoints of types eagle3, peagle, dflash and dspark "
+                                  "(and EAGLE-1 ones it wrote)", raw["speculators_model_type"],
+                                  "Use an eagle3, peagle, dflash or dspark speculator")
         layer = raw.get("transformer_layer_config") or {}
         if layer.get("num_hidden_layers", 1) != 1:
             raise DraftsmithError("draftsmith reads EAGLE-3 speculators with one decoder layer",
@@ -295,7 +307,13 @@ def _read_peagle(raw: dict, layer: dict, path: Path, target: TargetShape, common
     return head
 
 
+BLOCK_HEADS = {"dflash": DFlashHead, "dspark": DSparkHead}
+"""The block drafters' head classes by draftsmith kind (models/block_drafter.py)."""
+
+
 def proposer_for(head, target_model):
+    if isinstance(head, BlockHead):
+        return BlockProposer(head, target_model)
     if isinstance(head, PEagleHead):
         return PEagleProposer(head, target_model)
     return (Eagle3Proposer if isinstance(head, Eagle3Head) else EagleProposer)(head, target_model)

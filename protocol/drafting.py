@@ -30,12 +30,17 @@ class Draft:
 
     `q[i]` is the law node i's token was drawn from, independently of its siblings (None: every
     node is deterministic, e.g. an argmax, a top-k child or a lookup). `conf[i]` is the drafter's
-    probability of node i's token given its parent (None: the drafter has no such number)."""
+    probability of node i's token given its parent (None: the drafter has no such number). `accept[i]` is
+    the drafter's own prediction that node i is accepted once its parent is (a confidence head, DSpark);
+    the draft-length rule then uses it instead of calibrating `conf` online (None: no such head). In a
+    tree the head predicts the most likely child of each node only (the one a chain would draft): a
+    lower-ranked sibling's entry is None, and the rule calibrates its `conf` as for any drafter."""
 
     tokens: list[int]
     q: torch.Tensor | None = None
     parents: list[int] | None = None
     conf: list[float] | None = None
+    accept: list[float | None] | None = None
 
 
 MAX_TREE_NODES = 1024
@@ -131,49 +136,59 @@ class DraftSampler:
             return logits.float().softmax(-1)
         return warp(logits, self.sampling)
 
-    def value(self, parent_value: float, conf: float | None, depth: int) -> float:
+    def value(self, parent_value: float, conf: float | None, depth: int, accept: float | None = None) -> float:
         if self.rule is None:
-            return parent_value * (1.0 if conf is None else conf)
-        return self.rule.value(parent_value, conf, depth)
+            return parent_value * (1.0 if conf is None else conf)   # neutral: EAGLE-2's cumulative draft probability
+        return self.rule.value(parent_value, conf, depth, accept)
 
     def worth(self, value: float, nodes: int) -> bool:
         return True if self.rule is None else self.rule.worth(value, nodes)
 
 
 Expand = Callable[[list[int], list[int], list[int]], torch.Tensor]
+Accept = Callable[["int | None", int], float]
+"""accept(previous token or None for the root's children, depth from 1) -> predicted acceptance of a node
+there: a confidence head reads the token before the node, not the node's own."""
 
 
 def grow_draft(expand: Expand, root_logits: torch.Tensor, k: int, sampler: DraftSampler,
-               tree: TreeShape | None = None) -> Draft:
-    """A draft of depth <= k from the logits after the root and the proposer's `expand`."""
+               tree: TreeShape | None = None, accept: Accept | None = None) -> Draft:
+    """A draft of depth <= k from the logits after the root and the proposer's `expand`; `accept`: the
+    drafter's predicted acceptance per node (Draft.accept), None without a confidence head."""
     if k < 1:
         return Draft([])
     if tree is None:
-        return _chain(expand, root_logits, k, sampler)
+        return _chain(expand, root_logits, k, sampler, accept)
     if tree.kind == "static":
-        return _static(expand, root_logits, k, sampler, tree)
-    return _dynamic(expand, root_logits, k, sampler, tree)
+        return _static(expand, root_logits, k, sampler, tree, accept)
+    return _dynamic(expand, root_logits, k, sampler, tree, accept)
 
 
-def _chain(expand: Expand, logits: torch.Tensor, k: int, sampler: DraftSampler) -> Draft:
-    tokens, qs, conf, parents = [], [], [], []
+def _accept(accept: Accept | None, tokens: list[int], parent: int, depth: int) -> float | None:
+    return None if accept is None else accept(None if parent < 0 else tokens[parent], depth)
+
+
+def _chain(expand: Expand, logits: torch.Tensor, k: int, sampler: DraftSampler, accept: Accept | None) -> Draft:
+    tokens, qs, conf, parents, acc = [], [], [], [], []
     value = 1.0
     for i in range(k):
         token, q = sampler(logits)
         c = float((q if q is not None else sampler.law(logits))[token])
-        value = sampler.value(value, c, i + 1)
+        a = _accept(accept, tokens, i - 1, i + 1)
+        value = sampler.value(value, c, i + 1, a)
         if i and not sampler.worth(value, i):
             break
         tokens.append(token)
         qs.append(q)
         conf.append(c)
+        acc.append(a)
         parents.append(i - 1)
         # a child's value never exceeds its parent's: when even this node's value would not pay for
         # one more node, the next is not drafted (its draft forward would be wasted)
         if i + 1 >= k or not sampler.worth(value, i + 1):
             break
         logits = expand([i], tokens, parents)[0]
-    return Draft(tokens, None if qs[0] is None else torch.stack(qs), None, conf)
+    return Draft(tokens, None if qs[0] is None else torch.stack(qs), None, conf, None if accept is None else acc)
 
 
 def best_first_order(parents: list[int], values: list[float], keep: int) -> list[int]:
@@ -198,15 +213,15 @@ def best_first_order(parents: list[int], values: list[float], keep: int) -> list
     return out
 
 
-def subset(tokens: list[int], parents: list[int], conf: list, order: list[int]) -> Draft:
+def subset(tokens: list[int], parents: list[int], conf: list, order: list[int], accept: list | None = None) -> Draft:
     """The draft made of nodes `order` (an ancestor-closed list, parents first), renumbered."""
     index = {old: new for new, old in enumerate(order)}
     return Draft([tokens[i] for i in order], None, [index[parents[i]] if parents[i] >= 0 else -1 for i in order],
-                 [conf[i] for i in order])
+                 [conf[i] for i in order], None if accept is None else [accept[i] for i in order])
 
 
-def best_first(tokens, parents, conf, values, keep: int) -> Draft:
-    return subset(tokens, parents, conf, best_first_order(parents, values, keep))
+def best_first(tokens, parents, conf, values, keep: int, accept: list | None = None) -> Draft:
+    return subset(tokens, parents, conf, best_first_order(parents, values, keep), accept)
 
 
 def _top(sampler: DraftSampler, logits: torch.Tensor, width: int):
@@ -215,22 +230,25 @@ def _top(sampler: DraftSampler, logits: torch.Tensor, width: int):
     return [(int(t), float(p)) for t, p in zip(ids, probs) if p > 0]
 
 
-def _dynamic(expand: Expand, root_logits, k: int, sampler: DraftSampler, tree: TreeShape) -> Draft:
+def _dynamic(expand: Expand, root_logits, k: int, sampler: DraftSampler, tree: TreeShape,
+             accept: Accept | None = None) -> Draft:
     """EAGLE-2 (Li et al. 2406.16858): expand the `topk` frontier nodes of highest cumulative value,
     `topk` children each, for up to `depth` levels; verify the best `nodes` of all drafted."""
-    tokens, parents, conf, values, depth_of = [], [], [], [], []
+    tokens, parents, conf, values, depth_of, acc = [], [], [], [], [], []
 
     def add(children_of: list[tuple[int, list]]) -> list[int]:
         new = []
         for parent, kids in children_of:
             base = 1.0 if parent < 0 else values[parent]
             d = 1 if parent < 0 else depth_of[parent] + 1
-            for token, c in kids:
+            a = _accept(accept, tokens, parent, d)
+            for rank, (token, c) in enumerate(kids):    # the head predicts the most likely child (rank 0) only
                 tokens.append(token)
                 parents.append(parent)
                 conf.append(c)
+                acc.append(a if rank == 0 else None)
                 depth_of.append(d)
-                values.append(sampler.value(base, c, d))
+                values.append(sampler.value(base, c, d, acc[-1]))
                 new.append(len(tokens) - 1)
         return new
 
@@ -242,13 +260,14 @@ def _dynamic(expand: Expand, root_logits, k: int, sampler: DraftSampler, tree: T
             break
         logits = expand(frontier, tokens, parents)
         level = add([(i, _top(sampler, logits[j], tree.topk)) for j, i in enumerate(frontier)])
-    return best_first(tokens, parents, conf, values, tree.nodes)
+    return best_first(tokens, parents, conf, values, tree.nodes, None if accept is None else acc)
 
 
-def _static(expand: Expand, root_logits, k: int, sampler: DraftSampler, tree: TreeShape) -> Draft:
+def _static(expand: Expand, root_logits, k: int, sampler: DraftSampler, tree: TreeShape,
+            accept: Accept | None = None) -> Draft:
     """A fixed tree of rank paths (Medusa's `medusa_choices`): path (r1, .., rd) is the r_d-th most
     likely child of path (r1, .., r_{d-1}), the root's when d = 1."""
-    tokens, parents, conf, values = [], [], [], []
+    tokens, parents, conf, values, acc = [], [], [], [], []
     node_of: dict[tuple[int, ...], int] = {}
     tops = {(): _top(sampler, root_logits, tree.topk)}
     for depth in range(1, min(tree.depth, k) + 1):
@@ -262,7 +281,8 @@ def _static(expand: Expand, root_logits, k: int, sampler: DraftSampler, tree: Tr
             tokens.append(token)
             parents.append(parent)
             conf.append(c)
-            values.append(sampler.value(1.0 if parent < 0 else values[parent], c, depth))
+            acc.append(_accept(accept, tokens[:-1], parent, depth) if p[-1] == 0 else None)   # rank 0 only
+            values.append(sampler.value(1.0 if parent < 0 else values[parent], c, depth, acc[-1]))
             node_of[p] = len(tokens) - 1
         grow = [p for p in paths if p in node_of and any(len(c) == depth + 1 and c[:-1] == p for c in tree.paths)]
         if not grow or depth == min(tree.depth, k):
@@ -270,4 +290,4 @@ def _static(expand: Expand, root_logits, k: int, sampler: DraftSampler, tree: Tr
         logits = expand([node_of[p] for p in grow], tokens, parents)
         for j, p in enumerate(grow):
             tops[p] = _top(sampler, logits[j], tree.topk)
-    return best_first(tokens, parents, conf, values, len(tokens))
+    return best_first(tokens, parents, conf, values, len(tokens), None if accept is None else acc)

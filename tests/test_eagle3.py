@@ -11,9 +11,10 @@ from safetensors.torch import load_file, save_file
 from draftsmith.distill.objective import Objective
 from draftsmith.errors import DraftsmithError
 from draftsmith.eval.decoder import autoregressive_generate, make_sampler, speculative_generate
-from draftsmith.models.eagle import target_parts
-from draftsmith.models.eagle3 import (Eagle3Head, Eagle3Proposer, Eagle3TrainModule, build_eagle3,
-                                      default_aux_layers, draft_vocab_from_counts)
+from draftsmith.models.layers import target_parts
+from draftsmith.models.draft_vocab import draft_vocab_from_counts
+from draftsmith.models.eagle3 import Eagle3Head, Eagle3Proposer, Eagle3TrainModule, build_eagle3
+from draftsmith.models.layers import default_aux_layers
 from draftsmith.models.formats import read_head_folder, write_sglang, write_speculators
 from draftsmith.models.target import Target
 from draftsmith.protocol.proposer import DecodeState

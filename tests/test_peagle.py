@@ -14,10 +14,12 @@ from draftsmith.bench.decode_profile import count_drafter_forwards
 from draftsmith.distill.objective import Objective
 from draftsmith.errors import DraftsmithError
 from draftsmith.eval.decoder import autoregressive_generate, make_sampler, speculative_generate
-from draftsmith.models.eagle import target_parts
-from draftsmith.models.eagle3 import build_eagle3, default_aux_layers
+from draftsmith.models.layers import target_parts
+from draftsmith.models.eagle3 import build_eagle3
+from draftsmith.models.layers import default_aux_layers
 from draftsmith.models.formats import read_head_folder, write_sglang, write_speculators
-from draftsmith.models.peagle import PEagleHead, PEagleProposer, PEagleTrainModule, choose_mask_token
+from draftsmith.models.peagle import PEagleHead, PEagleProposer, PEagleTrainModule
+from draftsmith.models.mask_token import choose_mask_token
 from draftsmith.models.target import Target
 from draftsmith.protocol.drafting import TreeShape
 from draftsmith.protocol.proposer import DecodeState

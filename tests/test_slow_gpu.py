@@ -35,7 +35,8 @@ def test_smollm2_trees_and_auto_are_lossless():
     from draftsmith.eval.draft_length import DraftLengthRule, measure_cost_curve
     from draftsmith.protocol.drafting import TreeShape
     from draftsmith.models.composite import CompositeProposer
-    from draftsmith.models.eagle3 import Eagle3Proposer, build_eagle3, default_aux_layers
+    from draftsmith.models.eagle3 import Eagle3Proposer, build_eagle3
+    from draftsmith.models.layers import default_aux_layers
     from draftsmith.models.prompt_lookup import PromptLookupProposer
 
     target = load_target("smollm2-135m-instruct", device="cpu")
@@ -58,7 +59,8 @@ def test_smollm2_eagle_heads_are_lossless(kind):
     """Fresh (untrained, target-initialised) EAGLE heads on the real SmolLM2 target: greedy output
     equals plain decoding, and the exact-law check holds for eagle3's reduced-support q."""
     from draftsmith.models.eagle import EagleProposer, build_eagle
-    from draftsmith.models.eagle3 import Eagle3Proposer, build_eagle3, default_aux_layers
+    from draftsmith.models.eagle3 import Eagle3Proposer, build_eagle3
+    from draftsmith.models.layers import default_aux_layers
 
     target = load_target("smollm2-135m-instruct", device="cpu")
     if kind == "eagle":
@@ -81,7 +83,8 @@ def test_gemma3_eagle3_is_lossless_and_trains_one_step():
     vocabulary). The asset's GGUF has no chat template: the asset supplies Gemma's turn format and
     <end_of_turn> as a stop token, so assistant spans are found and generation stops per turn."""
     from draftsmith.distill.data import tokenize_conversation
-    from draftsmith.models.eagle3 import Eagle3Proposer, Eagle3TrainModule, build_eagle3, default_aux_layers
+    from draftsmith.models.eagle3 import Eagle3Proposer, Eagle3TrainModule, build_eagle3
+    from draftsmith.models.layers import default_aux_layers
     from draftsmith.models.target import target_signals
 
     target = load_target("gemma3-270m", device="cpu")

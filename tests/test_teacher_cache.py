@@ -94,12 +94,14 @@ def test_cache_holds_the_drafters_layers_and_full_distribution(setup, eagle3_cac
     assert "768 bytes per token of hidden states" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("kind", ["eagle3", "eagle", "small_lm"])
+@pytest.mark.parametrize("kind", ["eagle3", "eagle", "small_lm", "dflash", "dspark"])
 def test_cache_trained_run_matches_the_online_run(setup, eagle3_cache, tmp_path, monkeypatch, kind):
     """k = vocabulary: the loss of every step and the held-out figures agree within LOSS_TOLERANCE, and
     no cached step runs the target's layers (they sit on the meta device)."""
     recipe = str(setup / "recipe.yaml")
     common = [f"run.out_dir={tmp_path}", f"drafter.kind={kind}", "drafter.num_layers=1"]
+    if kind in ("dflash", "dspark"):    # block drafters tap eagle3's default layers: the same cache serves them
+        common += ["drafter.block_size=4", "drafter.max_anchors=8"]
     folder = eagle3_cache
     if kind == "small_lm":           # reads no layer: a cache of log-probabilities only
         folder = tmp_path / "small-cache"

@@ -61,7 +61,8 @@ class DrafterConfig(Section):
     section: ClassVar[str] = "drafter"
     choices: ClassVar = {"init": ("target", "random")}
     at_least: ClassVar = {"num_layers": 1, "hidden_size": 1, "intermediate_size": 1, "feature_noise": 0.0,
-                          "draft_vocab_size": 1, "ttt_steps": 1, "parallel_k": 1, "cod_floor": 0.0}
+                          "draft_vocab_size": 1, "ttt_steps": 1, "parallel_k": 1, "cod_floor": 0.0,
+                          "block_size": 2, "max_anchors": 1, "markov_rank": 0}
     above: ClassVar = {"ttt_decay": 0.0, "cod_ratio": 0.0}
     kind: str = "small_lm"
     """Drafter architecture, a key of the drafter registry in draftsmith.models."""
@@ -83,7 +84,7 @@ class DrafterConfig(Section):
     """eagle3: tokens in the draft vocabulary, the most frequent assistant tokens of the training data;
     null = a quarter of the target's vocabulary."""
     aux_layers: list[int] | None = None
-    """eagle3: the 3 target layers whose outputs are fused (0-based output indices, transformers'
+    """eagle3 (3), dflash / dspark (any number): the target layers whose outputs are fused (0-based output indices, transformers'
     hidden_states[i + 1]); null = (1, N/2 - 1, N - 4), vLLM's and SGLang's default."""
     ttt_steps: int = 7
     """eagle3: training-time-test steps unrolled per sequence (the head feeds its own features back)."""
@@ -110,6 +111,18 @@ class DrafterConfig(Section):
     of depth d (PARD: 0.7)."""
     cod_floor: float = 0.2
     """parallel, eagle3 with parallel: the least share of a depth kept by conditional drop-token (PARD: 0.2)."""
+    block_size: int = 8
+    """dflash / dspark: tokens in a block, one drafter forward (dflash drafts block_size - 1 of them: its
+    first slot is the anchor; dspark drafts block_size)."""
+    max_anchors: int = 64
+    """dflash / dspark: anchor positions drawn per training sequence; every anchor's block is trained in
+    the same forward (memory grows with max_anchors x block_size)."""
+    markov_rank: int | None = None
+    """dspark: rank of the Markov logit-bias head (the previous token's bias on the next draft's logits);
+    0 = none; null = 256 (speculators' default)."""
+    confidence_head: bool | None = None
+    """dspark: a head predicting each draft's acceptance (trained with loss.confidence_weight x BCE; `--k
+    auto` uses it); null = on."""
     lora: dict | None = None
     """small_lm / parallel: train LoRA adapters through peft on frozen base weights, a mapping
     {r, alpha, dropout, target_modules} (defaults 16, 32, 0.0, null = every linear layer but the LM
@@ -118,15 +131,27 @@ class DrafterConfig(Section):
     def validate(self) -> None:
         # prompt lookup has no weights: nothing to train
         check_choice("drafter.kind", self.kind, [k for k in DRAFTER_KINDS if k != "prompt_lookup"])
-        check(self.init_from is None or self.kind in ("eagle", "eagle3", "parallel"), "drafter.init_from",
-              self.init_from, "Warm starts are for the eagle, eagle3 and parallel drafters; set drafter.init_from=null")
+        check(self.init_from is None or self.kind in ("eagle", "eagle3", "parallel", "dflash", "dspark"),
+              "drafter.init_from", self.init_from,
+              "Warm starts are for the eagle, eagle3, parallel, dflash and dspark drafters; set drafter.init_from=null")
+        block = self.kind in ("dflash", "dspark")
+        check(self.mask_token_id is None or self.parallel or block or self.mask_token_id < 0, "drafter.mask_token_id",
+              self.mask_token_id, "A mask token id is for eagle3 with parallel: true, dflash and dspark; else set it to null")
+        check(not block or self.block_size <= MAX_PARALLEL_K, "drafter.block_size", self.block_size,
+              f"Use 2 to {MAX_PARALLEL_K} (DFlash trains 8-16)")
+        check(self.kind == "dspark" or (self.markov_rank is None and self.confidence_head is None),
+              "drafter.markov_rank / confidence_head", [self.markov_rank, self.confidence_head],
+              "The Markov and confidence heads are dspark's: set them to null, or drafter.kind=dspark")
+        check(not (self.kind == "dspark" and self.confidence_head is not False and self.markov_rank == 0),
+              "drafter.markov_rank", self.markov_rank,
+              "dspark's confidence head reads the Markov embedding: use markov_rank > 0, or confidence_head: false")
         check(self.cod_ratio <= 1.0 and self.cod_floor <= 1.0, "drafter.cod_ratio / cod_floor",
               [self.cod_ratio, self.cod_floor], "Use shares in (0, 1], e.g. 0.7 and 0.2 as PARD")
         check(not self.parallel or self.kind == "eagle3", "drafter.parallel", f"kind {self.kind}",
               "parallel: true makes an eagle3 head draft in parallel (P-EAGLE); kind parallel always does: "
               "set drafter.parallel=false, or drafter.kind=eagle3")
-        check(self.mask_token_id is None or (self.parallel and self.mask_token_id >= 0), "drafter.mask_token_id",
-              self.mask_token_id, "A mask token id (>= 0) is for eagle3 with parallel: true; else set it to null")
+        check(self.mask_token_id is None or self.mask_token_id >= 0, "drafter.mask_token_id", self.mask_token_id,
+              "Use an id >= 0 of the target's vocabulary, or null to pick an unused one")
         if self.parallel or self.kind == "parallel":
             check(2 <= self.parallel_k <= MAX_PARALLEL_K, "drafter.parallel_k", self.parallel_k,
                   f"A parallel drafter drafts parallel_k tokens per forward from parallel_k - 1 mask rows: use 2 to "
@@ -138,8 +163,11 @@ class DrafterConfig(Section):
             check(self.init == "target" or self.init_from is not None, "drafter.lora", "init: random",
                   "LoRA adapts weights that mean something: use drafter.init=target (or init_from for parallel)")
         if self.aux_layers is not None:
-            check(len(self.aux_layers) == 3 and len(set(self.aux_layers)) == 3 and min(self.aux_layers) >= 0,
-                  "drafter.aux_layers", self.aux_layers, "Give 3 distinct target layer indices >= 0, or null")
+            count = None if self.kind in ("dflash", "dspark") else 3      # block drafters tap any number
+            check((len(self.aux_layers) == count if count else 1 <= len(self.aux_layers) <= 64)
+                  and len(set(self.aux_layers)) == len(self.aux_layers) and min(self.aux_layers) >= 0,
+                  "drafter.aux_layers", self.aux_layers,
+                  f"Give {count or '1 to 64'} distinct target layer indices >= 0, or null")
             if self.aux_layers != sorted(self.aux_layers):
                 # SGLang and vLLM concatenate the tapped layers in layer order: a head trained on
                 # another order would read its inputs permuted there
@@ -197,7 +225,8 @@ class DataConfig(Section):
 @dataclass
 class LossConfig(Section):
     section: ClassVar[str] = "loss"
-    at_least: ClassVar = {"beta": 0.0, "top_k": 1, "data_ce_weight": 0.0, "feature_weight": 0.0}
+    at_least: ClassVar = {"beta": 0.0, "top_k": 1, "data_ce_weight": 0.0, "feature_weight": 0.0,
+                          "confidence_weight": 0.0}
     above: ClassVar = {"temperature": 0.0, "gamma": 0.0}
     name: str = "forward_kl"
     """A key of draftsmith.distill.losses.LOSSES (forward_kl = KL(p || q), p the target's; tvd = 1 - alpha;
@@ -221,6 +250,8 @@ class LossConfig(Section):
     """Weight of an added cross-entropy on the data's own tokens; 0 = off."""
     feature_weight: float = 1.0
     """eagle: weight of the SmoothL1 feature regression (features divided by their std)."""
+    confidence_weight: float = 1.0
+    """dspark: weight of the confidence head's BCE against each draft's acceptance (DSpark: 1)."""
 
     def validate(self) -> None:
         check_choice("loss.name", self.name, sorted(LOSSES))

@@ -60,6 +60,18 @@ def _activation_bytes(cfg, tcfg, drafter) -> dict[str, float]:
         # token with a KD loss, ~10 with CE only (H100, parallel-kd shapes: 39.0 and 18.7 GiB peak)
         per = 24 if Objective.from_config(cfg.loss).needs_target else 10
         out["drafter logits and the loss's fp32 temporaries"] = (rows + blocks) * v * per
+    elif d.kind in ("dflash", "dspark"):   # every anchor's block in one forward over the context's keys / values
+        c = drafter.model.config
+        anchors = min(d.max_anchors, t)
+        q = anchors * c.block_size                    # block queries per sequence
+        keys = t + q
+        per_row = 16 * h + 3 * tcfg.intermediate_size
+        out["drafter activations (anchor blocks)"] = c.num_layers * b * q * per_row * act
+        # on a GPU, torch's memory-efficient SDPA takes the block mask as an fp32 bias kept for backward and
+        # never materialises the [heads, Q, K] scores (the CPU's math kernel does: 8x more per head)
+        out["block attention mask (fp32 bias per layer)"] = c.num_layers * b * q * keys * 4
+        out["draft-vocabulary targets and logits (fp32, grad)"] = rows * c.draft_vocab_size * 4 + \
+            b * anchors * c.drafts * c.draft_vocab_size * 4 * 3
     elif d.kind == "eagle":
         out["drafter activations"] = rows * (14 * h + 3 * tcfg.intermediate_size) * act
         out["drafter logits via the target's head (fp32, grad)"] = rows * v * 4 * 3

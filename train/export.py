@@ -2,8 +2,9 @@
 
 hf: draftsmith's own folder (a transformers LM for small_lm; config + safetensors for the heads),
 with the tokenizer. speculators / sglang: the EAGLE (eagle, eagle3; P-EAGLE as speculators' peagle)
-checkpoints that vLLM and SGLang load (models/formats.py, docs/formats.md). Every export carries a
-model card and draftsmith.json.
+checkpoints that vLLM and SGLang load (models/formats.py, docs/formats.md); speculators also takes the
+block drafters (dflash, dspark: speculators' dflash / dspark types, models/block_formats.py). Every
+export carries a model card and draftsmith.json.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from draftsmith.train.checkpoints import latest_checkpoint, verify
 
 FORMATS = ("hf", "speculators", "sglang")
 SERVING_FORMATS = ("speculators", "sglang")   # EAGLE heads for vLLM and SGLang
+SERVING_KINDS = {"speculators": ("eagle", "eagle3", "dflash", "dspark"), "sglang": ("eagle", "eagle3")}
+BLOCK_KINDS = ("dflash", "dspark")
 
 
 def _checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
@@ -108,9 +111,16 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, checkpoint: str | Non
     check_output_folder(out, overwrite, "export", protect=protect)
     config = yaml.safe_load(config_path.read_text())
     kind = config["drafter"]["kind"]
-    if fmt in SERVING_FORMATS and kind not in ("eagle", "eagle3"):
-        raise DraftsmithError(f"--format {fmt} writes EAGLE heads only (speculators: kind eagle3, P-EAGLE as its "
-                              "peagle type; sglang: kinds eagle and eagle3); this run trained another kind",
+    if fmt == "sglang" and kind in BLOCK_KINDS:
+        raise DraftsmithError("draftsmith writes no SGLang layout for the block drafters: SGLang's DFlash loader "
+                              "is a separate pull request, not in a release draftsmith was checked against",
+                              f"--format sglang with kind {kind}",
+                              "Export it with --format speculators (vLLM's dflash / dspark types) or --format hf "
+                              "(draftsmith eval)")
+    if fmt in SERVING_FORMATS and kind not in SERVING_KINDS[fmt]:
+        raise DraftsmithError(f"--format {fmt} writes EAGLE and block-drafter heads only (speculators: kinds eagle3 "
+                              "(P-EAGLE as its peagle type), dflash and dspark; sglang: kinds eagle and eagle3); "
+                              "this run trained another kind",
                               kind, "Export it with --format hf: vLLM and SGLang load it as a plain draft model, "
                               "and so do draftsmith eval and transformers' assisted generation")
     ckpt = _checkpoint(run_dir, checkpoint)
@@ -166,6 +176,7 @@ def _write_serving(fmt: str, ckpt: Path, out: Path, config: dict) -> None:
         return
     name = config["target"]["name"]
     asset = TARGETS.get(name)
-    embed = target_embedding(name) if head.config.draftsmith_kind == "eagle3" else None   # kind eagle is refused
+    # eagle3 carries the target's embedding; kind eagle is refused; dflash / dspark leave it to the verifier
+    embed = target_embedding(name) if head.config.draftsmith_kind == "eagle3" else None
     write_speculators(head, out, asset.hub_id if asset else name, [asset.architecture if asset else "LlamaForCausalLM"],
                       embed)

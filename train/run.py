@@ -18,13 +18,19 @@ from draftsmith.distill.objective import Objective
 from draftsmith.distill.teacher import attach_cache, cached_feature_scale, keep_shared_parts, teacher_cache_dir
 from draftsmith.errors import DraftsmithError
 from draftsmith.folders import check_output_folder, marker_kind, write_marker
-from draftsmith.models.eagle import EagleTrainModule, build_eagle, feature_scale, target_parts
-from draftsmith.models.eagle3 import Eagle3TrainModule, build_eagle3, default_aux_layers, draft_vocab_from_counts
+from draftsmith.models.block_drafter import BlockHead, BlockTrainModule, build_block_head
+from draftsmith.models.dflash import DFlashHead
+from draftsmith.models.draft_vocab import draft_vocab_from_counts
+from draftsmith.models.dspark import DSparkHead
+from draftsmith.models.eagle import EagleTrainModule, build_eagle, feature_scale
+from draftsmith.models.eagle3 import Eagle3TrainModule, build_eagle3
+from draftsmith.models.layers import default_aux_layers, target_parts
 from draftsmith.models.formats import read_head_folder
 from draftsmith.models.lora import adapted_target, apply_lora
 from draftsmith.models.parallel import build_parallel
 from draftsmith.models.parallel_train import ParallelTrainModule
-from draftsmith.models.peagle import PEagleHead, PEagleTrainModule, choose_mask_token
+from draftsmith.models.peagle import PEagleHead, PEagleTrainModule
+from draftsmith.models.mask_token import choose_mask_token
 from draftsmith.models.small_lm import SmallLMTrainModule, build_small_lm
 from draftsmith.models.target import load_target, resolve_dtype
 from draftsmith.train.checkpoints import clean_stale, list_checkpoints, resume_checkpoint
@@ -159,7 +165,7 @@ def on_main(acc, fn):
 def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False, tokenizer=None):
     """The training module of the recipe's drafter kind (what accelerate wraps). dry: on the meta
     device, without data (feature scale 1, the draft vocabulary the first ids). `tokenizer` names
-    P-EAGLE's default mask token (models/peagle.py: choose_mask_token)."""
+    P-EAGLE's default mask token (models/mask_token.py)."""
     d = cfg.drafter
     torch.manual_seed(cfg.train.seed)
     if d.kind == "parallel":
@@ -172,6 +178,11 @@ def build_drafter(cfg, target_model, train_rows, pad_id: int, dry: bool = False,
             apply_lora(drafter, d.lora)    # frozen base; the mask row trains through peft's trainable tokens
         return ParallelTrainModule(drafter, Objective.from_config(cfg.loss), d.parallel_k, d.cod_ratio, d.cod_floor,
                                    d.freeze_embeddings and d.lora is None)
+    if d.kind in ("dflash", "dspark"):
+        head = warm_start(d, target_model) if d.init_from is not None and not dry else \
+            build_block(d, target_model, train_rows, tokenizer, dry)
+        return BlockTrainModule(head, target_model, Objective.from_config(cfg.loss), d.max_anchors,
+                                cfg.loss.confidence_weight)
     if d.init_from is not None and not dry:
         head = warm_start(d, target_model)
         if d.parallel:
@@ -218,9 +229,30 @@ def _train_module(d, loss_cfg, head, target_model):
     return Eagle3TrainModule(head, target_model, d.ttt_steps, d.ttt_decay, Objective.from_config(loss_cfg))
 
 
+def build_block(d, target_model, train_rows, tokenizer, dry: bool) -> BlockHead:
+    """A fresh dflash / dspark head (models/block_drafter.py): tapped layers as eagle3's unless given, the
+    draft vocabulary from the training data, the mask token by models/mask_token.py."""
+    n_layers = target_model.config.num_hidden_layers
+    vocab = target_model.config.vocab_size
+    size = d.draft_vocab_size or vocab // 4
+    draft_ids = torch.arange(size) if dry else draft_vocab(train_rows, vocab, size)
+    mask_id = choose_mask_token(vocab, None if dry else train_rows, tokenizer, d.mask_token_id)
+    if train_rows is not None and not dry:
+        name = tokenizer.convert_ids_to_tokens(mask_id) if tokenizer is not None else "?"
+        print(f"[draftsmith] {d.kind} mask token: id {mask_id} ({name!r})", flush=True)
+    extra = {}
+    if d.kind == "dspark":
+        extra = {"markov_rank": 256 if d.markov_rank is None else d.markov_rank,
+                 "confidence_head": d.confidence_head is not False}
+    cls = DSparkHead if d.kind == "dspark" else DFlashHead
+    head = build_block_head(cls, target_model, d.aux_layers or default_aux_layers(n_layers), draft_ids, mask_id,
+                            d.num_layers, d.block_size, d.init, d.layers_from_target, **extra)
+    return head.float()
+
+
 def as_peagle(d, head, target_model, train_rows, tokenizer):
     """The P-EAGLE head of an `eagle3` recipe with `parallel: true`: a fresh or warm-started EAGLE-3 head
-    gains the mask parameters (mask token: models/peagle.py choose_mask_token); a P-EAGLE warm start
+    gains the mask parameters (mask token: models/mask_token.py); a P-EAGLE warm start
     keeps its mask token and trains the recipe's depths."""
     if isinstance(head, PEagleHead):
         if d.mask_token_id is not None and d.mask_token_id != head.config.mask_token_id:
