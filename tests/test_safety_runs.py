@@ -540,7 +540,8 @@ def test_serving_export_of_another_kind_says_which_kinds_each_format_takes(tmp_p
     with pytest.raises(DraftsmithError) as info:
         export(run, fmt, tmp_path / "out")
     said = str(info.value)
-    assert "speculators: kind eagle3, P-EAGLE as its peagle type" in said and "sglang: kinds eagle and eagle3" in said
+    assert "speculators: kinds eagle3 (P-EAGLE as its peagle type), dflash and dspark" in said
+    assert "sglang: kinds eagle and eagle3" in said
     assert "small_lm" in said and "--format hf" in said
 
 

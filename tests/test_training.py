@@ -409,7 +409,7 @@ def test_eagle3_trains_exports_both_formats_and_decodes_losslessly(setup, tmp_pa
 def test_small_lm_refuses_serving_formats(setup, run_a, tmp_path, capsys):
     assert main(["export", str(run_a), "--format", "sglang", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "EAGLE heads" in err and "small_lm" in err and "--format hf" in err
+    assert "EAGLE and block-drafter heads" in err and "small_lm" in err and "--format hf" in err
     assert not (tmp_path / "x").exists()
 
 
