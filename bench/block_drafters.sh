@@ -22,11 +22,12 @@ NEW="${NEW:-64}"
 KS="${KS:-1,2,4,auto}"
 RECIPES="${RECIPES:-dflash-quick dspark-quick eagle3-ttt-quick}"
 OUT="${OUT:-$RUNS/table}"
+CKPT="step-$(printf %07d "$STEPS")"
 mkdir -p "$RUNS" "$OUT"
 threads=$(( $(nproc) / JOBS )); [ "$threads" -ge 1 ] || threads=1
 pids=()
 for r in $RECIPES; do
-  if [ -d "$RUNS/$r/checkpoints/step-$STEPS" ]; then continue; fi
+  if [ -d "$RUNS/$r/checkpoints/$CKPT" ]; then continue; fi
   resume=(); [ -d "$RUNS/$r/checkpoints" ] && resume=(--resume)
   OMP_NUM_THREADS=$threads draftsmith train "smollm2-135m/$r" "train.max_steps=$STEPS" "run.out_dir=$RUNS" \
     "run.name=$r" "${resume[@]}" > "$RUNS/$r.train.log" 2>&1 &
@@ -35,14 +36,14 @@ for r in $RECIPES; do
 done
 for p in "${pids[@]}"; do wait "$p"; done
 drafters=()
-for r in $RECIPES; do drafters+=(--drafter "$RUNS/$r/checkpoints/step-$STEPS/drafter"); done
+for r in $RECIPES; do drafters+=(--drafter "$RUNS/$r/checkpoints/$CKPT/drafter"); done
 export OMP_NUM_THREADS=$(nproc)
 python bench/decode_profile.py "${drafters[@]}" --bench mt_bench --num-prompts "$MT" --max-new-tokens "$NEW" \
   --k "$KS" | tee "$OUT/mt_bench$MT.txt"
 python bench/decode_profile.py "${drafters[@]}" --bench humaneval --num-prompts "$HE" --max-new-tokens "$NEW" \
   --k "$KS" | tee "$OUT/humaneval$HE.txt"
-if [ -d "$RUNS/dspark-quick/checkpoints/step-$STEPS" ]; then
-  draftsmith eval --target smollm2-135m-instruct --drafter "$RUNS/dspark-quick/checkpoints/step-$STEPS/drafter" \
+if [ -d "$RUNS/dspark-quick/checkpoints/$CKPT" ]; then
+  draftsmith eval --target smollm2-135m-instruct --drafter "$RUNS/dspark-quick/checkpoints/$CKPT/drafter" \
     --bench mt_bench --num-prompts "$MT" --max-new-tokens "$NEW" --k auto --no-hf-assisted \
     --out "$OUT/dspark-eval-mt_bench$MT-kauto" --overwrite | tail -5
 fi
