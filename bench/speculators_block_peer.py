@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from speculators_peer import real_export   # a trained export's verifier pointed at the local target
+from speculators_peer import fresh_workdir, real_export   # a trained export's verifier pointed at the local target
 
 HIDDEN, VOCAB, LAYERS, DRAFT_VOCAB, MASK, BLOCK, T = 64, 256, 8, 160, 7, 5, 40
 AUX = [5, 1, 3, 7]     # unsorted on purpose; 7 = the last layer's output (speculators id 8 = N)
@@ -238,8 +237,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    fresh_workdir(folder)
     if args.export:
         from draftsmith.models.target import resolve_model_folder
 

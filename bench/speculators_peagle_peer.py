@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from speculators_peer import VOCAB, real_export, tiny_target_and_head   # the eagle3 peer check's
+from speculators_peer import VOCAB, fresh_workdir, real_export, tiny_target_and_head   # the eagle3 peer check's
 
 K, MASK = 4, 7
 
@@ -196,8 +195,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    fresh_workdir(folder)
     if args.export:
         target, sequences = real_export(folder, Path(args.export), args.target, args.prompts, args.new_tokens)
     else:

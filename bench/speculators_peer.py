@@ -145,6 +145,21 @@ def real_export(folder: Path, export: Path, target_spec: str, prompts: int, new_
     return target, sequences
 
 
+MARKER = ".draftsmith-peer-check"
+"""Written into every working folder a peer check makes: only such a folder is ever emptied."""
+
+
+def fresh_workdir(folder: Path) -> None:
+    """An empty working folder at `folder`: created, or emptied when a peer check made it (it holds MARKER);
+    a non-empty folder the check did not make is refused, never deleted."""
+    if folder.exists() and any(folder.iterdir()) and not (folder / MARKER).is_file():
+        raise SystemExit(f"--out {folder} exists, is not empty and was not made by a peer check: "
+                         "name a new or empty folder (it is replaced on every run)")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / MARKER).write_text("a draftsmith peer check's working folder; replaced on every run\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec-python", default="/tmp/specvenv/bin/python", help="python of the speculators venv")

@@ -195,8 +195,6 @@ class BlockProposer:
         self.device = next(target_model.parameters()).device
         self.dtype = next(target_model.parameters()).dtype
         self.head.to(device=self.device, dtype=self.dtype)
-        self.draft_ids = head.draft_ids.to(self.device)
-        self.vocab_size = c.vocab_size
         self.max_k = c.drafts           # `--k auto` never asks for more than one block drafts
         self.mask_id = c.mask_token_id
 
@@ -224,11 +222,6 @@ class BlockProposer:
                                            for (k, v), (k2, v2) in zip(self.kv, new)]
         self.length = start + feats.shape[1]
 
-    def _full(self, draft: torch.Tensor) -> torch.Tensor:
-        full = draft.new_full((*draft.shape[:-1], self.vocab_size), float("-inf"))
-        full[..., self.draft_ids] = draft
-        return full
-
     @torch.inference_mode()
     def propose(self, state: DecodeState, k: int, sampler: Sampler, tree: TreeShape | None = None) -> Draft:
         k = min(k, self.max_k)
@@ -250,7 +243,7 @@ class BlockProposer:
             """Draft logits [len(rows), V] of draft `rows` (0-based) whose previous tokens are `prev`."""
             logits = base[rows]
             bias = self.head.bias(torch.tensor(prev, device=self.device), slots[rows])
-            return self._full(logits if bias is None else logits + bias.float())
+            return self.head.to_target_logits(logits if bias is None else logits + bias.float())
 
         def expand(nodes: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
             d = depths(parents)                       # 1-based: a node at depth d drafts its children from row d

@@ -34,6 +34,12 @@ class DraftVocab:
     def draft_ids(self) -> torch.Tensor:
         return torch.arange(len(self.d2t), device=self.d2t.device) + self.d2t
 
+    def to_target_logits(self, draft: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits [..., Vd] -> target-vocabulary logits [..., V], -inf outside the draft vocabulary."""
+        full = draft.new_full((*draft.shape[:-1], self.config.vocab_size), float("-inf"))
+        full[..., self.draft_ids] = draft
+        return full
+
     def to_draft(self, target_ids: torch.Tensor) -> torch.Tensor:
         """Target ids -> draft ids, -100 (a skipped label) outside the draft vocabulary; ids >= V count as outside."""
         index = torch.full((self.config.vocab_size + 1,), -100, dtype=torch.long, device=self.d2t.device)

@@ -141,17 +141,12 @@ class Eagle3Proposer(EagleProposer):
     def __init__(self, head: Eagle3Head, target_model: nn.Module):
         super().__init__(head, target_model)
         self.hidden_layers = tuple(head.config.aux_layers)
-        self.draft_ids = head.draft_ids.to(self.device)
-        self.vocab_size = head.config.vocab_size
 
     def _fuse(self, hidden: list[torch.Tensor]) -> torch.Tensor:
         return self.head.fuse([h.to(self.dtype) for h in hidden])
 
     def _logits(self, feature: torch.Tensor) -> torch.Tensor:
-        draft = self.head.logits(feature).float()                      # [..., draft vocab]
-        full = draft.new_full((*draft.shape[:-1], self.vocab_size), float("-inf"))
-        full[..., self.draft_ids] = draft
-        return full
+        return self.head.to_target_logits(self.head.logits(feature).float())
 
 
 # ---------------------------------------------------------------------------------- training
@@ -244,9 +239,7 @@ class Eagle3TrainModule(nn.Module):
                 len(steps))
         if self.training:   # nobody reads a training step's logits: skip the [N, V] scatter (200 MB on SmolLM2)
             return step0, loss
-        full = step0.new_full((step0.shape[0], head.config.vocab_size), float("-inf"))
-        full[:, ids] = step0
-        return full, loss
+        return head.to_target_logits(step0), loss
 
     def _weighted(self, steps: list, b: int, rows: int, gold: torch.Tensor | None) -> torch.Tensor:
         """Σ_i mean over step i's rows of w_i · loss_i; w from the objective's position weights (per row

@@ -240,9 +240,7 @@ class PEagleTrainModule(nn.Module):
                 self.step_stats = depth_stats(hit, depth, self.k)
         if self.training:   # nobody reads a training step's logits: skip the [N, V] scatter
             return logits[:n0], loss
-        full = logits.new_full((n0, head.config.vocab_size), float("-inf"))
-        full[:, ids] = logits[:n0]
-        return full, loss
+        return head.to_target_logits(logits[:n0]), loss
 
     def _row_weights(self, blocks, depth, keep, alpha, gold, trained) -> torch.Tensor:
         """The position weight of every kept row [Nk]: by its depth (accepted_length: the batch's mean α per

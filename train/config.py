@@ -135,7 +135,7 @@ class DrafterConfig(Section):
               "drafter.init_from", self.init_from,
               "Warm starts are for the eagle, eagle3, parallel, dflash and dspark drafters; set drafter.init_from=null")
         block = self.kind in ("dflash", "dspark")
-        check(self.mask_token_id is None or self.parallel or block or self.mask_token_id < 0, "drafter.mask_token_id",
+        check(self.mask_token_id is None or self.parallel or block, "drafter.mask_token_id",
               self.mask_token_id, "A mask token id is for eagle3 with parallel: true, dflash and dspark; else set it to null")
         check(not block or self.block_size <= MAX_PARALLEL_K, "drafter.block_size", self.block_size,
               f"Use 2 to {MAX_PARALLEL_K} (DFlash trains 8-16)")
