@@ -38,6 +38,13 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--no-hf-assisted", action="store_true", help="skip transformers' assisted generation")
+    p.add_argument("--batch-size", type=_batch_sizes, default=(1,),
+                   help="1 (default) | N[,N...]: also decode the prompts N at a time (continuous batching), plain "
+                        "and speculative, and table tokens/s, ratio, tau and losslessness per batch size")
+    p.add_argument("--compile", action="store_true",
+                   help="run the target through a static KV cache and a torch.compile'd forward (inductor, weights "
+                        "frozen and prepacked), plain and speculative decoding alike; batch 1 (batched passes run "
+                        "eager); compiling costs 1-3 minutes on a CPU, once per run")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     p.set_defaults(func=cmd_eval)
@@ -52,6 +59,17 @@ def _k_value(text: str):
         raise argparse.ArgumentTypeError(f"--k takes auto or an integer, not {text!r}") from None
 
 
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"--batch-size takes positive integers separated by commas (e.g. 1,4,16), "
+                                         f"not {text!r}")
+    return sizes
+
+
 def cmd_eval(args) -> int:
     from draftsmith.eval.harness import EvalConfig, run_eval
     from draftsmith.eval.report import check_out_dir, write_report
@@ -60,7 +78,8 @@ def cmd_eval(args) -> int:
                      turns=args.turns, max_new_tokens=args.max_new_tokens, k=args.k, k_max=args.k_max, tree=args.tree,
                      temperature=args.temperature,
                      top_p=args.top_p, top_k=args.top_k, seed=args.seed, dtype=args.dtype, device=args.device,
-                     hf_assisted=not args.no_hf_assisted)
+                     hf_assisted=not args.no_hf_assisted, batch_sizes=args.batch_size,
+                     compile=args.compile)
     out = check_out_dir(args.out, args.overwrite)
     try:
         report, records = run_eval(cfg)

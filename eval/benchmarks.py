@@ -200,18 +200,20 @@ _TURN_READERS = {
 # --------------------------------------------------------------------------- lengths
 
 
-def check_prompt_lengths(items: list[BenchItem], encode, context: int, max_new_tokens: int) -> None:
-    """Refuse, before anything is generated, every prompt that cannot fit the target's context.
+def check_prompt_lengths(items: list[BenchItem], encode, context: int, max_new_tokens: int) -> int:
+    """Refuse, before anything is generated, every prompt that cannot fit the target's context; return the
+    longest sequence a turn may reach (prompt + max_new_tokens, later turns' earlier answers at their longest).
 
     `encode(turns, answers)` gives a turn's prompt ids. A later turn's prompt holds the earlier answers,
     which do not exist yet: each is counted at its longest, max_new_tokens (a bound; the harness still
     checks the real prompt). Refusing rather than skipping keeps a benchmark's prompt set what its name
     says; the error lists the prompts so they can be dropped from a custom file.
     """
-    too_long = []
+    too_long, longest = [], 0
     for index, item in enumerate(items, start=1):
         for turn in range(len(item.turns)):
             length = len(encode(item.turns[: turn + 1], [""] * turn)) + turn * max_new_tokens
+            longest = max(longest, length + max_new_tokens)
             if length + max_new_tokens > context:
                 too_long.append(f"prompt {index} (id {item.id!r}, turn {turn + 1}): {length} + {max_new_tokens}")
     if too_long:
@@ -222,3 +224,4 @@ def check_prompt_lengths(items: list[BenchItem], encode, context: int, max_new_t
             fix="Drop those prompts from the benchmark file (or keep fewer with --num-prompts), "
             "or lower --max-new-tokens or --turns",
         )
+    return longest

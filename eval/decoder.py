@@ -78,15 +78,25 @@ def make_sampler(sampling: Sampling, generator: torch.Generator | None, rule=Non
     return DraftSampler(sampling, generator, rule)
 
 
-@torch.inference_mode()
-def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[int], *, k: int = 4,
-                         max_new_tokens: int = 128, sampling: Sampling = Sampling(),
-                         eos_token_ids: tuple[int, ...] = (), generator: torch.Generator | None = None,
-                         tree: TreeShape | None = None, rule=None) -> GenerationResult:
-    """Generate from `target` with drafts from `proposer`; the output law is the target's.
+@dataclass
+class StepDraft:
+    """One row's draft for a verify step, clipped to its depth and cut by the draft-length rule."""
 
-    k: the deepest draft path; tree: a TreeShape (None: a chain); rule: a DraftLengthRule for
-    `--k auto` (None: every step drafts k, or the whole tree)."""
+    tokens: list[int]
+    parents: list[int]
+    q: torch.Tensor | None
+    conf: list | None
+    accept: list | None
+    drafted: int              # nodes the proposer drafted (before the rule's cut)
+    draft_s: float
+
+    @property
+    def chain(self) -> bool:
+        return is_chain(self.parents)
+
+
+def check_request(target: Target, proposer: Proposer, prompt_ids: list[int], k: int, max_new_tokens: int,
+                  tree: TreeShape | None) -> None:
     if k < 0:
         raise DraftsmithError("k (draft length) must be >= 0", k)
     if max_new_tokens < 1:
@@ -98,14 +108,13 @@ def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[in
                               len(prompt_ids), "Shorten the prompt or pick a target with a longer context")
     if tree is not None and k > 0 and not takes_tree(proposer):
         raise DraftsmithError("This drafter drafts chains only", type(proposer).__name__, "Use --tree none")
-    layers = tuple(proposer.hidden_layers)
-    sampler = make_sampler(sampling, generator, rule)
-    tree_kw = {"tree": tree} if tree is not None else {}
-    eos = set(eos_token_ids)
-    cache = target.new_cache()
 
-    # 0. prefill
-    prefill_start = time.perf_counter()
+
+def prefill(target: Target, proposer: Proposer, prompt_ids: list[int], cache, sampler: DraftSampler,
+            eos: set[int]) -> tuple[DecodeState, GenerationResult]:
+    """0. The target reads the prompt alone and emits the first token; the proposer is reset and shown it."""
+    started = time.perf_counter()
+    layers = tuple(proposer.hidden_layers)
     out = target.forward(prompt_ids, cache, layers, last_only=not layers)
     first, _ = sampler(out.logits[-1])
     result = GenerationResult(tokens=[first])
@@ -113,64 +122,101 @@ def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[in
                         hidden=out.hidden, hidden_start=0)
     proposer.reset()
     proposer.observe(state)
-    result.prefill_s = time.perf_counter() - prefill_start
+    result.prefill_s = time.perf_counter() - started
     if first in eos:
         result.stop_reason = "eos"
-        return result
+    return state, result
 
-    while len(result.tokens) < max_new_tokens:
-        room = target.max_length - state.committed - 1      # positions left after the last token
-        if room < 0:
-            result.stop_reason = "context"
+
+def draft_step(target: Target, proposer: Proposer, state: DecodeState, result: GenerationResult, k: int,
+               max_new_tokens: int, sampler: DraftSampler, rule, tree: TreeShape | None) -> StepDraft | None:
+    """1. Draft up to depth k (the rule's choice with --k auto); None when the context is full."""
+    room = target.max_length - state.committed - 1      # positions left after the last token
+    if room < 0:
+        result.stop_reason = "context"
+        return None
+    k_step = min(k, max_new_tokens - len(result.tokens) - 1, room)
+    if rule is not None:
+        k_step = rule.depth(k_step)
+    started = time.perf_counter()
+    tree_kw = {"tree": tree} if tree is not None else {}
+    draft = proposer.propose(state, k_step, sampler, **tree_kw) if k_step > 0 else Draft([])
+    drafted_s = time.perf_counter() - started
+    d, parents, q, conf, accept = _clip(draft, k_step)
+    if rule is not None and d:
+        n = rule.choose(conf, parents, drafted_s, accept)
+        d, parents = d[:n], parents[:n]
+        q, conf = (None if q is None else q[:n]), (None if conf is None else conf[:n])
+        accept = None if accept is None else accept[:n]
+    result.draft_s += drafted_s
+    return StepDraft(d, parents, q, conf, accept, len(draft.tokens), drafted_s)
+
+
+def settle(step: StepDraft, logits: torch.Tensor, result: GenerationResult, sampling: Sampling,
+           generator: torch.Generator | None, eos: set[int], max_new_tokens: int) -> tuple[list[int], list[int]]:
+    """3. Accept a path of the verified draft (logits [1 + nodes, V]) and record the step in `result`:
+    returns (accepted nodes, tokens emitted)."""
+    if sampling.greedy:
+        path, nxt = verify_tree_greedy(step.tokens, step.parents, logits)
+    else:
+        path, nxt = verify_tree_sampling(step.tokens, step.parents, step.q, warp(logits, sampling), generator)
+    new = [step.tokens[i] for i in path] + [nxt]
+    for i, t in enumerate(new):              # EOS in the middle of a step ends the sequence there
+        if t in eos:
+            new = new[: i + 1]
+            result.stop_reason = "eos"
             break
-        k_step = min(k, max_new_tokens - len(result.tokens) - 1, room)
-        if rule is not None:
-            k_step = rule.depth(k_step)
-        # 1. draft
-        started = time.perf_counter()
-        draft = proposer.propose(state, k_step, sampler, **tree_kw) if k_step > 0 else Draft([])
-        drafted_s = time.perf_counter() - started
-        d, parents, q, conf, accept = _clip(draft, k_step)
-        if rule is not None and d:
-            n = rule.choose(conf, parents, drafted_s, accept)
-            d, parents = d[:n], parents[:n]
-            q, conf = (None if q is None else q[:n]), (None if conf is None else conf[:n])
-            accept = None if accept is None else accept[:n]
+    new = new[: max_new_tokens - len(result.tokens)]
+    result.tokens += new
+    result.proposed.append(len(step.tokens))
+    result.accepted.append(len(path))
+    result.emitted.append(len(new))
+    result.depth.append(_depth(step.parents))
+    if step.accept is not None:
+        result.predicted += _reached(step.parents, step.accept, path)
+    return path, new
+
+
+def advance(state: DecodeState, new: list[int], path: list[int], hidden: list[torch.Tensor]) -> tuple[DecodeState, list[int]]:
+    """4. The state after a step: the target keeps the root and the accepted path (rows of the verify
+    input); the proposer is shown the target's hidden states there."""
+    rows = [0] + [i + 1 for i in path]
+    return DecodeState(tokens=state.tokens + new, committed=state.committed + len(rows),
+                       hidden=[h[rows] for h in hidden], hidden_start=state.committed), rows
+
+
+@torch.inference_mode()
+def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[int], *, k: int = 4,
+                         max_new_tokens: int = 128, sampling: Sampling = Sampling(),
+                         eos_token_ids: tuple[int, ...] = (), generator: torch.Generator | None = None,
+                         tree: TreeShape | None = None, rule=None) -> GenerationResult:
+    """Generate from `target` with drafts from `proposer`; the output law is the target's.
+
+    k: the deepest draft path; tree: a TreeShape (None: a chain); rule: a DraftLengthRule for
+    `--k auto` (None: every step drafts k, or the whole tree)."""
+    check_request(target, proposer, prompt_ids, k, max_new_tokens, tree)
+    layers = tuple(proposer.hidden_layers)
+    sampler = make_sampler(sampling, generator, rule)
+    eos = set(eos_token_ids)
+    cache = target.new_cache()
+    state, result = prefill(target, proposer, prompt_ids, cache, sampler, eos)
+    while result.stop_reason != "eos" and len(result.tokens) < max_new_tokens:
+        step = draft_step(target, proposer, state, result, k, max_new_tokens, sampler, rule, tree)
+        if step is None:
+            break
         # 2. verify: one forward over the last token and the draft nodes
         verify_start = time.perf_counter()
-        chain = is_chain(parents)
-        out = target.forward([state.tokens[-1]] + d, cache, layers, parents=None if chain else parents)
-        # 3. accept
-        if sampling.greedy:
-            path, nxt = verify_tree_greedy(d, parents, out.logits)
-        else:
-            path, nxt = verify_tree_sampling(d, parents, q, warp(out.logits, sampling), generator)
-        result.verify_s += time.perf_counter() - verify_start
-        result.draft_s += drafted_s
-        new = [d[i] for i in path] + [nxt]
-        for i, t in enumerate(new):              # EOS in the middle of a step ends the sequence there
-            if t in eos:
-                new = new[: i + 1]
-                result.stop_reason = "eos"
-                break
-        new = new[: max_new_tokens - len(result.tokens)]
-        result.tokens += new
-        result.proposed.append(len(d))
-        result.accepted.append(len(path))
-        result.emitted.append(len(new))
-        result.depth.append(_depth(parents))
-        if accept is not None:
-            result.predicted += _reached(parents, accept, path)
+        out = target.forward([state.tokens[-1]] + step.tokens, cache, layers,
+                             parents=None if step.chain else step.parents)
+        path, new = settle(step, out.logits, result, sampling, generator, eos, max_new_tokens)
+        verify_s = time.perf_counter() - verify_start
+        result.verify_s += verify_s
         if rule is not None:
-            rule.update(conf, parents, path, len(draft.tokens), drafted_s,
-                        time.perf_counter() - started, len(new))
+            rule.update(step.conf, step.parents, path, step.drafted, step.draft_s, step.draft_s + verify_s, len(new))
         if result.stop_reason == "eos":
             break
-        # 4. keep the root and the accepted path; show the proposer what the target computed there
-        rows = [0] + [i + 1 for i in path]
-        target.keep(cache, state.committed, rows)
-        state = DecodeState(tokens=state.tokens + new, committed=state.committed + len(rows),
-                            hidden=[h[rows] for h in out.hidden], hidden_start=state.committed)
+        state, rows = advance(state, new, path, out.hidden)
+        target.keep(cache, state.hidden_start, rows)
         observe_start = time.perf_counter()
         proposer.observe(state)
         result.observe_s += time.perf_counter() - observe_start

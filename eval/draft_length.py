@@ -27,11 +27,14 @@ predicted rejection; EAGLE-2 (2406.16858) sizes trees by cumulative draft confid
 from __future__ import annotations
 
 import bisect
+import copy
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from draftsmith.models.batch_cache import RaggedCache
+from draftsmith.models.target import new_cache
 from draftsmith.protocol.tree import children, depths
 
 
@@ -62,24 +65,36 @@ DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 
 @torch.inference_mode()
 def measure_cost_curve(target, sizes=DEFAULT_SIZES, context: int = 128, reps: int = 5,
-                       hidden_layers: tuple[int, ...] = ()) -> CostCurve:
+                       hidden_layers: tuple[int, ...] = (), rows: int = 1) -> CostCurve:
     """Time the target's forward over n new tokens after `context` cached ones: the median of `reps`
     rounds, each round timing every size once (interleaved, so a slow spell of a shared machine
-    lands on every size alike instead of bending the curve)."""
+    lands on every size alike instead of bending the curve). rows > 1: one batched forward over `rows`
+    sequences of n new tokens each (batched decoding, eval/batched.py); the curve is then each row's
+    share, the forward's seconds / rows."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, target.vocab_size, (context + max(sizes),), generator=g).tolist()
-    cache = target.new_cache()
+    cache = target.new_cache() if rows == 1 else new_cache(target.model)   # batched decoding runs eager
     target.forward(ids[:context], cache, hidden_layers, last_only=True)
-    target.forward(ids[context:context + 4], cache, hidden_layers)   # warm-up
-    target.rollback(cache, context)
+    if rows > 1:
+        ragged = RaggedCache()
+        for r in range(rows):
+            ragged.put(r, copy.deepcopy(cache) if r < rows - 1 else cache)
+
+        def forward(n: int) -> None:
+            target.forward_rows([ids[context:context + n]] * rows, ragged, hidden_layers)
+            ragged.keep([[] for _ in range(rows)])
+    else:
+        def forward(n: int) -> None:
+            target.forward(ids[context:context + n], cache, hidden_layers)
+            target.rollback(cache, context)
+    forward(4)   # warm-up
     runs: list[list[float]] = [[] for _ in sizes]
     for _ in range(reps):
         for i, n in enumerate(sizes):
             start = time.perf_counter()
-            target.forward(ids[context:context + n], cache, hidden_layers)
+            forward(n)
             runs[i].append(time.perf_counter() - start)
-            target.rollback(cache, context)
-    seconds = [sorted(r)[len(r) // 2] for r in runs]
+    seconds = [sorted(r)[len(r) // 2] / rows for r in runs]
     # a forward over more tokens never costs less: keep the curve monotone against timing noise
     for i in range(1, len(seconds)):
         seconds[i] = max(seconds[i], seconds[i - 1])

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from draftsmith.errors import DraftsmithError
+from draftsmith.eval.batch_eval import batch_row
 from draftsmith.eval.benchmarks import BenchItem, check_prompt_lengths, load_bench
 from draftsmith.eval.decoder import NoDraft, autoregressive_generate, speculative_generate
 from draftsmith.eval.draft_length import DraftLengthRule, measure_cost_curve
@@ -52,6 +53,8 @@ class EvalConfig:
     dtype: str = "auto"
     device: str | None = None
     hf_assisted: bool = True
+    batch_sizes: tuple[int, ...] = (1,)   # sizes > 1: batched plain and speculative decoding too (eval/batch_eval.py)
+    compile: bool = False                 # the batch-1 decoders through a static cache and a compiled forward
 
     def __post_init__(self):
         if self.k != "auto" and not (isinstance(self.k, int) and self.k >= 1):
@@ -65,6 +68,11 @@ class EvalConfig:
         if self.max_new_tokens < 1:
             raise DraftsmithError("max_new_tokens must be >= 1", self.max_new_tokens)
         self.sampling = Sampling(self.temperature, self.top_k, self.top_p)  # validates
+        sizes = tuple(self.batch_sizes)
+        if not sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in sizes):
+            raise DraftsmithError("--batch-size takes positive integers separated by commas", self.batch_sizes,
+                                  "e.g. --batch-size 1,4,16")
+        self.batch_sizes = tuple(sorted(set(sizes)))
 
 
 def check_draft_fits(cfg: EvalConfig, context: int) -> None:
@@ -134,6 +142,9 @@ def timed_pair(plain, speculative, device, plain_first: bool):
     return _timed(plain, device), second
 
 
+COST_CURVE_SLOTS = 256
+"""The least static cache --compile sizes: measure_cost_curve's 128 cached tokens and 64 new ones fit."""
+
 FLOOR_PROMPTS = 4
 """Prompts the null-drafter floor is measured on (the first ones of the run)."""
 
@@ -188,6 +199,7 @@ class Runner:
         self.target = target or load_target(cfg.target, cfg.dtype, cfg.device)
         check_draft_fits(cfg, self.target.max_length)
         self.floor_prompts: list[list[int]] = []   # the first FLOOR_PROMPTS prompts, for the null-drafter floor
+        self.prompts: list[list[int]] = []         # every prompt of the batch-1 pass, in order (the batched passes')
         self.floor: dict | None = None
         self.proposer = proposer or load_drafter(cfg.drafter, self.target)
         self.eos = eos_ids(self.target)
@@ -197,7 +209,7 @@ class Runner:
         self.hf_extra = kwargs_fn(hf_k) if (kwargs_fn and cfg.hf_assisted and not cfg.tree_shape) else None
         # --k auto: the target's cost curve on this device, measured once; acceptance is learnt online
         self.rule = None
-        if cfg.k == "auto":
+        if cfg.k == "auto" and not cfg.compile:   # --compile measures the compiled forward, once it is sized
             self.rule = DraftLengthRule(measure_cost_curve(self.target, hidden_layers=tuple(self.proposer.hidden_layers)))
 
     def _gen(self, seed: int) -> torch.Generator:
@@ -240,8 +252,13 @@ class Runner:
 
     def evaluate(self, items: list[BenchItem], progress: bool = True) -> list[PromptRecord]:
         # every prompt is checked before the first runs: a late too-long prompt must not waste the others
-        check_prompt_lengths(items, lambda turns, answers: encode_turn(self.target, turns, answers),
-                             self.target.max_length, self.cfg.max_new_tokens)
+        longest = check_prompt_lengths(items, lambda turns, answers: encode_turn(self.target, turns, answers),
+                                       self.target.max_length, self.cfg.max_new_tokens)
+        if self.cfg.compile:   # a static cache for the longest turn and a draft after it (models/compiled_target.py)
+            self.target.compile(max(COST_CURVE_SLOTS, -(-(longest + self.cfg.depth + 2) // 64) * 64))
+            if self.cfg.k == "auto":    # the draft-length rule's cost curve is the compiled forward's
+                self.rule = DraftLengthRule(measure_cost_curve(self.target,
+                                                               hidden_layers=tuple(self.proposer.hidden_layers)))
         work = [(item, turn) for item in items for turn in range(len(item.turns))]
         answers: dict[str, list[str]] = {}
         records = []
@@ -257,6 +274,26 @@ class Runner:
         bar.close()
         return records
 
+    def batched(self, records: list[PromptRecord], progress: bool = True) -> list[dict]:
+        """Batched plain and speculative decoding of the batch-1 pass's prompts at every batch size > 1 asked
+        (eval/batch_eval.py); the table's batch-1 row is the pass's own figures. Ctrl-C keeps the sizes done."""
+        prompts, t = self.prompts[: len(records)], self.target
+        reference, ids = [r.ar_tokens for r in records], [r.id for r in records]
+        s = summarize(records, self.cfg.depth, self.cfg.sampling.greedy)
+        rows = [{"batch_size": 1, "plain_tokens_per_s": s["ar_tokens_per_s"], "sd_tokens_per_s": s["sd_tokens_per_s"],
+                 "speedup": s["speedup"], "tau": s["tau"], "acceptance_by_position": s["acceptance_by_position"],
+                 "nodes_per_step": s["nodes_per_step"], "lossless_match_rate": s["lossless_match_rate"],
+                 "divergences_not_near_tie": s["divergences_not_near_tie"]}]
+        sizes = [b for b in self.cfg.batch_sizes if b > 1]
+        for i, size in enumerate(tqdm(sizes, desc="batch sizes", unit="size", disable=not progress or not sizes)):
+            try:
+                rows.append(batch_row(self, size, prompts, reference, ids, plain_first=i % 2 == 0,
+                                      audit=lambda j, tokens: _divergence(t, prompts[j], reference[j], tokens)))
+            except KeyboardInterrupt:
+                self.interrupted = True
+                break
+        return rows
+
     def _loop(self, work: list, records: list, answers: dict, bar) -> None:
         cfg, t = self.cfg, self.target
         for index, (item, turn) in enumerate(work):
@@ -266,6 +303,7 @@ class Runner:
                                       f"of {t.max_length} tokens", len(prompt), "Drop it from the benchmark file")
             if index == 0:
                 self.warm_up(prompt)
+            self.prompts.append(prompt)
             if len(self.floor_prompts) < FLOOR_PROMPTS:
                 self.floor_prompts.append(prompt)
             seed = cfg.seed + index
@@ -315,15 +353,32 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, list[PromptR
     config.update(dtype=str(runner.target.dtype).replace("torch.", ""), device=str(runner.target.device),
                   eos_token_ids=list(runner.eos), hf_assisted_applies=runner.hf_extra is not None)
     report = summarize(records, cfg.depth, cfg.sampling.greedy)
+    report["baseline"] = baseline(runner.target)
     report["draft_length"] = draft_length_report(cfg, runner.rule, records)
     report["timing"] = {"order": "alternating per prompt: plain decoding first on the 1st, 3rd, ... prompt, "
                                  "speculative first on the 2nd, 4th, ...; HF assisted last",
                         "null_drafter_floor": runner.floor}
+    if cfg.batch_sizes != (1,):
+        report["batched"] = runner.batched(records, progress) if not runner.interrupted else None
+    report["outputs"] = [{"id": r.id, "turn": r.turn, "plain": r.ar_tokens, "speculative": r.sd_tokens}
+                         for r in records]
     report["config"] = config
     report["environment"] = environment(runner.target)
     if runner.interrupted:
         report["interrupted"] = {"prompts_done": len(records), "prompts_planned": runner.planned}
     return report, records
+
+
+def baseline(target: Target) -> dict:
+    """What the speedup is measured against: plain decoding of the same target in the same run, with the same
+    dtype and forward (--compile's static cache and compiled graph, or eager)."""
+    compiled = target.compiled is not None
+    fallback = target.compiled.fallback if compiled else None
+    forward = ("compiled (static KV cache, torch.compile with frozen weights)" if compiled and not fallback
+               else f"eager (torch.compile failed: {fallback})" if fallback else "eager (dynamic KV cache)")
+    return {"decoder": "plain autoregressive decoding, one target forward per token, batch 1",
+            "dtype": str(target.dtype).replace("torch.", ""), "forward": forward, "static_cache_slots":
+            target.static_length if compiled else None}
 
 
 def draft_length_report(cfg: EvalConfig, rule: DraftLengthRule | None, records: list[PromptRecord] = ()) -> dict:

@@ -64,6 +64,9 @@ def markdown(report: dict) -> str:
             "lossless_match_rate", "hf_assisted_match_rate", "divergences_not_near_tie"]
     keys += ["confidence_abs_gap"] if report.get("confidence_abs_gap") is not None else []
     lines += [f"| {k} | {_fmt(report.get(k))} |" for k in keys]
+    base = report.get("baseline")
+    if base:
+        lines.append(f"| baseline | {base['decoder']}, {base['dtype']}, {base['forward']} |")
     source = (report.get("draft_length") or {}).get("acceptance_source")
     if source:
         lines.append(f"| draft_length acceptance_source | {source} |")
@@ -85,6 +88,7 @@ def markdown(report: dict) -> str:
                   "| target forward, new tokens | " + " | ".join(str(n) for n in curve["tokens"]) + " |",
                   "|---|" + "---|" * len(curve["tokens"]),
                   "| ms | " + " | ".join(f"{ms:.1f}" for ms in curve["ms"]) + " |", ""]
+    lines += _batched(report.get("batched"))
     reliability = report.get("confidence_reliability")
     if reliability:
         lines += ["## Confidence head reliability", "",
@@ -111,6 +115,35 @@ def markdown(report: dict) -> str:
               f"| {_fmt(r['ar_s'], '.2f')} | {_fmt(r['sd_s'], '.2f')} | {_fmt(r['hf_assisted_s'], '.2f')} "
               f"| {_fmt(r['speedup'], '.2f')} |" for r in report["prompts"]]
     return "\n".join(lines) + "\n"
+
+
+def _batched(rows: list | None) -> list[str]:
+    """The batch-size table (--batch-size): plain vs speculative tokens/s at each batch size, in this run."""
+    if not rows:
+        return []
+    lines = ["## Batch sizes", "",
+             "Plain and speculative decoding at each batch size, the same prompts, in this run (batch 1: the per-prompt "
+             "pass above; larger: continuous batching). Lossless: greedy outputs equal to the batch-1 plain outputs.", "",
+             "| batch | plain tok/s | SD tok/s | speedup | τ | α1..α4 | lossless | plain = batch 1 | not near-tie |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        alphas = " ".join(_fmt(a, ".2f") for a in (r.get("acceptance_by_position") or [])[:4])
+        lines.append(f"| {r['batch_size']} | {_fmt(r['plain_tokens_per_s'], '.1f')} | {_fmt(r['sd_tokens_per_s'], '.1f')} "
+                     f"| {_fmt(r['speedup'], '.3f')} | {_fmt(r['tau'], '.3f')} | {alphas} "
+                     f"| {_fmt(r.get('lossless_match_rate'))} | {_fmt(r.get('plain_match_rate', 1.0 if r['batch_size'] == 1 else None))} "
+                     f"| {_fmt(r.get('divergences_not_near_tie'))} |")
+    split = [r for r in rows if r.get("sd_time_split")]
+    if split:
+        lines += ["", "Speculative decoding's time per batched step (ms): drafting (every row), the batched verify "
+                  "forward with acceptance, cache compaction, the drafters' observe; rows per step and verify width.", "",
+                  "| batch | steps | draft | verify | keep | observe | rows/step | width |", "|---|---|---|---|---|---|---|---|"]
+        for r in split:
+            t = r["sd_time_split"]
+            lines.append(f"| {r['batch_size']} | {t['steps']} | {_fmt(t['draft_ms_per_step'], '.1f')} "
+                         f"| {_fmt(t['verify_ms_per_step'], '.1f')} | {_fmt(t['keep_ms_per_step'], '.2f')} "
+                         f"| {_fmt(t['observe_ms_per_step'], '.1f')} | {_fmt(t['mean_rows_per_step'], '.1f')} "
+                         f"| {_fmt(t['mean_verify_width'], '.1f')} |")
+    return lines + [""]
 
 
 def _positions(alphas: list) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from draftsmith.protocol.drafting import Draft, TreeShape, best_first_order, subset
-from draftsmith.protocol.proposer import DecodeState, Sampler, takes_tree
+from draftsmith.protocol.proposer import DecodeState, Sampler, fork, takes_tree
 
 
 class CompositeProposer:
@@ -31,6 +31,9 @@ class CompositeProposer:
             if hasattr(m, "hf_assisted_kwargs"):
                 return m.hf_assisted_kwargs(k)
         return None
+
+    def fork(self) -> "CompositeProposer":
+        return CompositeProposer([fork(m) for m in self.members])
 
     def reset(self) -> None:
         for m in self.members:

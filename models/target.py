@@ -21,6 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from draftsmith import assets
 from draftsmith.errors import DraftsmithError
+from draftsmith.models.batch_cache import RaggedCache
+from draftsmith.models.compiled_target import CompiledForward, StaticKV
 from draftsmith.protocol.tree import ancestor_mask, depths
 
 
@@ -119,10 +121,21 @@ class Target:
         self.max_length = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.num_layers = model.config.num_hidden_layers
         self._layers = _decoder_layers(model)
+        self.compiled: CompiledForward | None = None   # --compile: `compile()` (models/compiled_target.py)
+        self.static_length = 0
         if self.device.type == "cpu":
             use_masked_gqa()
 
-    def new_cache(self) -> DynamicCache:
+    def compile(self, max_length: int) -> None:
+        """Decode through a static cache of `max_length` slots and a compiled forward from now on (new caches
+        only): `draftsmith eval --compile`. The graphs are built on first use."""
+        if max_length > self.max_length:
+            max_length = self.max_length
+        self.compiled, self.static_length = CompiledForward(self.model), max_length
+
+    def new_cache(self) -> DynamicCache | StaticKV:
+        if self.compiled is not None:
+            return StaticKV(self.model, self.static_length)
         return new_cache(self.model)
 
     @torch.inference_mode()
@@ -137,27 +150,69 @@ class Target:
         then sees the cache, its ancestors and itself, at position past + depth (protocol/tree.py).
         """
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).view(1, -1)
+        if isinstance(cache, StaticKV):
+            return self._static_forward(ids, cache, hidden_layers, last_only, parents)
         tree = {} if parents is None else self._tree_inputs(parents, cache.get_seq_length())
+        out, captured = self._run(ids, cache, hidden_layers, logits_to_keep=1 if last_only else 0, **tree)
+        hidden = [captured[i % self.num_layers][0] for i in hidden_layers]
+        return TargetOutput(logits=out.logits[0].float(), hidden=hidden)
+
+    @torch.inference_mode()
+    def forward_rows(self, inputs: list[list[int]], cache: RaggedCache, hidden_layers: tuple[int, ...] = (),
+                     parents: list[list[int] | None] | None = None) -> list[TargetOutput]:
+        """One forward over several sequences at once (batched decoding): row r of `cache` is extended by
+        inputs[r] = [root, draft nodes...] (a tree where parents[r] is given) and gets its own logits and
+        taps, exactly those of `forward` on that row alone up to rounding (models/batch_cache.py)."""
+        ids, attend = cache.verify_inputs(self.model, inputs, parents or [None] * len(inputs))
+        out, captured = self._run(ids, cache.cache, hidden_layers, **attend)
+        logits = out.logits.float()
+        return [TargetOutput(logits=logits[r, :len(x)], hidden=[captured[i % self.num_layers][r, :len(x)]
+                                                                for i in hidden_layers])
+                for r, x in enumerate(inputs)]
+
+    def _static_forward(self, ids: torch.Tensor, cache: StaticKV, hidden_layers: tuple[int, ...], last_only: bool,
+                        parents: list[int] | None) -> TargetOutput:
+        """`forward` through the compiled graph: every slot of the static cache masked explicitly (the committed
+        ones and each row's ancestors among the new ones visible), positions explicit."""
+        n, past = ids.shape[1], cache.length
+        cache.advance(n)
+        parents = list(range(-1, n - 2)) if parents is None else parents
+        see = torch.zeros(n, cache.max_length, dtype=torch.bool)
+        see[:, :past] = True
+        see[:, past:past + n] = ancestor_mask(parents)
+        positions = torch.tensor([[past] + [past + d for d in depths(parents)]], device=self.device)
+        mask = torch.zeros(see.shape, dtype=self.dtype).masked_fill(~see, torch.finfo(self.dtype).min)
+        extra = {"cache_position": torch.arange(past, past + n, device=self.device)} if _takes_cache_position(
+            self.model) else {}
+        logits, hidden = self.compiled(ids, positions, mask[None, None].to(self.device), cache.cache, last_only, extra)
+        return TargetOutput(logits=logits[0].float(), hidden=[hidden[i % self.num_layers][0] for i in hidden_layers])
+
+    def _run(self, ids: torch.Tensor, cache: DynamicCache, hidden_layers: tuple[int, ...], **kwargs):
+        """The model's forward with `cache`, and the outputs of the tapped decoder layers."""
         captured: dict[int, torch.Tensor] = {}
         handles = [self._layers[i].register_forward_hook(_capture(captured, i))
                    for i in sorted({i % self.num_layers for i in hidden_layers})]
         try:
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1 if last_only else 0,
-                             **{cache_kwarg(self.model): cache}, **tree)
+            out = self.model(input_ids=ids, use_cache=True, **{cache_kwarg(self.model): cache}, **kwargs)
         finally:
             for h in handles:
                 h.remove()
-        hidden = [captured[i % self.num_layers][0] for i in hidden_layers]
-        return TargetOutput(logits=out.logits[0].float(), hidden=hidden)
+        return out, captured
 
     @staticmethod
-    def rollback(cache: DynamicCache, length: int) -> None:
-        rollback(cache, length)
+    def rollback(cache: DynamicCache | StaticKV, length: int) -> None:
+        if isinstance(cache, StaticKV):
+            cache.rollback(length)
+        else:
+            rollback(cache, length)
 
     @staticmethod
-    def keep(cache: DynamicCache, start: int, rows: list[int]) -> None:
+    def keep(cache: DynamicCache | StaticKV, start: int, rows: list[int]) -> None:
         """Keep cached positions [:start] and, of those after, only `rows` (offsets from start) in
         order: the verified root and accepted path of a tree. A chain's path is a prefix: a crop."""
+        if isinstance(cache, StaticKV):
+            cache.keep(start, rows)
+            return
         if rows == list(range(len(rows))):
             rollback(cache, start + len(rows))
             return
@@ -195,6 +250,12 @@ def attention_inputs(model: torch.nn.Module, see: torch.Tensor, positions: list[
     if getattr(model.config, "layer_types", None):
         mask = {kind: mask for kind in set(model.config.layer_types)}
     return {"attention_mask": mask, "position_ids": torch.tensor([positions], device=param.device)}
+
+
+def _takes_cache_position(model: torch.nn.Module) -> bool:
+    """transformers before 5.2x take `cache_position=` (a static cache writes there); later ones count themselves."""
+    base = getattr(model, model.base_model_prefix, model)
+    return "cache_position" in inspect.signature(type(base).forward).parameters
 
 
 def _cache_layers(cache: DynamicCache) -> list:

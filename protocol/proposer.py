@@ -6,6 +6,7 @@ the protocol, never on the decoder; the decoder never branches on drafter kind.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -48,3 +49,16 @@ def takes_tree(proposer) -> bool:
         return "tree" in inspect.signature(proposer.propose).parameters
     except (TypeError, ValueError):
         return False
+
+
+def fork(proposer):
+    """A proposer for one more sequence decoding beside this one (batched decoding keeps one per row): the
+    same weights, its own decode state. The default is a shallow copy that `reset()` gives fresh state (every
+    kind's reset assigns new state objects, never clears shared ones); a proposer built of others (a
+    CompositeProposer) forks them itself with a `fork()` method."""
+    own = getattr(proposer, "fork", None)
+    if own is not None:
+        return own()
+    clone = copy.copy(proposer)
+    clone.reset()
+    return clone

@@ -1,0 +1,181 @@
+"""Batched speculative decoding: N sequences decode together, each accepting its own number of tokens a step.
+
+The single-sequence decoder's steps (eval/decoder.py), for every live row at once:
+
+  0. a joining prompt is prefilled ALONE (batch 1, exactly as the single-sequence decoder does) and its cache
+     copied into a free row of the shared ragged cache (models/batch_cache.py); a row that finishes frees its
+     row for the next waiting prompt (continuous batching), so the batch stays full while prompts wait;
+  1. draft: each row's own proposer (`protocol.proposer.fork`: the same weights, its own decode state) drafts
+     for that row with that row's sampler; the decoder still never branches on drafter kind;
+  2. verify: ONE target forward over every row's [last token, draft nodes], padded to the widest row;
+  3. accept: per row, greedy match or recursive rejection sampling, each row with its own generator (seeded
+     as the single-sequence run of that prompt is), so the sampling law holds per row;
+  4. keep: each row keeps its root and accepted path (compacted in place); each proposer observes its row.
+
+Drafting is one drafter call per row, not one batched drafter forward: on the CPU a draft head's forward is
+1-8 ms against a target step of 50+ ms, and each kind keeps its own per-sequence state (KV caches, trees).
+
+`--k auto` with a batch: the rule's cost curve is the target's forward over `rows` rows of n tokens each,
+divided by the rows (each row's share of a step), measured at the batch size asked; each row's draft length
+is chosen against that share. A step's width is the widest row's, so narrow rows ride along in padding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from draftsmith.eval.decoder import (GenerationResult, StepDraft, advance, check_request, draft_step, make_sampler,
+                                     prefill, settle)
+from draftsmith.models.batch_cache import RaggedCache
+from draftsmith.models.target import Target, new_cache
+from draftsmith.protocol.drafting import DraftSampler, TreeShape
+from draftsmith.protocol.proposer import DecodeState, Proposer, fork
+from draftsmith.protocol.sampling import Sampling
+
+
+@dataclass
+class BatchTiming:
+    """Where a batched run's time went (seconds, whole batch), and how full its steps were."""
+
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0      # the batched target forwards and acceptance
+    keep_s: float = 0.0        # compacting the ragged cache
+    observe_s: float = 0.0
+    steps: int = 0             # batched verify steps
+    rows: list[int] = field(default_factory=list)    # live rows per step
+    width: list[int] = field(default_factory=list)   # verify width (root + widest draft) per step
+
+    def as_dict(self, total_s: float) -> dict:
+        parts = {"prefill_s": self.prefill_s, "draft_s": self.draft_s, "verify_s": self.verify_s,
+                 "keep_s": self.keep_s, "observe_s": self.observe_s}
+        per_step = {k.replace("_s", "_ms_per_step"): (v * 1e3 / self.steps if self.steps else None)
+                    for k, v in parts.items() if k != "prefill_s"}
+        return {**parts, "other_s": total_s - sum(parts.values()), "steps": self.steps, **per_step,
+                "mean_rows_per_step": sum(self.rows) / self.steps if self.steps else None,
+                "mean_verify_width": sum(self.width) / self.steps if self.steps else None}
+
+
+@dataclass
+class _Row:
+    index: int                  # the prompt's index
+    proposer: Proposer
+    sampler: DraftSampler
+    generator: torch.Generator | None
+    state: DecodeState
+    result: GenerationResult
+    step: StepDraft | None = None
+
+
+@torch.inference_mode()
+def batched_generate(target: Target, proposer: Proposer, prompts: list[list[int]], *, batch_size: int, k: int = 4,
+                     max_new_tokens: int = 128, sampling: Sampling = Sampling(), eos_token_ids: tuple[int, ...] = (),
+                     generators: list[torch.Generator | None] | None = None, tree: TreeShape | None = None,
+                     rule=None, timing: BatchTiming | None = None) -> list[GenerationResult]:
+    """Generate for every prompt, `batch_size` rows at a time (continuous batching); results in prompt order.
+    generators[i] is prompt i's (sampling), as the single-sequence run of that prompt would get it."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    for prompt in prompts:
+        check_request(target, proposer, prompt, k, max_new_tokens, tree)
+    timing = timing if timing is not None else BatchTiming()
+    generators = generators or [None] * len(prompts)
+    layers = tuple(proposer.hidden_layers)
+    eos = set(eos_token_ids)
+    results: list[GenerationResult | None] = [None] * len(prompts)
+    waiting = deque(range(len(prompts)))
+    rows: list[_Row | None] = []
+    cache = RaggedCache()
+    while True:
+        _join(target, proposer, prompts, waiting, rows, cache, results, batch_size, generators, sampling, rule, eos,
+              max_new_tokens, timing)
+        live = [r for r in rows if r is not None]
+        if not live:
+            break
+        # 1. draft, per row
+        started = time.perf_counter()
+        for row in live:
+            row.step = draft_step(target, row.proposer, row.state, row.result, k, max_new_tokens, row.sampler, rule,
+                                  tree)
+        timing.draft_s += time.perf_counter() - started
+        for i, row in enumerate(rows):
+            if row is not None and row.step is None:      # its context is full
+                results[row.index], rows[i] = row.result, None
+        _retain(rows, cache, force=True)                  # the verify forward reads live rows only
+        live = rows
+        if not live:
+            continue
+        # 2. verify every row in one forward; 3. accept per row
+        started = time.perf_counter()
+        inputs = [[r.state.tokens[-1]] + r.step.tokens for r in live]
+        outs = target.forward_rows(inputs, cache, layers, [None if r.step.chain else r.step.parents for r in live])
+        settled = [settle(r.step, out.logits, r.result, sampling, r.generator, eos, max_new_tokens)
+                   for r, out in zip(live, outs)]
+        verify_s = time.perf_counter() - started
+        timing.verify_s += verify_s
+        timing.steps += 1
+        timing.rows.append(len(live))
+        timing.width.append(max(len(x) for x in inputs))
+        # 4. keep each row's root and accepted path; finished rows leave
+        started = time.perf_counter()
+        kept = []
+        for row, out, (path, new) in zip(live, outs, settled):
+            result = row.result
+            result.verify_s += verify_s / len(live)
+            if rule is not None:
+                rule.update(row.step.conf, row.step.parents, path, row.step.drafted, row.step.draft_s,
+                            row.step.draft_s + verify_s / len(live), len(new))
+            row.state, keep_rows = advance(row.state, new, path, out.hidden)
+            kept.append(keep_rows)
+        cache.keep(kept)
+        for i, row in enumerate(rows):
+            if row is not None and (row.result.stop_reason == "eos" or len(row.result.tokens) >= max_new_tokens):
+                results[row.index], rows[i] = row.result, None
+        _retain(rows, cache, force=not waiting)           # a waiting prompt takes a finished row's slot
+        timing.keep_s += time.perf_counter() - started
+        started = time.perf_counter()
+        for row in rows:
+            if row is not None:
+                t0 = time.perf_counter()
+                row.proposer.observe(row.state)
+                row.result.observe_s += time.perf_counter() - t0
+        timing.observe_s += time.perf_counter() - started
+    return results
+
+
+def _join(target, proposer, prompts, waiting, rows, cache, results, batch_size, generators, sampling, rule, eos,
+          max_new_tokens, timing) -> None:
+    """0. Waiting prompts take free rows (a finished row's slot first), each prefilled alone."""
+    while waiting:
+        free = next((i for i, r in enumerate(rows) if r is None), len(rows) if len(rows) < batch_size else None)
+        if free is None:
+            return
+        index = waiting.popleft()
+        started = time.perf_counter()
+        own = fork(proposer)
+        sampler = make_sampler(sampling, generators[index], rule)
+        single = new_cache(target.model)    # batched decoding runs eager, on dynamic caches (a --compile target too)
+        state, result = prefill(target, own, prompts[index], single, sampler, eos)
+        timing.prefill_s += time.perf_counter() - started
+        if result.stop_reason == "eos" or len(result.tokens) >= max_new_tokens:
+            results[index] = result          # done at its first token: it never takes a row
+            continue
+        cache.put(free, single)
+        row = _Row(index, own, sampler, generators[index], state, result)
+        if free == len(rows):
+            rows.append(row)
+        else:
+            rows[free] = row
+
+
+def _retain(rows: list, cache: RaggedCache, force: bool) -> None:
+    """Finished rows leave the cache (with `force`; else their slots wait for the next prompts)."""
+    if not force or all(r is not None for r in rows):
+        return
+    keep = [i for i, r in enumerate(rows) if r is not None]
+    cache.retain(keep)
+    rows[:] = [rows[i] for i in keep]

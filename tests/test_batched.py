@@ -1,0 +1,222 @@
+"""Batched decoding (eval/batched.py, models/batch_cache.py): every row decodes as it would alone.
+
+Greedy outputs at every batch size equal the batch-1 outputs for chain, tree and block drafters, with prompts
+of different lengths, rows finishing at different steps (EOS, the token budget, a first-token EOS that never
+takes a row) and waiting prompts joining freed rows; sampling with each prompt's own generator draws the same
+tokens as the single-sequence run of that prompt (so the per-row law is the single-sequence one, whose exactness
+tests/test_verify.py proves); the ragged cache's logits match single-row forwards."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from draftsmith.cli import main
+from draftsmith.eval.batched import BatchTiming, batched_generate
+from draftsmith.eval.decoder import NoDraft, autoregressive_generate, speculative_generate
+from draftsmith.eval.draft_length import CostCurve, DraftLengthRule, measure_cost_curve
+from draftsmith.models.batch_cache import RaggedCache
+from draftsmith.models.block_drafter import BlockProposer
+from draftsmith.models.composite import CompositeProposer
+from draftsmith.models.dspark import DSparkHead
+from draftsmith.models.eagle3 import Eagle3Proposer
+from draftsmith.models.prompt_lookup import PromptLookupProposer
+from draftsmith.models.small_lm import SmallLMProposer
+from draftsmith.models.target import Target
+from draftsmith.protocol.drafting import TreeShape
+from draftsmith.protocol.proposer import fork
+from draftsmith.protocol.sampling import Sampling
+
+from conftest import prompts, tiny_llama
+from test_block_drafter import block_head
+from test_cli import tiny_folders  # noqa: F401  (tiny saved target and drafter, a two-prompt bench)
+from test_eagle3 import random_head
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch on one thread per module
+
+
+@pytest.fixture(scope="module")
+def target4():
+    """A tiny 4-layer target leaning towards one token (test_block_drafter.py's sticky target, less sticky): its
+    greedy text mixes that token with others, so random heads accept some drafts and reject others."""
+    return sticky_target(3.0)
+
+
+def sticky_target(boost: float) -> Target:
+    model = tiny_llama(0, layers=4)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 0.1
+        model.lm_head.weight[5, 0] = boost
+    return Target(model, tokenizer=None, name=f"tiny-sticky-{boost}")
+
+
+def ragged_prompts(n: int = 6, seed: int = 2) -> list[list[int]]:
+    """Prompts of lengths 5, 8, 11, ...: every row sits at its own length."""
+    return [p[: 5 + 3 * i] for i, p in enumerate(prompts(n, length=5 + 3 * n, seed=seed))]
+
+
+def noisy_copy(target):
+    model = copy.deepcopy(target.model)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.add_(torch.randn_like(w) * w.std() * 0.5)
+    return SmallLMProposer(model)
+
+
+DRAFTERS = {   # name: (proposer for a target, tree, how sticky a target gives mixed acceptance)
+    "small_lm-chain": (lambda t: noisy_copy(t), None, 3.0),
+    "eagle3-chain": (lambda t: Eagle3Proposer(random_head(t), t.model), None, 3.0),
+    "eagle3-tree": (lambda t: Eagle3Proposer(random_head(t), t.model), "dynamic:4,3,10", 3.0),
+    "dspark-block": (lambda t: BlockProposer(block_head(DSparkHead, t), t.model), None, 6.0),
+    "dspark-tree": (lambda t: BlockProposer(block_head(DSparkHead, t), t.model), "dynamic:4,2,8", 6.0),
+    "lookup+eagle3": (lambda t: CompositeProposer([PromptLookupProposer(), Eagle3Proposer(random_head(t), t.model)]),
+                      "dynamic:3,2,6", 3.0),
+}
+
+
+def two_eos(plain) -> tuple[int, int]:
+    """EOS tokens that end one prompt at its first token (it never takes a row) and another mid-run."""
+    firsts = [r.tokens[0] for r in plain]
+    alone = next(f for f in firsts if firsts.count(f) == 1)
+    mid = next(t for r in plain if r.tokens[0] != alone for t in r.tokens[3:] if t not in firsts)
+    return alone, mid
+
+
+@pytest.mark.parametrize("name", list(DRAFTERS))
+def test_batched_greedy_equals_batch_one_per_row(name):
+    make, spec, boost = DRAFTERS[name]
+    target = sticky_target(boost)
+    proposer, tree = make(target), TreeShape.parse(spec)
+    batch = ragged_prompts()
+    plain = [autoregressive_generate(target, p, max_new_tokens=20) for p in batch]
+    eos = two_eos(plain)
+    single = [speculative_generate(target, proposer, p, k=4, tree=tree, max_new_tokens=20, eos_token_ids=eos)
+              for p in batch]
+    ends = {len(r.tokens) for r in single}
+    assert len(ends) > 2 and min(ends) == 1, ends     # rows finish at different steps, one at its first token
+    for size in (2, 4, 6):                            # 6 prompts: joins at 2 and 4
+        timing = BatchTiming()
+        rows = batched_generate(target, proposer, batch, batch_size=size, k=4, tree=tree, max_new_tokens=20,
+                                eos_token_ids=eos, timing=timing)
+        assert [r.tokens for r in rows] == [r.tokens for r in single], size
+        # drafts depend on the row's own state only: the same drafts, accepted the same, step by step
+        assert [r.accepted for r in rows] == [r.accepted for r in single]
+        assert [r.proposed for r in rows] == [r.proposed for r in single]
+        assert max(timing.rows) == min(size, 5) and timing.steps < sum(r.steps for r in single)   # 5 take a row
+    accepted = [a for r in single for a in r.accepted]
+    proposed = [p for r in single for p in r.proposed]
+    assert 0 < sum(accepted) < sum(proposed)          # partial acceptance: rows roll back by different amounts
+
+
+def test_batched_plain_decoding_equals_plain_decoding(target4):
+    batch = ragged_prompts(5, seed=7)
+    plain = [autoregressive_generate(target4, p, max_new_tokens=16).tokens for p in batch]
+    for size in (1, 3, 5):
+        rows = batched_generate(target4, NoDraft(), batch, batch_size=size, k=0, max_new_tokens=16)
+        assert [r.tokens for r in rows] == plain
+        assert all(r.proposed == [0] * r.steps for r in rows)
+
+
+@pytest.mark.parametrize("name", ["eagle3-chain", "dspark-tree"])
+def test_batched_sampling_draws_what_each_row_draws_alone(target4, name):
+    make, spec, _ = DRAFTERS[name]
+    proposer, tree = make(target4), TreeShape.parse(spec)
+    sampling = Sampling(temperature=1.0)
+    batch = ragged_prompts(5, seed=11)
+    single = [speculative_generate(target4, proposer, p, k=3, tree=tree, max_new_tokens=16, sampling=sampling,
+                                   generator=torch.Generator().manual_seed(100 + i)).tokens
+              for i, p in enumerate(batch)]
+    rows = batched_generate(target4, proposer, batch, batch_size=3, k=3, tree=tree, max_new_tokens=16,
+                            sampling=sampling, generators=[torch.Generator().manual_seed(100 + i)
+                                                           for i in range(len(batch))])
+    assert [r.tokens for r in rows] == single
+    assert len({tuple(t) for t in single}) == len(single)
+
+
+def test_k_auto_with_a_batch_stays_lossless_and_measures_the_batched_curve(target4):
+    proposer = Eagle3Proposer(random_head(target4), target4.model)
+    batch = ragged_prompts(5, seed=3)
+    plain = [autoregressive_generate(target4, p, max_new_tokens=20).tokens for p in batch]
+    curve = measure_cost_curve(target4, sizes=(1, 2, 4, 8), context=16, reps=2, rows=4)
+    assert curve.sizes == [1, 2, 4, 8] and all(s > 0 for s in curve.seconds)
+    assert curve.seconds == sorted(curve.seconds)
+    rule = DraftLengthRule(CostCurve([1, 2, 4, 8], [0.010, 0.011, 0.013, 0.020]))
+    rows = batched_generate(target4, proposer, batch, batch_size=4, k=6, max_new_tokens=20, rule=rule)
+    assert [r.tokens for r in rows] == plain
+    assert sum(rule.chosen) > 0 and len(rule.chosen) == sum(r.steps for r in rows)
+
+
+def test_ragged_forward_matches_each_row_alone_and_keep_compacts(target4):
+    """Rows at lengths 4, 9 and 6 verify a chain, a tree and a lone root in one forward; logits and taps match
+    single-row forwards, and after `keep` each row's cache equals the single-row cache that kept the same."""
+    t, layers = target4, (0, -1)
+    ctx = prompts(3, length=9, seed=5)
+    ctx = [ctx[0][:4], ctx[1], ctx[2][:6]]
+    inputs = [[11, 12, 13, 14], [21, 22, 23, 24, 25], [31]]
+    parents = [None, [-1, -1, 0, 1], None]
+    kept = [[0, 1, 2], [0, 2, 3], [0]]
+    ragged, singles = RaggedCache(), []
+    for r, c in enumerate(ctx):
+        cache = t.new_cache()
+        t.forward(c, cache)
+        singles.append(cache)
+        ragged.put(r, copy.deepcopy(cache))
+    outs = t.forward_rows(inputs, ragged, layers, parents)
+    for r in range(3):
+        alone = t.forward(inputs[r], singles[r], layers, parents=parents[r])
+        torch.testing.assert_close(outs[r].logits, alone.logits, rtol=1e-5, atol=1e-5)
+        for a, b in zip(outs[r].hidden, alone.hidden):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        t.keep(singles[r], len(ctx[r]), kept[r])
+    ragged.keep(kept)
+    assert ragged.lengths == [len(c) + len(k) for c, k in zip(ctx, kept)]
+    assert ragged.physical == max(ragged.lengths)
+    for r in range(3):
+        for layer, alone in zip(ragged.cache.layers, singles[r].layers):
+            n = ragged.lengths[r]
+            torch.testing.assert_close(layer.keys[r, :, :n], alone.keys[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layer.values[r, :, :n], alone.values[0], rtol=1e-5, atol=1e-5)
+    # a row leaves; the others keep their slots and lengths
+    before = [layer.keys[2, :, :ragged.lengths[2]].clone() for layer in ragged.cache.layers]
+    ragged.retain([0, 2])
+    assert ragged.lengths == [len(ctx[0]) + 3, len(ctx[2]) + 1] and ragged.rows == 2
+    for layer, b in zip(ragged.cache.layers, before):
+        torch.testing.assert_close(layer.keys[1, :, :b.shape[1]], b)
+
+
+def test_fork_gives_each_row_its_own_state(target4):
+    composite = CompositeProposer([PromptLookupProposer(), Eagle3Proposer(random_head(target4), target4.model)])
+    other = fork(composite)
+    assert other is not composite and other.members[1] is not composite.members[1]
+    assert other.members[1].head is composite.members[1].head          # the weights are shared
+    speculative_generate(target4, composite, prompts(1)[0], k=3, max_new_tokens=6)
+    assert other.members[1].length == 0                                # the fork's cache stayed empty
+
+
+def test_eval_batch_sizes_table_and_outputs(tiny_folders, tmp_path):  # noqa: F811
+    out = tmp_path / "report"
+    rc = main(["eval", "--target", str(tiny_folders / "target"), "--drafter", str(tiny_folders / "drafter"),
+               "--bench", str(tiny_folders / "bench.jsonl"), "--turns", "2", "--max-new-tokens", "10", "--k", "auto",
+               "--batch-size", "1,2", "--device", "cpu", "--no-hf-assisted", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["batch_size"] for r in report["batched"]] == [1, 2]
+    row = report["batched"][1]
+    assert row["lossless_match_rate"] == 1.0 and row["plain_match_rate"] == 1.0
+    assert row["divergences_not_near_tie"] == 0 and row["plain_tokens_per_s"] > 0 and row["speedup"] > 0
+    assert row["sd_time_split"]["steps"] > 0 and row["draft_length"]["cost_curve_per_row"]["tokens"]
+    assert [(o["id"], o["turn"]) for o in report["outputs"]] == [("geo", 1), ("geo", 2)]   # --turns 2: geo only
+    assert [o["plain"] for o in report["outputs"]] == row["outputs"]["plain"]
+    assert all(o["speculative"] == o["plain"] for o in report["outputs"])
+    assert "## Batch sizes" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("value", ["0", "1,x", ""])
+def test_bad_batch_size_is_a_clear_error(tiny_folders, tmp_path, capsys, value):  # noqa: F811
+    with pytest.raises(SystemExit):
+        main(["eval", "--target", str(tiny_folders / "target"), "--drafter", "prompt-lookup", "--bench",
+              str(tiny_folders / "bench.jsonl"), "--batch-size", value, "--out", str(tmp_path / "o")])
+    assert "--batch-size takes positive integers" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
