@@ -11,7 +11,8 @@ confidence head (dspark), its predicted acceptance per position beside the measu
     python bench/decode_profile.py --drafter prompt-lookup --drafter runs/eagle3-ttt-quick/speculators \\
         --k 1,2,3,4,6,8,auto --tree "none;dynamic:4,4,16" --num-prompts 8 --max-new-tokens 96
 
-Run it on a quiet machine (DESIGN.md: two torch processes on 2 cores slow each other 5-10x).
+`--dtype bf16` and `--compile` (the target through eval's static cache and compiled forward) profile the fast
+paths the same way. Run it on a quiet machine (DESIGN.md: two torch processes on 2 cores slow each other 5-10x).
 """
 
 from __future__ import annotations
@@ -62,14 +63,18 @@ def main() -> None:
     ap.add_argument("--k", default="1,2,4,auto", help="comma list of integers and/or auto")
     ap.add_argument("--k-max", type=int, default=8)
     ap.add_argument("--tree", default="none", help="comma-separated list is ambiguous with dynamic:a,b,c: use ';'")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--compile", action="store_true", help="the target through --compile's static cache and graph")
     args = ap.parse_args()
     ks = args.k.split(",")
     trees = args.tree.split(";")
 
-    target = load_target(args.target)
+    target = load_target(args.target, args.dtype)
     eos = eos_ids(target)
     items = load_bench(args.bench, args.num_prompts, 1)
     prompts = [encode_turn(target, item.turns[:1], []) for item in items]
+    if args.compile:
+        target.compile(max(256, -(-(max(map(len, prompts)) + args.max_new_tokens + args.k_max + 2) // 64) * 64))
     curve = measure_cost_curve(target)
     print("target forward cost (ms) by new tokens:",
           ", ".join(f"{n}: {s * 1e3:.1f}" for n, s in zip(curve.sizes, curve.seconds)), flush=True)

@@ -17,7 +17,8 @@ Drafting is one drafter call per row, not one batched drafter forward: on the CP
 
 `--k auto` with a batch: the rule's cost curve is the target's forward over `rows` rows of n tokens each,
 divided by the rows (each row's share of a step), measured at the batch size asked; each row's draft length
-is chosen against that share. A step's width is the widest row's, so narrow rows ride along in padding.
+is chosen against that share, then the step's width (every row pays for the widest row's, in padding) is the
+one that maximises the whole batch's expected tokens per second (`common_width`), and longer drafts are cut.
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ def batched_generate(target: Target, proposer: Proposer, prompts: list[list[int]
         live = rows
         if not live:
             continue
+        if rule is not None:      # --k auto: one verify width for the whole step (module docstring)
+            width = common_width(rule, [r.step for r in live])
+            for row in live:
+                row.step.cut(width - 1)
         # 2. verify every row in one forward; 3. accept per row
         started = time.perf_counter()
         inputs = [[r.state.tokens[-1]] + r.step.tokens for r in live]
@@ -145,6 +150,22 @@ def batched_generate(target: Target, proposer: Proposer, prompts: list[list[int]
                 row.result.observe_s += time.perf_counter() - t0
         timing.observe_s += time.perf_counter() - started
     return results
+
+
+def common_width(rule, steps: list[StepDraft]) -> int:
+    """The verify width (root + nodes) of a batched step under --k auto. Every row pays for the widest row's
+    width (padding), so after each row's own choice the step keeps the width w that maximises the batch's
+    expected tokens per second: Σ_rows (1 + Σ of the row's first w-1 nodes' path values) / cost(w), where cost is
+    the batched forward's cost curve (each row's share x the rows, the same for every w) and a row's nodes are
+    best first (their values from the rule: its calibration, or the drafter's predicted acceptance)."""
+    values = [rule.path_values(s.conf, s.parents, s.accept) for s in steps]
+    best_width, best_rate = 1, 0.0
+    for width in range(1, 2 + max(len(s.tokens) for s in steps)):
+        tokens = sum(1 + sum(v[: width - 1]) for v in values)
+        rate = tokens / max(rule.curve(width), 1e-9)
+        if rate > best_rate:
+            best_width, best_rate = width, rate
+    return best_width
 
 
 def _join(target, proposer, prompts, waiting, rows, cache, results, batch_size, generators, sampling, rule, eos,

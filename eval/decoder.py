@@ -94,6 +94,13 @@ class StepDraft:
     def chain(self) -> bool:
         return is_chain(self.parents)
 
+    def cut(self, n: int) -> None:
+        """Keep the first n nodes: a best-first prefix, so every kept node's parent is kept."""
+        self.tokens, self.parents = self.tokens[:n], self.parents[:n]
+        self.q = None if self.q is None else self.q[:n]
+        self.conf = None if self.conf is None else self.conf[:n]
+        self.accept = None if self.accept is None else self.accept[:n]
+
 
 def check_request(target: Target, proposer: Proposer, prompt_ids: list[int], k: int, max_new_tokens: int,
                   tree: TreeShape | None) -> None:
@@ -142,14 +149,11 @@ def draft_step(target: Target, proposer: Proposer, state: DecodeState, result: G
     tree_kw = {"tree": tree} if tree is not None else {}
     draft = proposer.propose(state, k_step, sampler, **tree_kw) if k_step > 0 else Draft([])
     drafted_s = time.perf_counter() - started
-    d, parents, q, conf, accept = _clip(draft, k_step)
-    if rule is not None and d:
-        n = rule.choose(conf, parents, drafted_s, accept)
-        d, parents = d[:n], parents[:n]
-        q, conf = (None if q is None else q[:n]), (None if conf is None else conf[:n])
-        accept = None if accept is None else accept[:n]
+    step = StepDraft(*_clip(draft, k_step), len(draft.tokens), drafted_s)
+    if rule is not None and step.tokens:
+        step.cut(rule.choose(step.conf, step.parents, drafted_s, step.accept))
     result.draft_s += drafted_s
-    return StepDraft(d, parents, q, conf, accept, len(draft.tokens), drafted_s)
+    return step
 
 
 def settle(step: StepDraft, logits: torch.Tensor, result: GenerationResult, sampling: Sampling,

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from draftsmith.cli import main
-from draftsmith.eval.batched import BatchTiming, batched_generate
-from draftsmith.eval.decoder import NoDraft, autoregressive_generate, speculative_generate
+from draftsmith.eval.batched import BatchTiming, batched_generate, common_width
+from draftsmith.eval.decoder import NoDraft, StepDraft, autoregressive_generate, speculative_generate
 from draftsmith.eval.draft_length import CostCurve, DraftLengthRule, measure_cost_curve
 from draftsmith.models.batch_cache import RaggedCache
 from draftsmith.models.block_drafter import BlockProposer
@@ -146,6 +146,20 @@ def test_k_auto_with_a_batch_stays_lossless_and_measures_the_batched_curve(targe
     rows = batched_generate(target4, proposer, batch, batch_size=4, k=6, max_new_tokens=20, rule=rule)
     assert [r.tokens for r in rows] == plain
     assert sum(rule.chosen) > 0 and len(rule.chosen) == sum(r.steps for r in rows)
+
+
+@pytest.mark.parametrize("seconds,width", [([0.010, 0.011, 0.030, 0.031, 0.032], 2),   # steep past 2 tokens
+                                           ([0.010] * 5, 5)])                          # flat: the sure row's 4
+def test_a_batched_step_verifies_the_width_that_pays_for_the_whole_batch(seconds, width):
+    """A sure row (predicted acceptance 0.95 a node) and an unsure one (0.05): the step's width maximises the
+    batch's expected tokens per cost, e.g. steep: (1.95 + 1.05) / 0.011 at width 2 beats 5.58 / 0.032 at 5."""
+    rule = DraftLengthRule(CostCurve([1, 2, 3, 4, 5], seconds))
+    sure = StepDraft([1, 2, 3, 4], [-1, 0, 1, 2], None, [0.99] * 4, [0.95] * 4, 4, 0.0)
+    unsure = StepDraft([5], [-1], None, [0.05], [0.05], 1, 0.0)
+    assert common_width(rule, [sure, unsure]) == width
+    sure.cut(width - 1)
+    assert sure.tokens == [1, 2, 3, 4][: width - 1] and sure.parents == [-1, 0, 1, 2][: width - 1]
+    assert len(sure.conf) == len(sure.accept) == width - 1
 
 
 def test_ragged_forward_matches_each_row_alone_and_keep_compacts(target4):
