@@ -1,5 +1,7 @@
 """Tiny random models for fast, seeded CPU tests (vocab 256, 2 layers, hidden 64)."""
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -46,6 +48,17 @@ def perturbed(head: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torc
         for p in head.parameters():
             p.add_(torch.randn_like(p) * scale)
     return head
+
+
+def noisy_copy(model: torch.nn.Module, seed: int = 3, scale: float = 0.5) -> torch.nn.Module:
+    """A copy of a model with seeded noise of `scale` x each weight's std: as a drafter of the model it agrees
+    often but not always (partial acceptance)."""
+    noisy = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for w in noisy.parameters():
+            w.add_(torch.randn_like(w) * w.std() * scale)
+    return noisy
 
 
 @pytest.fixture(scope="module")

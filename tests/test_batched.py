@@ -28,7 +28,7 @@ from draftsmith.protocol.drafting import TreeShape
 from draftsmith.protocol.proposer import fork
 from draftsmith.protocol.sampling import Sampling
 
-from conftest import prompts, tiny_llama
+from conftest import noisy_copy, prompts, tiny_llama
 from test_block_drafter import block_head
 from test_cli import tiny_folders  # noqa: F401  (tiny saved target and drafter, a two-prompt bench)
 from test_eagle3 import random_head
@@ -56,17 +56,8 @@ def ragged_prompts(n: int = 6, seed: int = 2) -> list[list[int]]:
     return [p[: 5 + 3 * i] for i, p in enumerate(prompts(n, length=5 + 3 * n, seed=seed))]
 
 
-def noisy_copy(target):
-    model = copy.deepcopy(target.model)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for w in model.parameters():
-            w.add_(torch.randn_like(w) * w.std() * 0.5)
-    return SmallLMProposer(model)
-
-
 DRAFTERS = {   # name: (proposer for a target, tree, how sticky a target gives mixed acceptance)
-    "small_lm-chain": (lambda t: noisy_copy(t), None, 3.0),
+    "small_lm-chain": (lambda t: SmallLMProposer(noisy_copy(t.model)), None, 3.0),
     "eagle3-chain": (lambda t: Eagle3Proposer(random_head(t), t.model), None, 3.0),
     "eagle3-tree": (lambda t: Eagle3Proposer(random_head(t), t.model), "dynamic:4,3,10", 3.0),
     "dspark-block": (lambda t: BlockProposer(block_head(DSparkHead, t), t.model), None, 6.0),

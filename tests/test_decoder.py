@@ -12,7 +12,7 @@ from draftsmith.models.prompt_lookup import PromptLookupProposer, lookup
 from draftsmith.models.small_lm import SmallLMProposer
 from draftsmith.protocol.sampling import Sampling
 
-from conftest import prompts, tiny_llama
+from conftest import noisy_copy, prompts, tiny_llama
 
 
 @pytest.mark.parametrize("k", range(1, 9))
@@ -28,12 +28,7 @@ def test_greedy_equality_with_random_drafter(target, other_model, k):
 def test_greedy_equality_with_partially_right_drafter(target):
     # a noisy copy of the target agrees often but not always, exercising partial acceptance
     # and the rollback of both caches
-    drafter_model = copy.deepcopy(target.model)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for w in drafter_model.parameters():
-            w.add_(torch.randn_like(w) * w.std() * 0.5)
-    drafter = SmallLMProposer(drafter_model)
+    drafter = SmallLMProposer(noisy_copy(target.model))
     total_accepted, total_proposed = 0, 0
     for prompt in prompts(4, seed=5):
         ar = autoregressive_generate(target, prompt, max_new_tokens=40)
