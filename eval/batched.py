@@ -65,8 +65,7 @@ class BatchTiming:
 class _Row:
     index: int                  # the prompt's index
     proposer: Proposer
-    sampler: DraftSampler
-    generator: torch.Generator | None
+    sampler: DraftSampler       # its generator is the row's (sampling)
     state: DecodeState
     result: GenerationResult
     step: StepDraft | None = None
@@ -118,7 +117,7 @@ def batched_generate(target: Target, proposer: Proposer, prompts: list[list[int]
         started = time.perf_counter()
         inputs = [[r.state.tokens[-1]] + r.step.tokens for r in live]
         outs = target.forward_rows(inputs, cache, layers, [None if r.step.chain else r.step.parents for r in live])
-        settled = [settle(r.step, out.logits, r.result, sampling, r.generator, eos, max_new_tokens)
+        settled = [settle(r.step, out.logits, r.result, sampling, r.sampler.generator, eos, max_new_tokens)
                    for r, out in zip(live, outs)]
         verify_s = time.perf_counter() - started
         timing.verify_s += verify_s
@@ -186,7 +185,7 @@ def _join(target, proposer, prompts, waiting, rows, cache, results, batch_size, 
             results[index] = result          # done at its first token: it never takes a row
             continue
         cache.put(free, single)
-        row = _Row(index, own, sampler, generators[index], state, result)
+        row = _Row(index, own, sampler, state, result)
         if free == len(rows):
             rows.append(row)
         else:

@@ -274,12 +274,12 @@ class Runner:
         bar.close()
         return records
 
-    def batched(self, records: list[PromptRecord], progress: bool = True) -> list[dict]:
+    def batched(self, records: list[PromptRecord], s: dict, progress: bool = True) -> list[dict]:
         """Batched plain and speculative decoding of the batch-1 pass's prompts at every batch size > 1 asked
-        (eval/batch_eval.py); the table's batch-1 row is the pass's own figures. Ctrl-C keeps the sizes done."""
+        (eval/batch_eval.py); the table's batch-1 row is the pass's own figures (`s`, its summary). Ctrl-C keeps
+        the sizes done."""
         prompts, t = self.prompts[: len(records)], self.target
         reference, ids = [r.ar_tokens for r in records], [r.id for r in records]
-        s = summarize(records, self.cfg.depth, self.cfg.sampling.greedy)
         rows = [{"batch_size": 1, "plain_tokens_per_s": s["ar_tokens_per_s"], "sd_tokens_per_s": s["sd_tokens_per_s"],
                  "speedup": s["speedup"], "tau": s["tau"], "acceptance_by_position": s["acceptance_by_position"],
                  "nodes_per_step": s["nodes_per_step"], "lossless_match_rate": s["lossless_match_rate"],
@@ -353,13 +353,13 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, list[PromptR
     config.update(dtype=str(runner.target.dtype).replace("torch.", ""), device=str(runner.target.device),
                   eos_token_ids=list(runner.eos), hf_assisted_applies=runner.hf_extra is not None)
     report = summarize(records, cfg.depth, cfg.sampling.greedy)
+    if cfg.batch_sizes != (1,):
+        report["batched"] = runner.batched(records, report, progress) if not runner.interrupted else None
     report["baseline"] = baseline(runner.target)
     report["draft_length"] = draft_length_report(cfg, runner.rule, records)
     report["timing"] = {"order": "alternating per prompt: plain decoding first on the 1st, 3rd, ... prompt, "
                                  "speculative first on the 2nd, 4th, ...; HF assisted last",
                         "null_drafter_floor": runner.floor}
-    if cfg.batch_sizes != (1,):
-        report["batched"] = runner.batched(records, progress) if not runner.interrupted else None
     report["outputs"] = [{"id": r.id, "turn": r.turn, "plain": r.ar_tokens, "speculative": r.sd_tokens}
                          for r in records]
     report["config"] = config

@@ -33,7 +33,7 @@ class RaggedCache:
     def __init__(self):
         self.cache: DynamicCache | None = None
         self.lengths: list[int] = []
-        self._verified: list[int] = []   # the physical length before the last verify step's W slots
+        self._verified = 0   # the physical length before the last verify step's W slots
 
     @property
     def rows(self) -> int:
@@ -100,10 +100,11 @@ class RaggedCache:
         self.lengths = [self.lengths[r] for r in rows]
         self._crop(max(self.lengths, default=0))
 
-    def verify_inputs(self, model: torch.nn.Module, inputs: list[list[int]], parents: list[list[int] | None],
-                      pad_token: int = 0) -> tuple[torch.Tensor, dict]:
-        """input ids [rows, W] and the attention mask / position ids of one verify step: row r reads
-        inputs[r] = [root, node 0, ...], node i after node parents[r][i] (None: a chain)."""
+    def verify_inputs(self, inputs: list[list[int]], parents: list[list[int] | None],
+                      pad_token: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One verify step's input ids [rows, W], what each query may see [rows, W, slots + W] and positions
+        [rows, W] (models/target.py `attention_inputs` makes the mask): row r reads inputs[r] = [root, node 0,
+        ...], node i after node parents[r][i] (None: a chain)."""
         if len(inputs) != self.rows:
             raise ValueError(f"{len(inputs)} inputs for {self.rows} rows")
         width, past = max(len(x) for x in inputs), self.physical
@@ -114,19 +115,13 @@ class RaggedCache:
             n, length = len(x), self.lengths[r]
             ids[r, :n] = torch.tensor(x)
             p = list(range(-1, n - 2)) if p is None else p
-            see[r, :, :length] = True
+            see[r, :n, :length] = True
             see[r, :n, past:past + n] = ancestor_mask(p)
-            see[r, n:, :] = False                              # padding queries read their own slot only
-            see[r, torch.arange(n, width), past + torch.arange(n, width)] = True
+            see[r, torch.arange(n, width), past + torch.arange(n, width)] = True   # padding reads its own slot
             positions[r, :n] = torch.tensor([length] + [length + d for d in depths(p)])
             positions[r, n:] = length
-        self._verified = [past] * self.rows
-        param = next(model.parameters())
-        mask = torch.zeros(see.shape, dtype=param.dtype).masked_fill(~see, torch.finfo(param.dtype).min)
-        mask = mask[:, None].to(param.device)                # [rows, 1, W, past + W]
-        if getattr(model.config, "layer_types", None):
-            mask = {kind: mask for kind in set(model.config.layer_types)}
-        return ids.to(param.device), {"attention_mask": mask, "position_ids": positions.to(param.device)}
+        self._verified = past
+        return ids, see, positions
 
     @torch.inference_mode()
     def keep(self, kept: list[list[int]]) -> None:
@@ -136,7 +131,7 @@ class RaggedCache:
             raise ValueError(f"{len(kept)} kept lists for {self.rows} rows")
         rows, src, dst = [], [], []
         for r, offsets in enumerate(kept):
-            base, length = self._verified[r], self.lengths[r]
+            base, length = self._verified, self.lengths[r]
             for j, offset in enumerate(offsets):
                 if base + offset != length + j:
                     rows.append(r)

@@ -163,8 +163,9 @@ class Target:
         """One forward over several sequences at once (batched decoding): row r of `cache` is extended by
         inputs[r] = [root, draft nodes...] (a tree where parents[r] is given) and gets its own logits and
         taps, exactly those of `forward` on that row alone up to rounding (models/batch_cache.py)."""
-        ids, attend = cache.verify_inputs(self.model, inputs, parents or [None] * len(inputs))
-        out, captured = self._run(ids, cache.cache, hidden_layers, **attend)
+        ids, see, positions = cache.verify_inputs(inputs, parents or [None] * len(inputs))
+        out, captured = self._run(ids.to(self.device), cache.cache, hidden_layers,
+                                  **attention_inputs(self.model, see, positions))
         logits = out.logits.float()
         return [TargetOutput(logits=logits[r, :len(x)], hidden=[captured[i % self.num_layers][r, :len(x)]
                                                                 for i in hidden_layers])
@@ -180,11 +181,11 @@ class Target:
         see = torch.zeros(n, cache.max_length, dtype=torch.bool)
         see[:, :past] = True
         see[:, past:past + n] = ancestor_mask(parents)
-        positions = torch.tensor([[past] + [past + d for d in depths(parents)]], device=self.device)
-        mask = torch.zeros(see.shape, dtype=self.dtype).masked_fill(~see, torch.finfo(self.dtype).min)
+        attend = attention_inputs(self.model, see, [past] + [past + d for d in depths(parents)])
         extra = {"cache_position": torch.arange(past, past + n, device=self.device)} if _takes_cache_position(
             self.model) else {}
-        logits, hidden = self.compiled(ids, positions, mask[None, None].to(self.device), cache.cache, last_only, extra)
+        logits, hidden = self.compiled(ids, attend["position_ids"], attend["attention_mask"], cache.cache, last_only,
+                                       extra)
         return TargetOutput(logits=logits[0].float(), hidden=[hidden[i % self.num_layers][0] for i in hidden_layers])
 
     def _run(self, ids: torch.Tensor, cache: DynamicCache, hidden_layers: tuple[int, ...], **kwargs):
@@ -240,16 +241,18 @@ class Target:
         return attention_inputs(self.model, see, [past] + [past + d for d in depths(parents)])
 
 
-def attention_inputs(model: torch.nn.Module, see: torch.Tensor, positions: list[int]) -> dict:
-    """Keyword arguments that make a transformers causal LM attend as `see` says: see [new, cached +
-    new] bool (True: may attend) -> a 4-D additive mask (per attention type where the model has
-    several, e.g. Gemma 3's sliding and full layers) and explicit position ids."""
+def attention_inputs(model: torch.nn.Module, see: torch.Tensor, positions) -> dict:
+    """Keyword arguments that make a transformers causal LM attend as `see` says: see [new, cached + new] bool
+    (True: may attend), or [rows, new, cached + new] with one mask per row (batched decoding) -> a 4-D additive
+    mask (per attention type where the model has several, e.g. Gemma 3's sliding and full layers) and explicit
+    position ids (positions: [new], or [rows, new])."""
     param = next(model.parameters())
     mask = torch.zeros(see.shape, dtype=param.dtype).masked_fill(~see, torch.finfo(param.dtype).min)
-    mask = mask[None, None].to(param.device)                      # [1, 1, new, cached + new]
+    mask = (mask[None, None] if see.dim() == 2 else mask[:, None]).to(param.device)   # [rows, 1, new, all]
     if getattr(model.config, "layer_types", None):
         mask = {kind: mask for kind in set(model.config.layer_types)}
-    return {"attention_mask": mask, "position_ids": torch.tensor([positions], device=param.device)}
+    positions = torch.as_tensor(positions, dtype=torch.long, device=param.device)
+    return {"attention_mask": mask, "position_ids": positions if positions.dim() == 2 else positions[None]}
 
 
 def _takes_cache_position(model: torch.nn.Module) -> bool:
