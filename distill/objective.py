@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from draftsmith.distill import losses
 from draftsmith.errors import DraftsmithError
@@ -61,7 +62,17 @@ class Objective:
     def rows(self, t_logits: torch.Tensor | None, d_logits: torch.Tensor,
              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(loss [M], α [M] detached or None without a target) for M kept rows: logits [M, V], labels [M]
-        (the data's token each row predicts; data_ce adds 0 on a row labelled -100)."""
+        (the data's token each row predicts; data_ce adds 0 on a row labelled -100).
+
+        With a graph to build, the kernels' internals (softmaxes, logs, minima: several [M, V] tensors) are
+        not kept for the backward pass but recomputed there from the inputs (activation checkpointing):
+        an unrolled head holds one loss graph per draft position at once, and these internals were most of
+        its peak memory (bench/results/cpu-train-memory). Same values and gradients."""
+        if torch.is_grad_enabled() and d_logits.requires_grad:
+            return checkpoint(self._rows, t_logits, d_logits, labels, use_reentrant=False)
+        return self._rows(t_logits, d_logits, labels)
+
+    def _rows(self, t_logits, d_logits, labels):
         r = losses.Rows(t_logits, d_logits, labels, self.temperature)
         total = d_logits.new_zeros(d_logits.shape[0], dtype=torch.float32)
         for name, weight in self.mix:

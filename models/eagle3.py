@@ -221,12 +221,14 @@ class Eagle3TrainModule(nn.Module):
             logits = head.logits(h[:, :n]).float()                            # [B, n, Vd]
             p, v, m = grid_p[:, 1 + i:], valid[:, 1 + i:], mask[:, 1 + i:]
             loss_rows, alpha = self.objective.rows(p[v], logits[v], labels[:, 1 + i:][v])
-            steps.append((v, loss_rows, alpha, logits))
+            # no row to learn from: a zero that still backpropagates (and keeps DDP's buckets whole);
+            # the step's full [B, n, Vd] logits are not kept past this step
+            steps.append((v, loss_rows if v.any() else 0.0 * logits.sum(), alpha))
             with torch.no_grad():
                 hit = (ids[logits.argmax(-1)] == arg[:, 1 + i:])[m].float()
                 rate = float(hit.mean()) if hit.numel() else float("nan")
                 stats[f"ttt_greedy_match_step{i}"] = rate
-            if i == 0:
+            if i == 0 and not self.training:
                 step0 = logits[mask[:, 1:]]
         rates = [stats[f"ttt_greedy_match_step{i}"] for i in range(min(4, len(steps)))]
         stats["ttt_tau_greedy_k4"] = tau_from_alphas([None if r != r else r for r in rates])
@@ -234,10 +236,10 @@ class Eagle3TrainModule(nn.Module):
         loss = self._weighted(steps, b, rows, gold) if steps else torch.zeros((), device=ids.device)
         if self.training and steps:
             self.train_stats = self.objective.stats(
-                torch.cat([a for _, _, a, _ in steps]),
-                torch.cat([torch.full((len(a),), i, device=a.device) for i, (_, _, a, _) in enumerate(steps)]),
+                torch.cat([a for _, _, a in steps]),
+                torch.cat([torch.full((len(a),), i, device=a.device) for i, (_, _, a) in enumerate(steps)]),
                 len(steps))
-        if self.training:   # nobody reads a training step's logits: skip the [N, V] scatter (200 MB on SmolLM2)
+        if self.training:   # nobody reads a training step's logits: no [N, Vd] copy, no [N, V] scatter (200 MB on SmolLM2)
             return step0, loss
         return head.to_target_logits(step0), loss
 
@@ -248,14 +250,14 @@ class Eagle3TrainModule(nn.Module):
         grid = None
         if self.objective.position_weights == "accepted_length":
             grid = torch.zeros(count, b, rows, device=steps[0][1].device)   # α of step i at row t, 0 where unknown
-            for i, (v, _, alpha, _) in enumerate(steps):
+            for i, (v, _, alpha) in enumerate(steps):
                 grid[i, :, : v.shape[1]][v] = alpha
         default = torch.tensor([self.decay ** i for i in range(count)])
         w = self.objective.along(count, default, alpha=grid, gold=gold)
         loss = steps[0][1].new_zeros(())
-        for i, (v, loss_rows, _, logits) in enumerate(steps):
-            if not v.any():   # no row to learn from: a zero that still backpropagates (and keeps DDP's buckets whole)
-                loss = loss + 0.0 * logits.sum()
+        for i, (v, loss_rows, _) in enumerate(steps):
+            if not v.any():
+                loss = loss + loss_rows
                 continue
             wi = w[i].to(loss_rows.device) if w.dim() == 1 else w[i, :, : v.shape[1]].to(loss_rows.device)[v]
             loss = loss + (wi * loss_rows).mean()

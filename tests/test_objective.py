@@ -114,6 +114,26 @@ def test_a_mix_is_the_weighted_sum_of_its_losses():
     assert Objective((("data_ce", 1.0),)).rows(None, d, labels)[1] is None
 
 
+def test_rows_with_a_graph_recompute_their_internals_and_keep_values_and_gradients():
+    torch.manual_seed(1)
+    t, z = torch.randn(5, 11), torch.randn(5, 11)
+    labels = torch.randint(0, 11, (5,))
+    objective = Objective((("lk_hybrid", 0.7), ("ce", 0.2), ("data_ce", 0.1)))
+    grads, values = [], []
+    for rows in (objective.rows, objective._rows):           # checkpointed, then computed in one pass
+        d = z.clone().requires_grad_()
+        loss, alpha = rows(t, d, labels)
+        (loss * torch.arange(1.0, 6.0)).sum().backward()
+        grads.append(d.grad)
+        values.append((loss.detach(), alpha))
+    torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+        objective.rows(t, z.clone().requires_grad_(), labels)
+    assert sum(saved) <= t.numel() + z.numel() + labels.numel()    # only the inputs wait for the backward
+
+
 def test_objective_from_config_folds_data_ce_weight_into_the_mix():
     cfg = load_recipe("smollm2-135m/parallel-kd-quick")          # forward_kl + 0.1 data_ce
     assert Objective.from_config(cfg.loss).mix == (("forward_kl", 1.0), ("data_ce", 0.1))

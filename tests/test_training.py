@@ -508,3 +508,15 @@ def test_nan_loss_before_any_checkpoint_says_there_is_none(setup, tmp_path, monk
     with pytest.raises(TrainingDiverged, match="loss became nan at step 1; no checkpoint was saved before it") as info:
         train(str(setup / "recipe.yaml"), [f"run.out_dir={tmp_path}", "run.name=nan0"])
     assert "--overwrite" in str(info.value) and "last good checkpoint" not in str(info.value)
+
+
+def test_the_frozen_target_trains_in_bf16_under_bf16_autocast_and_as_asked_otherwise():
+    from types import SimpleNamespace
+    from draftsmith.train.run import training_target_dtype
+
+    def acc(precision):
+        return SimpleNamespace(state=SimpleNamespace(mixed_precision=precision), device=torch.device("cpu"))
+    assert training_target_dtype("auto", acc("bf16")) == torch.bfloat16
+    assert training_target_dtype("auto", acc("no")) == torch.float32
+    assert training_target_dtype("fp32", acc("bf16")) == torch.float32      # an explicit dtype is kept
+    assert training_target_dtype("bf16", acc("no")) == torch.bfloat16

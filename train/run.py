@@ -342,12 +342,23 @@ def keep_changed_config(cfg, run_dir: Path, step: int) -> None:
     save_resolved(cfg, run_dir)
 
 
+def training_target_dtype(dtype: str, acc) -> torch.dtype:
+    """The frozen target's weights while training. `auto` under bf16 autocast holds them in bf16 on every
+    device: autocast runs the target's matmuls in bf16 anyway, so only the residual stream and norms lose
+    precision (as SpecForge's SGLang capture does), and the process holds 2 bytes per target weight instead of
+    4 (SmolLM2: -0.27 GiB) and skips a weight cast per matmul (bench/results/cpu-train-memory). Decoding
+    (`draftsmith eval`) keeps its own `auto` (fp32 on CPU, where greedy equality is checked exactly)."""
+    if dtype in (None, "auto") and acc.state.mixed_precision == "bf16":
+        return torch.bfloat16
+    return resolve_dtype(dtype, str(acc.device))
+
+
 def _train(cfg, acc, run_dir: Path, ckpt: Path | None) -> dict:
     if acc.is_main_process and ckpt is None:
         save_resolved(cfg, run_dir)
     cached = teacher_cache_dir(cfg.data.teacher)
     # with a teacher cache the target's layers never reach the training device (distill/teacher.py)
-    target = load_target(cfg.target.name, resolve_dtype(cfg.target.dtype, str(acc.device)),
+    target = load_target(cfg.target.name, training_target_dtype(cfg.target.dtype, acc),
                          device="cpu" if cached else str(acc.device))
     if cfg.target.adapter is not None:
         target = adapted_target(target, cfg.target.adapter)
