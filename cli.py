@@ -91,8 +91,11 @@ def cmd_eval(args) -> int:
     print((out / "report.md").read_text().split("## Per prompt")[0])
     print(f"wrote {out}/report.json, report.md, acceptance.png")
     if report.get("interrupted"):
-        print(f"draftsmith: interrupted after {report['interrupted']['prompts_done']} of "
-              f"{report['interrupted']['prompts_planned']} prompts; the report covers those", file=sys.stderr)
+        i = report["interrupted"]
+        sizes = (f" and batch sizes {', '.join(map(str, i['batch_sizes_done']))} of "
+                 f"{', '.join(map(str, i['batch_sizes_planned']))}" if "batch_sizes_done" in i else "")
+        print(f"draftsmith: interrupted after {i['prompts_done']} of {i['prompts_planned']} prompts{sizes}; "
+              "the report covers those", file=sys.stderr)
         return 130
     return 0
 

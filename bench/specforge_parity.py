@@ -380,18 +380,23 @@ def cmd_verify(a) -> None:
         print(f"  step {row['step']}: max |dlogit| {row['max_abs_diff']:.2e}, mean {row['mean_abs_diff']:.2e}, "
               f"argmax agreement {row['argmax_agreement']:.6f} over {row['rows']} rows")
     heads = {"SpecForge 0.2.0": sf_head}
-    if a.draftsmith_head:
-        heads["draftsmith"] = read_head_folder(Path(a.draftsmith_head), shape).float().eval()
+    for folder in a.draftsmith_head:     # <run>-sglang: the export of run folder OUT/<run>
+        heads[run_name(folder)] = read_head_folder(Path(folder), shape).float().eval()
     table = {name: heldout_figures(head, target, plan) for name, head in heads.items()}
     (out / "heldout.json").write_text(json.dumps(table, indent=2) + "\n")
     md = parity_table(out, plan, table)
     (out / "parity.md").write_text(md)
     print(md)
     print("[verify] measure both heads (MT-bench 80, greedy, k=4; one at a time on a quiet machine):")
-    for name, folder in (("specforge", out / "specforge-sglang"), ("draftsmith", a.draftsmith_head)):
+    for name, folder in (("specforge", out / "specforge-sglang"), *((run_name(f), f) for f in a.draftsmith_head)):
         if folder:
             print(f"  draftsmith eval --target {plan['target']} --drafter {folder} --bench mt_bench --num-prompts 80 "
                   f"--max-new-tokens 128 --temperature 0 --k 4 --out {out / f'eval-{name}'}")
+
+
+def run_name(head_folder) -> str:
+    """A draftsmith head's row name: its run folder's (`OUT/draftsmith-sglang` -> `draftsmith`)."""
+    return Path(head_folder).name.removesuffix("-sglang")
 
 
 def loop_rate(metrics: Path) -> float:
@@ -413,10 +418,11 @@ def parity_table(out: Path, plan: dict, heldout: dict) -> str:
     if sf.is_file():
         s = json.loads(sf.read_text())
         runs["SpecForge 0.2.0"] = (s["steps"], s["tokens"], s["tokens_per_s"], s["peak_rss_gib"])
-    ds = out / "draftsmith" / "summary.json"
-    if ds.is_file():
-        s = json.loads(ds.read_text())
-        runs["draftsmith"] = (s["step"], s["tokens"], loop_rate(out / "draftsmith" / "metrics.jsonl"), s["peak_rss_gib"])
+    for name in heldout:
+        ds = out / name / "summary.json"
+        if name != "SpecForge 0.2.0" and ds.is_file():
+            s = json.loads(ds.read_text())
+            runs[name] = (s["step"], s["tokens"], loop_rate(out / name / "metrics.jsonl"), s["peak_rss_gib"])
     n = plan["ttt_steps"]
     lines = ["| trainer | steps | tokens | tokens/s | peak RSS GiB | held-out greedy match, TTT step 0.." + str(n - 1)
              + " | predicted tau (k=4) |", "|---|---|---|---|---|---|---|"]
@@ -499,7 +505,8 @@ def main(argv=None) -> None:
     q.set_defaults(func=cmd_train)
     q = verbs.add_parser("verify", help="draftsmith's venv: conversion check, held-out figures, eval commands")
     q.add_argument("--out", required=True)
-    q.add_argument("--draftsmith-head", default=None, help="draftsmith's exported head to compare on the same rows")
+    q.add_argument("--draftsmith-head", action="append", default=[],
+                   help="a draftsmith head exported as OUT/<run>-sglang to compare on the same rows (repeatable)")
     q.set_defaults(func=cmd_verify)
     a = p.parse_args(argv)
     a.func(a)

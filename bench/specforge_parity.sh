@@ -11,7 +11,9 @@
 # made with `draftsmith data prepare` when missing), SF_PY (SpecForge's venv python, default
 # /work/specforge-venv/bin/python; bench/results/specforge-parity/README.md has its install recipe),
 # SF_ARGS (extra arguments of the SpecForge stage: --dtype float32, --vocab draftsmith, --max-grad-norm 1.0,
-# --compile), OMP_NUM_THREADS (default 1 here: both trainers get the same threads; run on a quiet machine
+# --compile), VARIANTS (more draftsmith trainings on the same plan, "name:override override;name:..." e.g.
+# "draftsmith-fkl:loss.name=forward_kl loss.position_weights=null": SpecForge's loss and 0.8^i steps),
+# OMP_NUM_THREADS (default 1 here: both trainers get the same threads; run on a quiet machine
 # for timings). The two trainings run one after the other, never side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +31,15 @@ OVERRIDES=(train.max_steps="$STEPS" "$@")
 "$DS/python" bench/specforge_parity.py plan --recipe "$RECIPE" --data "$DATA" --out "$OUT" "${OVERRIDES[@]}"
 # shellcheck disable=SC2086
 "$SF_PY" bench/specforge_parity.py train --out "$OUT" ${SF_ARGS:-}
-"$DS/draftsmith" train "$RECIPE" data.source="$DATA" run.out_dir="$OUT" run.name=draftsmith \
-    eval.every="$STEPS" checkpoint.every="$STEPS" log.tensorboard=false "${OVERRIDES[@]}" --overwrite
-"$DS/draftsmith" export "$OUT/draftsmith" --format sglang --out "$OUT/draftsmith-sglang" --overwrite
-"$DS/python" bench/specforge_parity.py verify --out "$OUT" --draftsmith-head "$OUT/draftsmith-sglang"
+HEADS=()
+IFS=';' read -ra RUNS <<< "draftsmith:${VARIANTS:+;$VARIANTS}"
+for spec in "${RUNS[@]}"; do
+    [ -n "$spec" ] || continue
+    name=${spec%%:*}
+    read -ra extra <<< "${spec#*:}"
+    "$DS/draftsmith" train "$RECIPE" data.source="$DATA" run.out_dir="$OUT" run.name="$name" \
+        eval.every="$STEPS" checkpoint.every="$STEPS" log.tensorboard=false "${OVERRIDES[@]}" "${extra[@]}" --overwrite
+    "$DS/draftsmith" export "$OUT/$name" --format sglang --out "$OUT/$name-sglang" --overwrite
+    HEADS+=(--draftsmith-head "$OUT/$name-sglang")
+done
+"$DS/python" bench/specforge_parity.py verify --out "$OUT" "${HEADS[@]}"

@@ -342,19 +342,20 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, list[PromptR
     items = load_bench(cfg.bench, cfg.num_prompts, cfg.turns)   # fail fast on a bad bench
     runner = Runner(cfg)
     torch.manual_seed(cfg.seed)
-    # SIGTERM (`timeout`, a scheduler's stop) ends the run like Ctrl-C: the prompts done are reported
+    # SIGTERM (`timeout`, a scheduler's stop) ends the run like Ctrl-C: the prompts done, and the batch sizes
+    # done, are reported
     previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
     try:
         records = runner.evaluate(items, progress=progress)
+        report = summarize(records, cfg.depth, cfg.sampling.greedy)
+        if cfg.batch_sizes != (1,):
+            report["batched"] = runner.batched(records, report, progress) if not runner.interrupted else None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     config = {k: v for k, v in asdict(cfg).items()}
     config.update(dtype=str(runner.target.dtype).replace("torch.", ""), device=str(runner.target.device),
                   eos_token_ids=list(runner.eos), hf_assisted_applies=runner.hf_extra is not None)
-    report = summarize(records, cfg.depth, cfg.sampling.greedy)
-    if cfg.batch_sizes != (1,):
-        report["batched"] = runner.batched(records, report, progress) if not runner.interrupted else None
     report["baseline"] = baseline(runner.target)
     report["draft_length"] = draft_length_report(cfg, runner.rule, records)
     report["timing"] = {"order": "alternating per prompt: plain decoding first on the 1st, 3rd, ... prompt, "
@@ -366,6 +367,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, list[PromptR
     report["environment"] = environment(runner.target)
     if runner.interrupted:
         report["interrupted"] = {"prompts_done": len(records), "prompts_planned": runner.planned}
+        if report.get("batched"):   # stopped during the batched passes: the sizes in the table are whole
+            report["interrupted"].update(batch_sizes_done=[r["batch_size"] for r in report["batched"]],
+                                         batch_sizes_planned=list(cfg.batch_sizes))
     return report, records
 
 

@@ -56,7 +56,9 @@ def markdown(report: dict) -> str:
     ]
     if report.get("interrupted"):
         i = report["interrupted"]
-        lines[3:3] = [f"**Interrupted: {i['prompts_done']} of {i['prompts_planned']} prompts ran; "
+        sizes = (f" and batch sizes {', '.join(map(str, i['batch_sizes_done']))} of "
+                 f"{', '.join(map(str, i['batch_sizes_planned']))}" if "batch_sizes_done" in i else "")
+        lines[3:3] = [f"**Interrupted: {i['prompts_done']} of {i['prompts_planned']} prompts{sizes} ran; "
                       "every figure covers those.**", ""]
     keys = ["tau", "tau_per_request_mean", "acceptance_rate", "steps", "new_tokens", "ar_tokens_per_s",
             "sd_tokens_per_s", "speedup", "nodes_per_step", "draft_ms_per_step", "verify_ms_per_step",

@@ -225,3 +225,33 @@ def test_bad_batch_size_is_a_clear_error(tiny_folders, tmp_path, capsys, value):
               str(tiny_folders / "bench.jsonl"), "--batch-size", value, "--out", str(tmp_path / "o")])
     assert "--batch-size takes positive integers" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_sigterm_during_the_batched_passes_keeps_the_report_with_the_sizes_done(  # noqa: F811
+        tiny_folders, tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM while batch size 4 runs: exit 130, the batch-1 pass and size 2 reported, the
+    eval's handler removed again."""
+    import os
+    import signal
+
+    from draftsmith.eval import harness
+
+    real = harness.batch_row
+
+    def stop_at_four(runner, size, *args, **kwargs):
+        if size == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(runner, size, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "batch_row", stop_at_four)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "report"
+    rc = main(["eval", "--target", str(tiny_folders / "target"), "--drafter", "prompt-lookup",
+               "--bench", str(tiny_folders / "bench.jsonl"), "--max-new-tokens", "6", "--batch-size", "1,2,4",
+               "--device", "cpu", "--no-hf-assisted", "--out", str(out)])
+    assert rc == 130 and signal.getsignal(signal.SIGTERM) == before
+    assert "and batch sizes 1, 2 of 1, 2, 4; the report covers those" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert [r["batch_size"] for r in report["batched"]] == [1, 2]
+    assert report["interrupted"]["batch_sizes_done"] == [1, 2] and report["lossless_match_rate"] == 1.0
+    assert "prompts and batch sizes 1, 2 of 1, 2, 4 ran" in (out / "report.md").read_text()
