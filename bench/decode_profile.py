@@ -27,6 +27,7 @@ from draftsmith.eval.benchmarks import load_bench
 from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
 from draftsmith.eval.draft_length import DraftLengthRule, measure_cost_curve
 from draftsmith.eval.harness import encode_turn, eos_ids
+from draftsmith.eval.metrics import reliability_by_position
 from draftsmith.metric_modules.acceptance.acceptance_figures import acceptance_figures
 from draftsmith.models import load_drafter, load_target
 from draftsmith.protocol.drafting import TreeShape
@@ -135,11 +136,10 @@ def main() -> None:
               f"| {per['observe']:.1f} | {other:.1f} | {per['prefill']:.1f} | {r['lossless']}/{len(prompts)} |", flush=True)
     for r in runs:     # a drafter that predicts its own acceptance (a confidence head): how well, per position
         if r["predicted"]:
-            cells = []
-            for depth in sorted({d for d, _, _ in r["predicted"]}):
-                at = [(p, a) for d, p, a in r["predicted"] if d == depth]
-                cells.append(f"pos {depth}: predicted {sum(p for p, _ in at) / len(at):.3f} measured "
-                             f"{sum(a for _, a in at) / len(at):.3f} (n={len(at)})")
+            cells = [f"pos {row['position']}: predicted {row['predicted']:.3f} measured {row['measured']:.3f} "
+                     f"[{row['measured_ci95'][0]:.3f}, {row['measured_ci95'][1]:.3f}] (n={row['count']}) "
+                     f"{'calibrated' if row['calibrated'] else 'MISCALIBRATED'}"
+                     for row in reliability_by_position(r["predicted"])]
             print(f"confidence head, {r['drafter']} {r['name']}: " + "; ".join(cells), flush=True)
 
 

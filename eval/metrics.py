@@ -43,18 +43,37 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
+CALIBRATION_TOLERANCE = 0.05
+"""A position is calibrated when |predicted - measured| is at most this (issue 19), or when the prediction lies
+inside the measured share's 95% interval (too few nodes there to tell a miss from noise)."""
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial share (95% at z = 1.96): sound at small n and near 0 or 1,
+    where the normal approximation is not."""
+    if n == 0:
+        return 0.0, 1.0
+    share = successes / n
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def reliability_by_position(predicted) -> list[dict]:
     """The confidence head's reliability per draft position from (depth, predicted, accepted) triples: over
     the reached nodes at position i (their parent accepted), the mean predicted acceptance, the share
-    accepted, their count and |predicted - measured|."""
+    accepted with its 95% (Wilson) interval, their count, |predicted - measured| and whether that is
+    calibrated (CALIBRATION_TOLERANCE)."""
     sums: dict[int, list] = {}
     for depth, p, ok in predicted:
         s = sums.setdefault(int(depth), [0.0, 0, 0])
         s[0], s[1], s[2] = s[0] + float(p), s[1] + bool(ok), s[2] + 1
     rows = []
     for depth, (p, ok, n) in sorted(sums.items()):
-        rows.append({"position": depth, "predicted": p / n, "measured": ok / n, "count": n,
-                     "abs_gap": abs(p / n - ok / n)})
+        lo, hi = wilson_interval(ok, n)
+        gap = abs(p / n - ok / n)
+        rows.append({"position": depth, "predicted": p / n, "measured": ok / n, "count": n, "abs_gap": gap,
+                     "measured_ci95": [lo, hi], "calibrated": gap <= CALIBRATION_TOLERANCE or lo <= p / n <= hi})
     return rows
 
 
@@ -101,6 +120,7 @@ def summarize(records: list[PromptRecord], k: int, greedy: bool) -> dict:
         # a drafter with a confidence head: its predicted acceptance against the verifier's, per position
         "confidence_reliability": reliability or None,
         "confidence_abs_gap": _ratio(sum(r["abs_gap"] * r["count"] for r in reliability), reached),
+        "confidence_calibrated": all(r["calibrated"] for r in reliability) if reliability else None,
     }
 
 

@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from draftsmith.eval.metrics import PromptRecord
+from draftsmith.eval.metrics import CALIBRATION_TOLERANCE, PromptRecord
 from draftsmith.folders import check_output_folder, disk_full_said, marker_kind, write_marker
 from draftsmith.metric_modules.acceptance.acceptance_figures import request_tau
 
@@ -95,12 +95,15 @@ def markdown(report: dict) -> str:
     if reliability:
         lines += ["## Confidence head reliability", "",
                   "Over the verified draft nodes whose parent was accepted: the head's mean predicted acceptance "
-                  "against the share the verifier accepted, per draft position.", "",
-                  "| position | predicted | measured | nodes | abs gap |", "|---|---|---|---|---|"]
-        lines += [f"| {r['position']} | {r['predicted']:.3f} | {r['measured']:.3f} | {r['count']} | {r['abs_gap']:.3f} |"
-                  for r in reliability[:MD_POSITIONS]]
+                  "against the share the verifier accepted (with its 95% interval), per draft position; calibrated: "
+                  "|gap| <= 0.05, or the prediction inside the interval (too few nodes to tell).", "",
+                  "| position | predicted | measured | 95% interval | nodes | abs gap | calibrated |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['position']} | {r['predicted']:.3f} | {r['measured']:.3f} | "
+                  f"{r['measured_ci95'][0]:.3f}-{r['measured_ci95'][1]:.3f} | {r['count']} | {r['abs_gap']:.3f} | "
+                  f"{_calibrated(r)} |" for r in reliability[:MD_POSITIONS]]
         if len(reliability) > MD_POSITIONS:
-            lines.append(f"| … | positions {MD_POSITIONS + 1}..{reliability[-1]['position']} in report.json | | | |")
+            lines.append(f"| … | positions {MD_POSITIONS + 1}..{reliability[-1]['position']} in report.json | | | | | |")
         lines.append("")
     diverged = [row for row in report["prompts"] if row["divergence"]]
     if diverged:
@@ -202,3 +205,9 @@ def write_report(report: dict, records: list[PromptRecord], out: str | Path, sav
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _calibrated(row: dict) -> str:
+    if row["abs_gap"] <= CALIBRATION_TOLERANCE:
+        return "yes"
+    return "within noise" if row["calibrated"] else "no"

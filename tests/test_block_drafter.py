@@ -442,10 +442,18 @@ def test_reliability_table_from_hand_made_predictions():
             {"position": 2, "predicted": 0.5, "measured": 0.5, "count": 2, "abs_gap": 0.0},
             {"position": 3, "predicted": 0.5, "measured": 0.0, "count": 1, "abs_gap": 0.5}]
     rows = reliability_by_position(first + second)
+    intervals = [row.pop("measured_ci95") for row in rows]
+    assert [row.pop("calibrated") for row in rows] == [True, True, True]    # 1 and 3: too few nodes to tell
     assert rows == [pytest.approx(row) for row in want]
+    assert intervals[0] == pytest.approx([0.2077, 0.9385], abs=1e-4) and intervals[2] == pytest.approx([0, 0.7935], abs=1e-4)
+    miss = reliability_by_position([(1, 0.9, i % 2 == 0) for i in range(100)])[0]   # 50 of 100, predicted 0.9
+    assert miss["measured_ci95"] == pytest.approx([0.4038, 0.5962], abs=1e-4) and not miss["calibrated"]
+    assert reliability_by_position([(1, 0.54, i % 2 == 0) for i in range(100)])[0]["calibrated"]
+    rows = reliability_by_position(first + second)
     report = summarize([record(first), record(second)], 2, greedy=True)
     assert report["confidence_reliability"] == rows
     assert report["confidence_abs_gap"] == pytest.approx((3 * (0.8 - 2 / 3) + 0 + 0.5) / 6)
+    assert report["confidence_calibrated"] is True
     plain = summarize([record([]), record([])], 2, greedy=True)
     assert plain["confidence_reliability"] is None and plain["confidence_abs_gap"] is None
     rule = DraftLengthRule(FLAT)
