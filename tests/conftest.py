@@ -32,6 +32,12 @@ def target() -> Target:
 
 
 @pytest.fixture
+def target4() -> Target:
+    """A tiny 4-layer target: room for three tapped layers and a last one (feature-level kinds)."""
+    return Target(tiny_llama(0, layers=4), tokenizer=None, name="tiny-target-4")
+
+
+@pytest.fixture
 def other_model() -> LlamaForCausalLM:
     return tiny_llama(1)
 

@@ -19,23 +19,17 @@ from draftsmith.models.checks import TargetShape
 from draftsmith.models.dflash import DFlashConfig, DFlashHead
 from draftsmith.models.dspark import DSparkHead
 from draftsmith.models.formats import read_head_folder, write_speculators
-from draftsmith.models.target import Target
 from draftsmith.protocol.drafting import DraftSampler
 from draftsmith.protocol.proposer import DecodeState
 from draftsmith.protocol.sampling import Sampling
 
-from conftest import VOCAB, perturbed, tiny_llama
+from conftest import VOCAB, perturbed
 from test_parallel import setup  # noqa: F401  (the tiny saved target, chats and recipe)
 
 MASK, BLOCK, DRAFT_VOCAB, RANK = 7, 4, 160, 16
 KINDS = pytest.mark.parametrize("cls", [DFlashHead, DSparkHead], ids=["dflash", "dspark"])
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch on one thread per module
-
-
-@pytest.fixture(scope="module")
-def target4() -> Target:
-    return Target(tiny_llama(0, layers=4), tokenizer=None, name="tiny-target-4")
 
 
 def block_head(cls, target, aux=(3, 0, 2), draft_vocab=DRAFT_VOCAB, seed=0):

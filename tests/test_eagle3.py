@@ -16,17 +16,11 @@ from draftsmith.models.draft_vocab import draft_vocab_from_counts
 from draftsmith.models.eagle3 import Eagle3Head, Eagle3Proposer, Eagle3TrainModule, build_eagle3
 from draftsmith.models.layers import default_aux_layers
 from draftsmith.models.formats import read_head_folder, write_sglang, write_speculators
-from draftsmith.models.target import Target
 from draftsmith.protocol.proposer import DecodeState
 from draftsmith.protocol.sampling import Sampling, warp
 
-from conftest import VOCAB, perturbed, prompts, tiny_llama
+from conftest import VOCAB, perturbed, prompts
 from test_verify import law_of_verify_sampling
-
-
-@pytest.fixture
-def target4() -> Target:
-    return Target(tiny_llama(0, layers=4), tokenizer=None, name="tiny-target-4")
 
 
 def random_head(target, seed=0, vocab_size=160, init="target") -> Eagle3Head:

@@ -73,11 +73,6 @@ def setup(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def target4() -> Target:
-    return Target(tiny_llama(0, layers=4), tokenizer=None, name="tiny-target-4")
-
-
 def drafter_spec(**over):
     spec = dict(init_from=None, num_layers=2, hidden_size=None, intermediate_size=None, init="target",
                 layers_from_target=[0, 3], parallel_k=4)

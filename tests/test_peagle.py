@@ -20,13 +20,12 @@ from draftsmith.models.layers import default_aux_layers
 from draftsmith.models.formats import read_head_folder, write_sglang, write_speculators
 from draftsmith.models.peagle import PEagleHead, PEagleProposer, PEagleTrainModule
 from draftsmith.models.mask_token import choose_mask_token
-from draftsmith.models.target import Target
 from draftsmith.protocol.drafting import TreeShape
 from draftsmith.protocol.proposer import DecodeState
 from draftsmith.protocol.sampling import Sampling, warp
 from draftsmith.train import steps
 
-from conftest import VOCAB, perturbed, prompts, tiny_llama
+from conftest import VOCAB, perturbed, prompts
 from test_formats_peers import speculators_eagle3_tensors
 from test_parallel import setup  # noqa: F401  (the tiny saved target, chats and recipe)
 from test_training import assert_same_checkpoint, ckpt_path
@@ -36,11 +35,6 @@ MASK = 7
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch on one thread per module
-
-
-@pytest.fixture
-def target4() -> Target:
-    return Target(tiny_llama(0, layers=4), tokenizer=None, name="tiny-target-4")
 
 
 def peagle_head(target, seed=0, k=4, draft_vocab=160, aux_layers=None) -> PEagleHead:
