@@ -60,19 +60,24 @@ class Objective:
         return any(name != "data_ce" for name, _ in self.mix) or self.position_weights == "reach"
 
     def rows(self, t_logits: torch.Tensor | None, d_logits: torch.Tensor,
-             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             labels: torch.Tensor | None = None, keep: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(loss [M], α [M] detached or None without a target) for M kept rows: logits [M, V], labels [M]
-        (the data's token each row predicts; data_ce adds 0 on a row labelled -100).
+        (the data's token each row predicts; data_ce adds 0 on a row labelled -100). `keep`: a bool mask
+        over t_logits' leading dims that picks its M rows here (a tensor the caller holds anyway is then
+        not copied for the backward). d_logits may be bf16: every kernel starts with a float32 copy.
 
         With a graph to build, the kernels' internals (softmaxes, logs, minima: several [M, V] tensors) are
         not kept for the backward pass but recomputed there from the inputs (activation checkpointing):
         an unrolled head holds one loss graph per draft position at once, and these internals were most of
         its peak memory (bench/results/cpu-train-memory). Same values and gradients."""
         if torch.is_grad_enabled() and d_logits.requires_grad:
-            return checkpoint(self._rows, t_logits, d_logits, labels, use_reentrant=False)
-        return self._rows(t_logits, d_logits, labels)
+            return checkpoint(self._rows, t_logits, d_logits, labels, keep, use_reentrant=False)
+        return self._rows(t_logits, d_logits, labels, keep)
 
-    def _rows(self, t_logits, d_logits, labels):
+    def _rows(self, t_logits, d_logits, labels, keep=None):
+        if keep is not None and t_logits is not None:
+            t_logits = t_logits[keep]
         r = losses.Rows(t_logits, d_logits, labels, self.temperature)
         total = d_logits.new_zeros(d_logits.shape[0], dtype=torch.float32)
         for name, weight in self.mix:

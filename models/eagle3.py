@@ -218,9 +218,9 @@ class Eagle3TrainModule(nn.Module):
         step0 = torch.zeros((0, len(ids)), device=ids.device)
         for i, h in enumerate(self.unroll(embeds, target_hidden, past)):
             n = rows - 1 - i                                                  # rows with a target at t+1+i
-            logits = head.logits(h[:, :n]).float()                            # [B, n, Vd]
+            logits = head.logits(h[:, :n])              # [B, n, Vd], bf16 under autocast: the loss upcasts
             p, v, m = grid_p[:, 1 + i:], valid[:, 1 + i:], mask[:, 1 + i:]
-            loss_rows, alpha = self.objective.rows(p[v], logits[v], labels[:, 1 + i:][v])
+            loss_rows, alpha = self.objective.rows(p, logits[v], labels[:, 1 + i:][v], keep=v)
             # no row to learn from: a zero that still backpropagates (and keeps DDP's buckets whole);
             # the step's full [B, n, Vd] logits are not kept past this step
             steps.append((v, loss_rows if v.any() else 0.0 * logits.sum(), alpha))
@@ -229,7 +229,7 @@ class Eagle3TrainModule(nn.Module):
                 rate = float(hit.mean()) if hit.numel() else float("nan")
                 stats[f"ttt_greedy_match_step{i}"] = rate
             if i == 0 and not self.training:
-                step0 = logits[mask[:, 1:]]
+                step0 = logits[mask[:, 1:]].float()
         rates = [stats[f"ttt_greedy_match_step{i}"] for i in range(min(4, len(steps)))]
         stats["ttt_tau_greedy_k4"] = tau_from_alphas([None if r != r else r for r in rates])
         self.step_stats = stats

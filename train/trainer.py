@@ -11,6 +11,8 @@ that `--resume` continues from.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import resource
@@ -38,6 +40,24 @@ from draftsmith.train.weights import load_drafter_weights
 def peak_rss_gib() -> float:
     """The process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):    # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim). A CPU training step frees GBs of
+    activations of sizes that change with every batch; glibc keeps them, fragmented, and the process's
+    resident memory grew by ~4 MiB a step on eagle3-ttt-quick (2.6 GiB after 10 steps, 5.2 GiB after 600)
+    with a constant 0.37 GiB of live tensors (bench/results/cpu-train-memory)."""
+    trim = _glibc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class TrainingDiverged(DraftsmithError):
@@ -267,6 +287,8 @@ class Trainer:
                         acc.clip_grad_norm_(self.drafter.parameters(), t.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                if acc.device.type == "cpu":
+                    release_free_heap()
                 n_tok = int(batch["attention_mask"].sum()) * acc.num_processes
                 tokens_seen += n_tok
                 window_tokens += n_tok
