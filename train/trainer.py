@@ -54,7 +54,8 @@ def release_free_heap() -> None:
     """Hand the heap's free pages back to the OS (glibc's malloc_trim). A CPU training step frees GBs of
     activations of sizes that change with every batch; glibc keeps them, fragmented, and the process's
     resident memory grew by ~4 MiB a step on eagle3-ttt-quick (2.6 GiB after 10 steps, 5.2 GiB after 600)
-    with a constant 0.37 GiB of live tensors (bench/results/cpu-train-memory)."""
+    with a constant 0.37 GiB of live tensors (bench/results/cpu-train-memory). The pages come back as
+    faults on the next step: `train.trim_heap_every` spaces the calls."""
     trim = _glibc_trim()
     if trim is not None:
         trim(0)
@@ -287,8 +288,6 @@ class Trainer:
                         acc.clip_grad_norm_(self.drafter.parameters(), t.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                if acc.device.type == "cpu":
-                    release_free_heap()
                 n_tok = int(batch["attention_mask"].sum()) * acc.num_processes
                 tokens_seen += n_tok
                 window_tokens += n_tok
@@ -298,6 +297,8 @@ class Trainer:
                     stats.setdefault(key, []).append(value)
             self.scheduler.step()
             self.step += 1
+            if acc.device.type == "cpu" and t.trim_heap_every and self.step % t.trim_heap_every == 0:
+                release_free_heap()
             bar.update()
             if self.step % cfg.log.every == 0 or self.step == t.max_steps:
                 rate = window_tokens / max(1e-9, time.time() - window_start)
