@@ -382,10 +382,12 @@ def cmd_verify(a) -> None:
     heads = {"SpecForge 0.2.0": sf_head}
     for folder in a.draftsmith_head:     # <run>-sglang: the export of run folder OUT/<run>
         heads[run_name(folder)] = read_head_folder(Path(folder), shape).float().eval()
-    table = {name: heldout_figures(head, target, plan) for name, head in heads.items()}
-    (out / "heldout.json").write_text(json.dumps(table, indent=2) + "\n")
+    rows = a.heldout_rows if a.heldout_rows is not None else plan["heldout_rows"]
+    table = {name: heldout_figures(head, target, plan, rows) for name, head in heads.items()}
+    suffix = "" if a.heldout_rows is None else f"-{rows or 'all'}"      # the trainer's eval rows keep the plain names
+    (out / f"heldout{suffix}.json").write_text(json.dumps(table, indent=2) + "\n")
     md = parity_table(out, plan, table)
-    (out / "parity.md").write_text(md)
+    (out / f"parity{suffix}.md").write_text(md)
     print(md)
     print("[verify] measure both heads (MT-bench 80, greedy, k=4; one at a time on a quiet machine):")
     for name, folder in (("specforge", out / "specforge-sglang"), *((run_name(f), f) for f in a.draftsmith_head)):
@@ -459,9 +461,9 @@ def conversion_check(head, target, plan: dict, bundle: dict) -> dict:
             "logit_scale": float(theirs.abs().max()), "dtype": "float32"}
 
 
-def heldout_figures(head, target, plan: dict) -> dict:
+def heldout_figures(head, target, plan: dict, count: int) -> dict:
     """The trainer's held-out metrics (train/steps.py heldout_metrics, under the trainer's autocast) on the
-    plan's held-out rows, for a loaded head: the same code and rows for both heads."""
+    first `count` held-out rows (0: all of them), for a loaded head: the same code and rows for every head."""
     from draftsmith.distill.objective import Objective
     from draftsmith.models.eagle3 import Eagle3TrainModule
     from draftsmith.train.config import load_recipe, resolve_recipe_path
@@ -472,9 +474,8 @@ def heldout_figures(head, target, plan: dict) -> dict:
 
     cfg = load_recipe(resolve_recipe_path(plan["recipe"]), plan["overrides"])
     rows = draftsmith_rows(Path(plan["data"]) / "heldout.npz")
-    b = plan["batch_size"]
-    batches = [collate([rows[j] for j in range(i, min(i + b, plan["heldout_rows"]))], plan["pad_id"])
-               for i in range(0, plan["heldout_rows"], b)]
+    n, b = (min(count, len(rows)) if count else len(rows)), plan["batch_size"]
+    batches = [collate([rows[j] for j in range(i, min(i + b, n))], plan["pad_id"]) for i in range(0, n, b)]
     module = Eagle3TrainModule(head, target.model, plan["ttt_steps"], plan["ttt_decay"], Objective.from_config(cfg.loss))
     module.eval()
     bf16 = resolve_mixed_precision(cfg.train.mixed_precision, "cpu") == "bf16"
@@ -507,6 +508,9 @@ def main(argv=None) -> None:
     q.add_argument("--out", required=True)
     q.add_argument("--draftsmith-head", action="append", default=[],
                    help="a draftsmith head exported as OUT/<run>-sglang to compare on the same rows (repeatable)")
+    q.add_argument("--heldout-rows", type=int, default=None,
+                   help="held-out rows to score (0: every row of the prepared held-out split; default: the trainer's "
+                        "eval.batches x batch_size); writes OUT/heldout-N.json and OUT/parity-N.md")
     q.set_defaults(func=cmd_verify)
     a = p.parse_args(argv)
     a.func(a)

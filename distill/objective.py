@@ -31,6 +31,8 @@ from draftsmith.errors import DraftsmithError
 from draftsmith.metric_modules.acceptance.acceptance_figures import tau_from_alphas
 
 POSITION_WEIGHTS = ("uniform", "exp_decay", "reach", "accepted_length")
+CHUNK_ELEMENTS = 1 << 20
+"""Logits per slice of `Objective.rows` (4 MB in float32): 128 rows of an 8192-token draft vocabulary."""
 
 
 @dataclass(frozen=True)
@@ -67,13 +69,40 @@ class Objective:
         over t_logits' leading dims that picks its M rows here (a tensor the caller holds anyway is then
         not copied for the backward). d_logits may be bf16: every kernel starts with a float32 copy.
 
-        With a graph to build, the kernels' internals (softmaxes, logs, minima: several [M, V] tensors) are
-        not kept for the backward pass but recomputed there from the inputs (activation checkpointing):
-        an unrolled head holds one loss graph per draft position at once, and these internals were most of
-        its peak memory (bench/results/cpu-train-memory). Same values and gradients."""
-        if torch.is_grad_enabled() and d_logits.requires_grad:
-            return checkpoint(self._rows, t_logits, d_logits, labels, keep, use_reentrant=False)
-        return self._rows(t_logits, d_logits, labels, keep)
+        The rows run in slices of about CHUNK_ELEMENTS logits (128 rows of an 8192-token vocabulary), and
+        with a graph to build each slice's kernel internals (softmaxes, logs, minima) are not kept for the
+        backward pass but recomputed there from its inputs (activation checkpointing). An unrolled head
+        holds one loss graph per draft position at once: whole-row internals were most of its peak memory,
+        and their batch-dependent sizes fragmented the CPU heap step after step, where one slice size
+        recurs (bench/results/cpu-train-memory). Same values and gradients."""
+        grad = torch.is_grad_enabled() and d_logits.requires_grad
+        m, width = d_logits.shape[0], max(1, d_logits.shape[-1])
+        step = max(1, CHUNK_ELEMENTS // width)
+        if m <= step and not grad:
+            return self._rows(t_logits, d_logits, labels, keep)
+        where = None if keep is None or t_logits is None else keep.nonzero(as_tuple=True)
+        losses_, alphas = [], []
+        for start in range(0, max(m, 1), step):
+            part = slice(start, start + step)
+            if t_logits is None:
+                t = None
+            elif where is None:
+                t = t_logits[part]
+            else:
+                t = t_logits        # gathered inside the slice, so no gathered copy waits for the backward
+            args = (t, d_logits[part], None if labels is None else labels[part],
+                    None if where is None else tuple(w[part] for w in where))
+            loss, alpha = (checkpoint(self._slice, *args, use_reentrant=False) if grad else self._slice(*args))
+            losses_.append(loss)
+            alphas.append(alpha)
+        if len(losses_) == 1:
+            return losses_[0], alphas[0]
+        return torch.cat(losses_), (None if alphas[0] is None else torch.cat(alphas))
+
+    def _slice(self, t_logits, d_logits, labels, where):
+        if where is not None:
+            t_logits = t_logits[where]
+        return self._rows(t_logits, d_logits, labels)
 
     def _rows(self, t_logits, d_logits, labels, keep=None):
         if keep is not None and t_logits is not None:

@@ -173,6 +173,10 @@ def ttt_attention(past: list):
     return attend
 
 
+PREP_ROWS = 128
+"""Target rows per slice when the training step restricts the target's logits to the draft vocabulary."""
+
+
 class Eagle3TrainModule(nn.Module):
     """What the trainer wraps for kind `eagle3`. Step i (0..ttt_steps-1), row t: predicts token t+2+i
     against the target's distribution at position t+1+i restricted (renormalised) to the draft
@@ -202,7 +206,10 @@ class Eagle3TrainModule(nn.Module):
         with torch.no_grad():   # the target's [N, V] logits stay as they came (bf16 under autocast): no fp32 copy
             t_arg = t_logits.argmax(-1)
             grid_p = t_logits.new_zeros(b, rows, len(ids), dtype=torch.float32)   # target log p, draft vocab
-            grid_p[mask] = torch.log_softmax(t_logits[:, ids].float(), dim=-1)
+            where = mask.nonzero(as_tuple=True)
+            for start in range(0, len(t_logits), PREP_ROWS):    # one slice size recurs: no batch-sized temporaries
+                part = slice(start, start + PREP_ROWS)
+                grid_p[where[0][part], where[1][part]] = torch.log_softmax(t_logits[part][:, ids].float(), dim=-1)
             valid = torch.zeros_like(mask)
             valid[mask] = head.t2d[t_arg]
             arg = torch.full_like(input_ids[:, 1:], -1)

@@ -134,6 +134,33 @@ def test_rows_with_a_graph_recompute_their_internals_and_keep_values_and_gradien
     assert sum(saved) <= t.numel() + z.numel() + labels.numel()    # only the inputs wait for the backward
 
 
+def test_rows_in_slices_equal_the_whole_pass_with_and_without_a_keep_mask(monkeypatch):
+    """Objective.rows runs its rows in slices of CHUNK_ELEMENTS logits (one allocation size recurs on the CPU
+    heap); `keep` picks the target's rows inside each slice. Same values, α and gradients as one pass."""
+    from draftsmith.distill import objective as objective_module
+    torch.manual_seed(2)
+    grid, z = torch.randn(3, 4, 11).log_softmax(-1), torch.randn(7, 11)
+    keep = torch.zeros(3, 4, dtype=torch.bool)
+    keep.view(-1)[torch.tensor([0, 2, 3, 5, 8, 9, 11])] = True
+    labels = torch.randint(0, 11, (7,))
+    objective = Objective((("lk_hybrid", 0.9), ("ce", 0.1)))
+    whole_d = z.clone().requires_grad_()
+    whole, whole_alpha = objective._rows(grid[keep], whole_d, labels)
+    (whole * torch.arange(1.0, 8.0)).sum().backward()
+    monkeypatch.setattr(objective_module, "CHUNK_ELEMENTS", 2 * 11)             # 2 rows a slice: 4 slices
+    for grad in (True, False):
+        d = z.clone().requires_grad_(grad)
+        loss, alpha = objective.rows(grid, d, labels, keep=keep)
+        torch.testing.assert_close((loss.detach(), alpha), (whole.detach(), whole_alpha), rtol=0, atol=0)
+        if grad:
+            (loss * torch.arange(1.0, 8.0)).sum().backward()
+            torch.testing.assert_close(d.grad, whole_d.grad, rtol=0, atol=0)
+    loss, alpha = objective.rows(grid[keep], z.clone().requires_grad_(), labels)   # no mask: plain row slices
+    torch.testing.assert_close(loss.detach(), whole.detach(), rtol=0, atol=0)
+    empty, none = objective.rows(grid, z[:0].clone().requires_grad_(), labels[:0], keep=torch.zeros_like(keep))
+    assert empty.shape == (0,) and none.shape == (0,)
+
+
 def test_objective_from_config_folds_data_ce_weight_into_the_mix():
     cfg = load_recipe("smollm2-135m/parallel-kd-quick")          # forward_kl + 0.1 data_ce
     assert Objective.from_config(cfg.loss).mix == (("forward_kl", 1.0), ("data_ce", 0.1))

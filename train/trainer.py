@@ -134,6 +134,8 @@ class Trainer:
             self.tb.flush()
 
     def evaluate(self) -> dict:
+        if self.acc.device.type == "cpu" and self.cfg.train.trim_heap_every:
+            release_free_heap()     # the held-out pass allocates on top of what training left free
         self.drafter.eval()
         with self.acc.autocast():
             metrics = heldout_metrics(self.target.model, self.drafter, self.heldout_batches, self.objective,
