@@ -78,8 +78,6 @@ class Objective:
         grad = torch.is_grad_enabled() and d_logits.requires_grad
         m, width = d_logits.shape[0], max(1, d_logits.shape[-1])
         step = max(1, CHUNK_ELEMENTS // width)
-        if m <= step and not grad:
-            return self._rows(t_logits, d_logits, labels, keep)
         where = None if keep is None or t_logits is None else keep.nonzero(as_tuple=True)
         losses_, alphas = [], []
         for start in range(0, max(m, 1), step):
@@ -104,9 +102,7 @@ class Objective:
             t_logits = t_logits[where]
         return self._rows(t_logits, d_logits, labels)
 
-    def _rows(self, t_logits, d_logits, labels, keep=None):
-        if keep is not None and t_logits is not None:
-            t_logits = t_logits[keep]
+    def _rows(self, t_logits, d_logits, labels):
         r = losses.Rows(t_logits, d_logits, labels, self.temperature)
         total = d_logits.new_zeros(d_logits.shape[0], dtype=torch.float32)
         for name, weight in self.mix:
