@@ -7,6 +7,7 @@
 #
 #   bash bench/batched_decoding.sh                          # MT-bench 80, 64 new tokens (the table)
 #   N=10 NEW=32 OUT=/tmp/bt bash bench/batched_decoding.sh  # a quick look
+#   PATHS=eager DTYPES=fp32 OUT=... bash bench/batched_decoding.sh   # only the batched fp32 run
 #
 # Needs the main job's head (bash scripts/main.sh trains and exports it). Run it on a quiet machine.
 set -euo pipefail
@@ -17,6 +18,7 @@ NEW="${NEW:-64}"
 OUT="${OUT:-bench/results/cpu-batched-decoding}"
 HEAD="${HEAD:-runs/eagle3-cpu-quick/speculators}"
 DTYPES="${DTYPES:-fp32 bf16}"
+PATHS="${PATHS:-eager compiled}"    # eager: batch 1, 4, 16; compiled: batch 1 with --compile
 [ -d "$HEAD" ] || { echo "no drafter at $HEAD: run bash scripts/main.sh first (or set HEAD=)" >&2; exit 2; }
 mkdir -p "$OUT"
 run() {   # NAME ARGS...
@@ -26,10 +28,12 @@ run() {   # NAME ARGS...
     --device cpu --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
   echo "[batched] $name done"
 }
-for dtype in $DTYPES; do
-  run "$dtype-eager" --dtype "$dtype" --batch-size 1,4,16
-done
-for dtype in $DTYPES; do
-  run "$dtype-compiled" --dtype "$dtype" --compile
+for path in $PATHS; do
+  for dtype in $DTYPES; do
+    case $path in
+      eager) run "$dtype-eager" --dtype "$dtype" --batch-size 1,4,16 ;;
+      compiled) run "$dtype-compiled" --dtype "$dtype" --compile ;;
+    esac
+  done
 done
 python bench/batched_table.py "$OUT" | tee "$OUT/table.md"

@@ -5,15 +5,19 @@ The single-sequence decoder's steps (eval/decoder.py), for every live row at onc
   0. a joining prompt is prefilled ALONE (batch 1, exactly as the single-sequence decoder does) and its cache
      copied into a free row of the shared ragged cache (models/batch_cache.py); a row that finishes frees its
      row for the next waiting prompt (continuous batching), so the batch stays full while prompts wait;
-  1. draft: each row's own proposer (`protocol.proposer.fork`: the same weights, its own decode state) drafts
-     for that row with that row's sampler; the decoder still never branches on drafter kind;
+  1. draft: each row has its own proposer (`protocol.proposer.fork`: the same weights, its own decode state) and
+     sampler; `propose_all` drafts for every row at once: a kind that defines `propose_rows` (the EAGLE heads,
+     and a composite of members that do) runs each drafting round as ONE drafter forward over all rows
+     (models/row_batch.py pads their caches), the others draft row by row; the decoder never branches on kind;
   2. verify: ONE target forward over every row's [last token, draft nodes], padded to the widest row;
   3. accept: per row, greedy match or recursive rejection sampling, each row with its own generator (seeded
      as the single-sequence run of that prompt is), so the sampling law holds per row;
-  4. keep: each row keeps its root and accepted path (compacted in place); each proposer observes its row.
+  4. keep: each row keeps its root and accepted path (compacted in place); the proposers observe their rows
+     (`observe_all`: one head forward for every row where the kind defines `observe_rows`).
 
-Drafting is one drafter call per row, not one batched drafter forward: on the CPU a draft head's forward is
-1-8 ms against a target step of 50+ ms, and each kind keeps its own per-sequence state (KV caches, trees).
+Kinds with a batched form: eagle, eagle3 (propose and observe), P-EAGLE (propose: one forward drafts every
+row's block), dflash / dspark (propose: one forward for every row's block; observe: one context projection).
+PARD and small LMs still draft row by row (one forward per row and round).
 
 `--k auto` with a batch: the rule's cost curve is the target's forward over `rows` rows of n tokens each,
 divided by the rows (each row's share of a step), measured at the batch size asked; each row's draft length
@@ -29,12 +33,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from draftsmith.eval.decoder import (GenerationResult, StepDraft, advance, check_request, draft_step, make_sampler,
-                                     prefill, settle)
+from draftsmith.eval.decoder import (GenerationResult, StepDraft, advance, check_request, draft_depth, make_sampler,
+                                     prefill, settle, take_draft)
 from draftsmith.models.batch_cache import RaggedCache
 from draftsmith.models.target import Target, new_cache
 from draftsmith.protocol.drafting import DraftSampler, TreeShape
-from draftsmith.protocol.proposer import DecodeState, Proposer, fork
+from draftsmith.protocol.proposer import DecodeState, Proposer, fork, observe_all, propose_all
 from draftsmith.protocol.sampling import Sampling
 
 
@@ -96,11 +100,18 @@ def batched_generate(target: Target, proposer: Proposer, prompts: list[list[int]
         live = [r for r in rows if r is not None]
         if not live:
             break
-        # 1. draft, per row
+        # 1. draft: every row at once (one drafter forward per drafting round where the kind batches)
         started = time.perf_counter()
-        for row in live:
-            row.step = draft_step(target, row.proposer, row.state, row.result, k, max_new_tokens, row.sampler, rule,
-                                  tree)
+        depths = [draft_depth(target, r.state, r.result, k, max_new_tokens, rule) for r in live]
+        ready = [(r, d) for r, d in zip(live, depths) if d is not None]
+        drafts = propose_all([r.proposer for r, _ in ready], [r.state for r, _ in ready], [d for _, d in ready],
+                             [r.sampler for r, _ in ready], tree)
+        share = (time.perf_counter() - started) / max(1, len(ready))     # each row's part of the drafting
+        for (row, depth), draft in zip(ready, drafts):
+            row.step = take_draft(draft, depth, share, row.result, rule)
+        for row, depth in zip(live, depths):
+            if depth is None:
+                row.step = None
         timing.draft_s += time.perf_counter() - started
         for i, row in enumerate(rows):
             if row is not None and row.step is None:      # its context is full
@@ -142,12 +153,12 @@ def batched_generate(target: Target, proposer: Proposer, prompts: list[list[int]
         _retain(rows, cache, force=not waiting)           # a waiting prompt takes a finished row's slot
         timing.keep_s += time.perf_counter() - started
         started = time.perf_counter()
-        for row in rows:
-            if row is not None:
-                t0 = time.perf_counter()
-                row.proposer.observe(row.state)
-                row.result.observe_s += time.perf_counter() - t0
-        timing.observe_s += time.perf_counter() - started
+        present = [row for row in rows if row is not None]
+        observe_all([row.proposer for row in present], [row.state for row in present])
+        observed_s = time.perf_counter() - started
+        for row in present:
+            row.result.observe_s += observed_s / len(present)
+        timing.observe_s += observed_s
     return results
 
 

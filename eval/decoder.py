@@ -138,17 +138,29 @@ def prefill(target: Target, proposer: Proposer, prompt_ids: list[int], cache, sa
 def draft_step(target: Target, proposer: Proposer, state: DecodeState, result: GenerationResult, k: int,
                max_new_tokens: int, sampler: DraftSampler, rule, tree: TreeShape | None) -> StepDraft | None:
     """1. Draft up to depth k (the rule's choice with --k auto); None when the context is full."""
+    k_step = draft_depth(target, state, result, k, max_new_tokens, rule)
+    if k_step is None:
+        return None
+    started = time.perf_counter()
+    tree_kw = {"tree": tree} if tree is not None else {}
+    draft = proposer.propose(state, k_step, sampler, **tree_kw) if k_step > 0 else Draft([])
+    return take_draft(draft, k_step, time.perf_counter() - started, result, rule)
+
+
+def draft_depth(target: Target, state: DecodeState, result: GenerationResult, k: int, max_new_tokens: int,
+                rule) -> int | None:
+    """The depth a step may draft: k, bounded by the tokens still wanted and the context (the rule's choice
+    with --k auto); None when the context is full."""
     room = target.max_length - state.committed - 1      # positions left after the last token
     if room < 0:
         result.stop_reason = "context"
         return None
     k_step = min(k, max_new_tokens - len(result.tokens) - 1, room)
-    if rule is not None:
-        k_step = rule.depth(k_step)
-    started = time.perf_counter()
-    tree_kw = {"tree": tree} if tree is not None else {}
-    draft = proposer.propose(state, k_step, sampler, **tree_kw) if k_step > 0 else Draft([])
-    drafted_s = time.perf_counter() - started
+    return rule.depth(k_step) if rule is not None else k_step
+
+
+def take_draft(draft: Draft, k_step: int, drafted_s: float, result: GenerationResult, rule) -> StepDraft:
+    """The step's draft clipped to depth k_step and cut by the rule (--k auto); its seconds recorded."""
     step = StepDraft(*_clip(draft, k_step), len(draft.tokens), drafted_s)
     if rule is not None and step.tokens:
         step.cut(rule.choose(step.conf, step.parents, drafted_s, step.accept))

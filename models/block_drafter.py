@@ -45,6 +45,7 @@ from draftsmith.models.kv_injection import InjectedLayer
 from draftsmith.models.layers import HeadIO, LayerShape, RMSNorm, norm_weight, target_parts
 from draftsmith.models.mask_blocks import depth_stats
 from draftsmith.models.target import data_token_probs
+from draftsmith.models.row_batch import pad_rows
 from draftsmith.protocol.drafting import Draft, TreeShape, grow_draft
 from draftsmith.protocol.proposer import DecodeState, Sampler
 from draftsmith.protocol.tree import depths
@@ -210,31 +211,81 @@ class BlockProposer:
     @torch.inference_mode()
     def observe(self, state: DecodeState) -> None:
         """Positions hidden_start..committed-1 join the context."""
-        start = state.hidden_start
-        self._rollback(start)
-        if self.length != start:
-            raise DraftsmithError("The block drafter's context lost track of the decoder", (self.length, start),
-                                  "Call reset() before a new sequence")
-        feats = self.head.fuse([h.to(self.dtype) for h in state.hidden])[None]             # [1, n, H]
-        positions = torch.arange(start, start + feats.shape[1], device=self.device)[None]
-        new = self.head.context(feats, positions)
-        self.kv = new if not self.kv else [(torch.cat([k, k2], 2), torch.cat([v, v2], 2))
-                                           for (k, v), (k2, v2) in zip(self.kv, new)]
-        self.length = start + feats.shape[1]
+        self.observe_rows([self], [state])
+
+    @classmethod
+    @torch.inference_mode()
+    def observe_rows(cls, proposers: list["BlockProposer"], states: list[DecodeState]) -> None:
+        """observe for several sequences: the context keys and values of every row's new positions from one fc
+        and one projection per layer (they are per position: the rows need no padding)."""
+        one = proposers[0]
+        for p, state in zip(proposers, states):
+            p._rollback(state.hidden_start)
+            if p.length != state.hidden_start:
+                raise DraftsmithError("The block drafter's context lost track of the decoder",
+                                      (p.length, state.hidden_start), "Call reset() before a new sequence")
+        counts = [state.hidden[0].shape[0] for state in states]
+        hidden = [torch.cat([state.hidden[i] for state in states]).to(one.dtype) for i in range(len(states[0].hidden))]
+        feats = one.head.fuse(hidden)[None]                                                  # [1, N, H]
+        positions = torch.cat([torch.arange(s.hidden_start, s.hidden_start + n, device=one.device)
+                               for s, n in zip(states, counts)])[None]
+        new = [(k.split(counts, 2), v.split(counts, 2)) for k, v in one.head.context(feats, positions)]
+        for r, (p, n) in enumerate(zip(proposers, counts)):
+            mine = [(k[r], v[r]) for k, v in new]
+            p.kv = mine if not p.kv else [(torch.cat([k, k2], 2), torch.cat([v, v2], 2))
+                                          for (k, v), (k2, v2) in zip(p.kv, mine)]
+            p.length += n
 
     @torch.inference_mode()
     def propose(self, state: DecodeState, k: int, sampler: Sampler, tree: TreeShape | None = None) -> Draft:
         k = min(k, self.max_k)
         if k < 1:
             return Draft([])
+        ids, positions = self._block(state)
+        hidden = self.head(self.embed(ids).to(self.dtype), positions, self.kv)[0]    # [B, H]
+        return self._drafted(hidden, state, k, sampler, tree)
+
+    @classmethod
+    @torch.inference_mode()
+    def propose_rows(cls, proposers: list["BlockProposer"], states: list[DecodeState], ks: list[int],
+                     samplers: list[Sampler], tree: TreeShape | None = None) -> list[Draft]:
+        """propose for several sequences: every row's block in ONE head forward, each row's context padded to the
+        longest (models/row_batch.py) and hidden from the other rows by the mask."""
+        one = proposers[0]
+        ks = [min(k, p.max_k) for p, k in zip(proposers, ks)]
+        rows = [r for r, k in enumerate(ks) if k > 0]
+        drafts = [Draft([]) for _ in proposers]
+        if not rows:
+            return drafts
+        blocks = [proposers[r]._block(states[r]) for r in rows]
+        ids, positions = torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
+        lengths = [proposers[r].length for r in rows]
+        width, size = max(lengths), ids.shape[1]
+        context = [tuple(pad_rows([proposers[r].kv[layer][i] for r in rows], width) for i in range(2))
+                   for layer in range(len(one.kv))]
+        mask = torch.zeros(len(rows), 1, size, width + size, dtype=torch.bool, device=one.device)
+        for j, n in enumerate(lengths):
+            mask[j, 0, :, :n] = True                  # its own context
+        mask[:, 0, :, width:] = True                  # and its whole block
+        hidden = one.head(one.embed(ids).to(one.dtype), positions, context, mask)     # [rows, B, H]
+        for j, r in enumerate(rows):
+            drafts[r] = proposers[r]._drafted(hidden[j], states[r], ks[r], samplers[r], tree)
+        return drafts
+
+    def _block(self, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's ids and positions [1, B]: [newest token, mask x (B - 1)] from the newest token's position."""
         n = len(state.tokens) - 1                     # the anchor's position: the newest token's
         if self.length != n:
             raise DraftsmithError("The block drafter's context does not end before the newest token",
                                   (self.length, n), "observe() every verified step before propose()")
+        size = self.head.config.block_size
+        ids = torch.tensor([[state.tokens[-1]] + [self.mask_id] * (size - 1)], device=self.device)
+        return ids, torch.arange(n, n + size, device=self.device)[None]
+
+    def _drafted(self, hidden: torch.Tensor, state: DecodeState, k: int, sampler: Sampler,
+                 tree: TreeShape | None) -> Draft:
+        """The draft from the block's hidden states [B, H]."""
         c = self.head.config
-        ids = torch.tensor([[state.tokens[-1]] + [self.mask_id] * (c.block_size - 1)], device=self.device)
-        positions = torch.arange(n, n + c.block_size, device=self.device)[None]
-        hidden = self.head(self.embed(ids).to(self.dtype), positions, self.kv)[0]    # [B, H]
         slots = hidden[c.offset: c.offset + k]                                       # draft i reads slot i + offset
         base = self.head.logits(slots).float()                                       # [k, Vd]
         anchor = state.tokens[-1]

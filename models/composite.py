@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from draftsmith.protocol.drafting import Draft, TreeShape, best_first_order, subset
-from draftsmith.protocol.proposer import DecodeState, Sampler, fork, takes_tree
+from draftsmith.protocol.proposer import DecodeState, Sampler, fork, observe_all, propose_all, takes_tree
 
 
 class CompositeProposer:
@@ -43,17 +43,31 @@ class CompositeProposer:
         return DecodeState(state.tokens, state.committed, state.hidden[self._slices[i]], state.hidden_start)
 
     def observe(self, state: DecodeState) -> None:
-        for i, m in enumerate(self.members):
-            m.observe(self._state_for(state, i))
+        self.observe_rows([self], [state])
 
     def propose(self, state: DecodeState, k: int, sampler: Sampler, tree: TreeShape | None = None) -> Draft:
-        drafts = []
-        for i, m in enumerate(self.members):
+        return self.propose_rows([self], [state], [k], [sampler], tree)[0]
+
+    @classmethod
+    def observe_rows(cls, proposers: list["CompositeProposer"], states: list[DecodeState]) -> None:
+        """Each member observes every row at once (one forward for a member that batches)."""
+        for i in range(len(proposers[0].members)):
+            observe_all([p.members[i] for p in proposers], [p._state_for(s, i) for p, s in zip(proposers, states)])
+
+    @classmethod
+    def propose_rows(cls, proposers: list["CompositeProposer"], states: list[DecodeState], ks: list[int],
+                     samplers: list[Sampler], tree: TreeShape | None = None) -> list[Draft]:
+        """Each member drafts for every row at once, then each row's drafts merge into its tree."""
+        drafts: list[list[Draft]] = [[] for _ in proposers]
+        for i, member in enumerate(proposers[0].members):
             # a chain-only member inside a tree request drafts its chain
-            kwargs = {"tree": tree} if tree is not None and takes_tree(m) else {}
-            drafts.append(m.propose(self._state_for(state, i), k, sampler, **kwargs))
-        return merge(drafts, sampler, merge_equal=getattr(sampler, "sampling", None) is None
-                     or sampler.sampling.greedy)
+            own_tree = tree if tree is not None and takes_tree(member) else None
+            out = propose_all([p.members[i] for p in proposers], [p._state_for(s, i) for p, s in zip(proposers, states)],
+                              ks, samplers, own_tree)
+            for row, d in zip(drafts, out):
+                row.append(d)
+        return [merge(row, sampler, merge_equal=getattr(sampler, "sampling", None) is None or sampler.sampling.greedy)
+                for row, sampler in zip(drafts, samplers)]
 
 
 def merge(drafts: list[Draft], sampler, merge_equal: bool) -> Draft:

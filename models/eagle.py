@@ -22,7 +22,8 @@ from torch import nn
 
 from draftsmith.models.layers import MLP, Attention, HeadIO, LayerShape, RMSNorm, target_parts
 from draftsmith.models.target import target_signals
-from draftsmith.protocol.drafting import Draft, TreeShape, grow_draft
+from draftsmith.models.row_batch import Feed, pack, unpack
+from draftsmith.protocol.drafting import Draft, TreeShape, grow_draft, grow_rows
 from draftsmith.protocol.proposer import DecodeState, Sampler
 from draftsmith.protocol.tree import depths
 
@@ -102,32 +103,56 @@ class EagleProposer:
         self.length = 0           # rows in the cache
         self.feature = None       # f for the last committed row: predicts the token after the newest
 
-    def _feed(self, hidden: torch.Tensor, tokens: list[int], start: int, positions: list[int] | None = None,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Append rows (token embedding, feature) after `start` cached rows. Default: positions
-        start.., causal among the new rows with a full view of the cached ones."""
+    def _feed(self, feed: Feed) -> torch.Tensor:
+        """Append rows (token embedding, feature) after the `feed.start` cached rows (models/row_batch.py)."""
+        hidden, tokens, start, positions, mask = feed
         ids = torch.tensor([tokens], device=self.device)
         if positions is None:
             positions = list(range(start, start + len(tokens)))
             if len(tokens) > 1:
                 mask = torch.ones(len(tokens), start + len(tokens), dtype=torch.bool, device=self.device).tril(start)
         pos = torch.tensor([positions], device=self.device)
-        f = self.head(self.embed(ids).to(self.dtype), hidden[None].to(self.dtype), pos, self.cache, mask)
+        f = self.head(self._embed(ids), hidden[None].to(self.dtype), pos, self.cache, mask)
         self.length = start + len(tokens)
         return f[0]               # [T, H]
+
+    @staticmethod
+    def _feed_rows(proposers: list["EagleProposer"], feeds: list[Feed]) -> list[torch.Tensor]:
+        """_feed for several sequences (forks of one proposer) in ONE head forward; features [T_r, H] per row."""
+        if len(proposers) == 1:
+            return [proposers[0]._feed(feeds[0])]
+        one = proposers[0]
+        packed = pack([p.cache for p in proposers], feeds)
+        f = one.head(one._embed(packed.ids), packed.hidden.to(one.dtype), packed.positions, packed.cache, packed.mask)
+        for p, cache, feed in zip(proposers, unpack(packed, [p.cache for p in proposers]), feeds):
+            p.cache, p.length = cache, feed.start + len(feed.tokens)
+        return [f[r, :t] for r, t in enumerate(packed.counts)]
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids).to(self.dtype)
 
     def _rollback(self, length: int) -> None:
         if self.cache and self.length > length:
             self.cache[:] = [t[:, :, :length] for t in self.cache]
         self.length = min(self.length, length)
 
-    @torch.inference_mode()
-    def observe(self, state: DecodeState) -> None:
+    def _observed(self, state: DecodeState) -> Feed:
         """Rows hidden_start..committed-1 become final: (target hidden at t, token t+1)."""
         self._rollback(state.hidden_start)   # drop the rows drafted speculatively
         start, end = state.hidden_start, state.committed
-        f = self._feed(self._fuse(state.hidden), state.tokens[start + 1: end + 1], start)
-        self.feature = f[-1]
+        return Feed(self._fuse(state.hidden), state.tokens[start + 1: end + 1], start)
+
+    @torch.inference_mode()
+    def observe(self, state: DecodeState) -> None:
+        self.feature = self._feed(self._observed(state))[-1]
+
+    @classmethod
+    @torch.inference_mode()
+    def observe_rows(cls, proposers: list["EagleProposer"], states: list[DecodeState]) -> None:
+        """observe for several sequences in one head forward (protocol/proposer.py, observe_all)."""
+        feeds = [p._observed(s) for p, s in zip(proposers, states)]
+        for p, f in zip(proposers, cls._feed_rows(proposers, feeds)):
+            p.feature = f[-1]
 
     def _fuse(self, hidden: list[torch.Tensor]) -> torch.Tensor:
         """The target's tapped hidden states [n, H] per layer -> the head's input feature [n, H]:
@@ -142,28 +167,63 @@ class EagleProposer:
     def propose(self, state: DecodeState, k: int, sampler: Sampler, tree: TreeShape | None = None) -> Draft:
         """A chain or tree of drafts (protocol/drafting.py). A node's row reads its token and the feature
         its parent's row produced; its output feature gives the logits of its children."""
-        base = self.length
-        feats: dict[int, torch.Tensor] = {}       # node -> the feature its row produced
-        rows: dict[int, int] = {}                 # node -> its row in the head's cache
+        growth = _Growth(self)
 
         def expand(nodes: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
-            cached = self.length
-            depth = depths(parents)
-            see = torch.zeros(len(nodes), cached + len(nodes), dtype=torch.bool, device=self.device)
-            see[:, :base] = True
-            for r, node in enumerate(nodes):
-                parent = parents[node]
-                while parent >= 0:
-                    see[r, rows[parent]] = True
-                    parent = parents[parent]
-                see[r, cached + r] = True
-                rows[node] = cached + r
-            inputs = torch.stack([self.feature if parents[n] < 0 else feats[parents[n]] for n in nodes])
-            f = self._feed(inputs, [tokens[n] for n in nodes], cached, [base - 1 + depth[n] for n in nodes], see)
-            feats.update(zip(nodes, f))
-            return self._logits(f)
+            return self._logits(growth.read(nodes, self._feed(growth.feed(nodes, tokens, parents))))
 
         return grow_draft(expand, self._logits(self.feature), k, sampler, tree)
+
+    @classmethod
+    @torch.inference_mode()
+    def propose_rows(cls, proposers: list["EagleProposer"], states: list[DecodeState], ks: list[int],
+                     samplers: list[Sampler], tree: TreeShape | None = None) -> list[Draft]:
+        """propose for several sequences: every drafting round is ONE head forward and one LM-head call over
+        all rows still drafting (protocol/drafting.py, grow_rows)."""
+        one = proposers[0]
+        growths = [_Growth(p) for p in proposers]
+
+        def expand_rows(requests: dict) -> dict:
+            rows = list(requests)
+            feats = cls._feed_rows([proposers[r] for r in rows],
+                                   [growths[r].feed(*requests[r]) for r in rows])
+            feats = [growths[r].read(requests[r][0], f) for r, f in zip(rows, feats)]
+            logits = one._logits(torch.cat(feats)).split([len(f) for f in feats])
+            return dict(zip(rows, logits))
+
+        roots = one._logits(torch.stack([p.feature for p in proposers])).unbind(0)
+        return grow_rows(expand_rows, list(roots), ks, samplers, tree)
+
+
+class _Growth:
+    """One sequence's draft in progress: the cache row each drafted node's feature came from. A node's row
+    reads its token and the feature its parent's row produced, and sees the committed rows and its ancestors."""
+
+    def __init__(self, proposer: EagleProposer):
+        self.proposer = proposer
+        self.base = proposer.length
+        self.feats: dict[int, torch.Tensor] = {}     # node -> the feature its row produced
+        self.rows: dict[int, int] = {}               # node -> its row in the head's cache
+
+    def feed(self, nodes: list[int], tokens: list[int], parents: list[int]) -> Feed:
+        p, base = self.proposer, self.base
+        cached = p.length
+        depth = depths(parents)
+        see = torch.zeros(len(nodes), cached + len(nodes), dtype=torch.bool, device=p.device)
+        see[:, :base] = True
+        for r, node in enumerate(nodes):
+            parent = parents[node]
+            while parent >= 0:
+                see[r, self.rows[parent]] = True
+                parent = parents[parent]
+            see[r, cached + r] = True
+            self.rows[node] = cached + r
+        inputs = torch.stack([p.feature if parents[n] < 0 else self.feats[parents[n]] for n in nodes])
+        return Feed(inputs, [tokens[n] for n in nodes], cached, [base - 1 + depth[n] for n in nodes], see)
+
+    def read(self, nodes: list[int], features: torch.Tensor) -> torch.Tensor:
+        self.feats.update(zip(nodes, features))
+        return features
 
 
 class EagleTrainModule(nn.Module):

@@ -32,6 +32,7 @@ from draftsmith.models.eagle3 import Eagle3Config, Eagle3Head, Eagle3Proposer
 from draftsmith.models.target import data_token_probs
 from draftsmith.models.mask_blocks import (block_attention, cod_fractions, cod_keep, depth_stats, gather_blocks,
                                           valid_anchors)
+from draftsmith.models.row_batch import Feed
 from draftsmith.protocol.drafting import Draft, TreeShape, grow_draft
 from draftsmith.protocol.proposer import DecodeState, Sampler
 from draftsmith.protocol.tree import depths
@@ -134,25 +135,47 @@ class PEagleProposer(Eagle3Proposer):
         k = min(k, self.max_k)
         if k < 1:
             return Draft([])
+        feed = self._block(k)
+        return self._drafted(k, feed, None if feed is None else self._feed(feed), sampler, tree)
+
+    @classmethod
+    @torch.inference_mode()
+    def propose_rows(cls, proposers: list["PEagleProposer"], states: list[DecodeState], ks: list[int],
+                     samplers: list[Sampler], tree: TreeShape | None = None) -> list[Draft]:
+        """propose for several sequences: every row's block in ONE head forward (models/row_batch.py)."""
+        ks = [min(k, p.max_k) for p, k in zip(proposers, ks)]
+        feeds = [p._block(k) if k > 0 else None for p, k in zip(proposers, ks)]
+        rows = [r for r, f in enumerate(feeds) if f is not None]
+        out = dict(zip(rows, cls._feed_rows([proposers[r] for r in rows], [feeds[r] for r in rows]))) if rows else {}
+        return [p._drafted(k, f, out.get(r), sampler, tree) if k > 0 else Draft([])
+                for r, (p, k, f, sampler) in enumerate(zip(proposers, ks, feeds, samplers))]
+
+    def _block(self, k: int) -> Feed | None:
+        """The head's input for a draft of k: the rows committed since the last draft, then k - 1 mask rows
+        (None when there is neither: the last draft's logits after the newest token still hold)."""
         empty = self.head.fc.weight.new_zeros(0, self.head.config.hidden_size)
         start, feats, tokens = self.pending or (self.length, empty, [])     # nothing new since the last draft
         masks = k - 1
-        if tokens or masks:
-            last = start + len(tokens) - 1                # the newest token's row
-            ids = torch.tensor([tokens + [self.mask_id] * masks], device=self.device)
-            inputs = torch.cat([feats.to(self.dtype), self.head.mask_feature().to(self.dtype).expand(masks, -1)])
-            positions = torch.tensor([list(range(start, last + 1)) + [last + d for d in range(1, k)]],
-                                     device=self.device)
-            n = len(tokens) + masks
-            see = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(start) if n > 1 else None
-            self._rollback(start)
-            f = self.head(self._embed(ids), inputs[None], positions, self.cache, see)[0]   # [n, H]
-            self.length = start + n
-            self._rollback(start + len(tokens))          # the masks leave no trace
+        if not tokens and not masks:
+            return None
+        last = start + len(tokens) - 1                # the newest token's row
+        inputs = torch.cat([feats.to(self.dtype), self.head.mask_feature().to(self.dtype).expand(masks, -1)])
+        positions = list(range(start, last + 1)) + [last + d for d in range(1, k)]
+        n = len(tokens) + masks
+        see = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(start) if n > 1 else None
+        self._rollback(start)
+        return Feed(inputs, tokens + [self.mask_id] * masks, start, positions, see)
+
+    def _drafted(self, k: int, feed: Feed | None, f: torch.Tensor | None, sampler: Sampler,
+                 tree: TreeShape | None) -> Draft:
+        """The draft from the block's features f [n, H] (the masks leave the cache)."""
+        if feed is not None:
+            real = len(feed.tokens) - (k - 1)
+            self._rollback(feed.start + real)             # the masks leave no trace
             self.pending = None
-            if tokens:
-                self.last = self._logits(f[len(tokens) - 1])
-            logits = torch.cat([self.last[None], self._logits(f[len(tokens):])])      # [k, V]
+            if real:
+                self.last = self._logits(f[real - 1])
+            logits = torch.cat([self.last[None], self._logits(f[real:])])      # [k, V]
         else:
             logits = self.last[None]
         return grow_draft(lambda nodes, toks, parents: logits[[depths(parents)[i] for i in nodes]],

@@ -8,7 +8,8 @@ neutral: the value is the cumulative draft probability and every node is worth i
 `grow_draft` builds a chain, a static tree (Medusa-style choice list) or an EAGLE-2 dynamic tree
 from one primitive of the proposer, `expand(nodes, tokens, parents) -> logits [len(nodes), V]`:
 the drafter reads the given nodes (each after its own ancestors) and returns the draft logits that
-follow each. Proposers differ only in that primitive; the shapes of drafts live here.
+follow each. Proposers differ only in that primitive; the shapes of drafts live here. `grow_rows` builds
+the drafts of several sequences in lockstep, one `expand_rows` call (one drafter forward) per round.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generator
 
 import torch
 
@@ -146,6 +147,8 @@ class DraftSampler:
 
 
 Expand = Callable[[list[int], list[int], list[int]], torch.Tensor]
+Request = tuple[list[int], list[int], list[int]]          # expand's arguments: (nodes, tokens, parents)
+ExpandRows = Callable[[dict[int, Request]], dict[int, torch.Tensor]]
 Accept = Callable[["int | None", int], float]
 """accept(previous token or None for the root's children, depth from 1) -> predicted acceptance of a node
 there: a confidence head reads the token before the node, not the node's own."""
@@ -155,20 +158,60 @@ def grow_draft(expand: Expand, root_logits: torch.Tensor, k: int, sampler: Draft
                tree: TreeShape | None = None, accept: Accept | None = None) -> Draft:
     """A draft of depth <= k from the logits after the root and the proposer's `expand`; `accept`: the
     drafter's predicted acceptance per node (Draft.accept), None without a confidence head."""
+    steps = grow_steps(root_logits, k, sampler, tree, accept)
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(expand(*request))
+    except StopIteration as done:
+        return done.value
+
+
+def grow_rows(expand_rows: ExpandRows, roots: list[torch.Tensor], ks: list[int], samplers: list[DraftSampler],
+              tree: TreeShape | None = None, accepts: list[Accept | None] | None = None) -> list[Draft]:
+    """grow_draft for several sequences in lockstep (batched decoding): each round, ONE call
+    `expand_rows({row: (nodes, tokens, parents)})` answers every row still drafting with its logits, so a
+    drafter can read all their nodes in one forward. Row r's draft is the one grow_draft would build from
+    the same logits."""
+    accepts = accepts or [None] * len(roots)
+    steps = [grow_steps(roots[r], ks[r], samplers[r], tree, accepts[r]) for r in range(len(roots))]
+    drafts: list[Draft | None] = [None] * len(roots)
+    requests: dict[int, Request] = {}
+
+    def advance(r: int, answer: torch.Tensor | None) -> None:
+        try:
+            requests[r] = next(steps[r]) if answer is None else steps[r].send(answer)
+        except StopIteration as done:
+            drafts[r] = done.value
+
+    for r in range(len(roots)):
+        advance(r, None)
+    while requests:
+        answers = expand_rows(dict(requests))
+        for r in list(requests):
+            del requests[r]
+            advance(r, answers[r])
+    return drafts
+
+
+def grow_steps(root_logits: torch.Tensor, k: int, sampler: DraftSampler, tree: TreeShape | None = None,
+               accept: Accept | None = None) -> Generator[Request, torch.Tensor, Draft]:
+    """The tree builder as a coroutine: it yields each expand request (nodes, tokens, parents), is sent
+    the logits that follow those nodes, and returns the draft (grow_draft and grow_rows drive it)."""
     if k < 1:
         return Draft([])
     if tree is None:
-        return _chain(expand, root_logits, k, sampler, accept)
+        return (yield from _chain(root_logits, k, sampler, accept))
     if tree.kind == "static":
-        return _static(expand, root_logits, k, sampler, tree, accept)
-    return _dynamic(expand, root_logits, k, sampler, tree, accept)
+        return (yield from _static(root_logits, k, sampler, tree, accept))
+    return (yield from _dynamic(root_logits, k, sampler, tree, accept))
 
 
 def _accept(accept: Accept | None, tokens: list[int], parent: int, depth: int) -> float | None:
     return None if accept is None else accept(None if parent < 0 else tokens[parent], depth)
 
 
-def _chain(expand: Expand, logits: torch.Tensor, k: int, sampler: DraftSampler, accept: Accept | None) -> Draft:
+def _chain(logits: torch.Tensor, k: int, sampler: DraftSampler, accept: Accept | None) -> Generator[Request, torch.Tensor, Draft]:
     tokens, qs, conf, parents, acc = [], [], [], [], []
     value = 1.0
     for i in range(k):
@@ -187,7 +230,7 @@ def _chain(expand: Expand, logits: torch.Tensor, k: int, sampler: DraftSampler, 
         # one more node, the next is not drafted (its draft forward would be wasted)
         if i + 1 >= k or not sampler.worth(value, i + 1):
             break
-        logits = expand([i], tokens, parents)[0]
+        logits = (yield [i], tokens, parents)[0]
     return Draft(tokens, None if qs[0] is None else torch.stack(qs), None, conf, None if accept is None else acc)
 
 
@@ -230,8 +273,8 @@ def _top(sampler: DraftSampler, logits: torch.Tensor, width: int):
     return [(int(t), float(p)) for t, p in zip(ids, probs) if p > 0]
 
 
-def _dynamic(expand: Expand, root_logits, k: int, sampler: DraftSampler, tree: TreeShape,
-             accept: Accept | None = None) -> Draft:
+def _dynamic(root_logits, k: int, sampler: DraftSampler, tree: TreeShape,
+             accept: Accept | None = None) -> Generator[Request, torch.Tensor, Draft]:
     """EAGLE-2 (Li et al. 2406.16858): expand the `topk` frontier nodes of highest cumulative value,
     `topk` children each, for up to `depth` levels; verify the best `nodes` of all drafted."""
     tokens, parents, conf, values, depth_of, acc = [], [], [], [], [], []
@@ -258,13 +301,13 @@ def _dynamic(expand: Expand, root_logits, k: int, sampler: DraftSampler, tree: T
         frontier = [i for i in frontier if sampler.worth(values[i], len(tokens))]
         if not frontier:
             break
-        logits = expand(frontier, tokens, parents)
+        logits = yield frontier, tokens, parents
         level = add([(i, _top(sampler, logits[j], tree.topk)) for j, i in enumerate(frontier)])
     return best_first(tokens, parents, conf, values, tree.nodes, None if accept is None else acc)
 
 
-def _static(expand: Expand, root_logits, k: int, sampler: DraftSampler, tree: TreeShape,
-            accept: Accept | None = None) -> Draft:
+def _static(root_logits, k: int, sampler: DraftSampler, tree: TreeShape,
+            accept: Accept | None = None) -> Generator[Request, torch.Tensor, Draft]:
     """A fixed tree of rank paths (Medusa's `medusa_choices`): path (r1, .., rd) is the r_d-th most
     likely child of path (r1, .., r_{d-1}), the root's when d = 1."""
     tokens, parents, conf, values, acc = [], [], [], [], []
@@ -287,7 +330,7 @@ def _static(expand: Expand, root_logits, k: int, sampler: DraftSampler, tree: Tr
         grow = [p for p in paths if p in node_of and any(len(c) == depth + 1 and c[:-1] == p for c in tree.paths)]
         if not grow or depth == min(tree.depth, k):
             break
-        logits = expand([node_of[p] for p in grow], tokens, parents)
+        logits = yield [node_of[p] for p in grow], tokens, parents
         for j, p in enumerate(grow):
             tops[p] = _top(sampler, logits[j], tree.topk)
     return best_first(tokens, parents, conf, values, len(tokens), None if accept is None else acc)

@@ -62,3 +62,44 @@ def fork(proposer):
     clone = copy.copy(proposer)
     clone.reset()
     return clone
+
+
+def propose_all(proposers: list, states: list[DecodeState], ks: list[int], samplers: list, tree=None) -> list[Draft]:
+    """Drafts for several sequences, each by its own proposer (forks of one; a row with k = 0 drafts nothing).
+    A kind that can draft many sequences in one forward defines the classmethod
+    `propose_rows(proposers, states, ks, samplers, tree)` beside its `propose`; otherwise each row proposes alone."""
+    drafts: list[Draft] = [Draft([]) for _ in proposers]
+    rows = [r for r, k in enumerate(ks) if k > 0]
+    batched = _batched(proposers, "propose_rows", "propose") if len(rows) > 1 else None
+    kwargs = {"tree": tree} if tree is not None else {}
+    if batched is not None:
+        out = batched([proposers[r] for r in rows], [states[r] for r in rows], [ks[r] for r in rows],
+                      [samplers[r] for r in rows], **kwargs)
+        for r, d in zip(rows, out):
+            drafts[r] = d
+        return drafts
+    for r in rows:
+        drafts[r] = proposers[r].propose(states[r], ks[r], samplers[r], **kwargs)
+    return drafts
+
+
+def observe_all(proposers: list, states: list[DecodeState]) -> None:
+    """observe for several sequences: one `observe_rows(proposers, states)` call where the kind defines it
+    beside its `observe`, else each row observes alone."""
+    batched = _batched(proposers, "observe_rows", "observe") if len(proposers) > 1 else None
+    if batched is not None:
+        batched(proposers, states)
+        return
+    for p, s in zip(proposers, states):
+        p.observe(s)
+
+
+def _batched(proposers: list, name: str, single: str):
+    """The kind's batched method, when every proposer is of one class and that method is defined by the class
+    that defines the single-row one it batches (a subclass that overrides `propose` does not inherit a parent's
+    `propose_rows`, which would skip its own drafting)."""
+    kind = type(proposers[0])
+    if any(type(p) is not kind for p in proposers):
+        return None
+    owner = next((c for c in kind.__mro__ if single in vars(c)), None)
+    return getattr(kind, name) if owner is not None and name in vars(owner) else None

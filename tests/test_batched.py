@@ -21,6 +21,7 @@ from draftsmith.models.block_drafter import BlockProposer
 from draftsmith.models.composite import CompositeProposer
 from draftsmith.models.dspark import DSparkHead
 from draftsmith.models.eagle3 import Eagle3Proposer
+from draftsmith.models.peagle import PEagleProposer
 from draftsmith.models.prompt_lookup import PromptLookupProposer
 from draftsmith.models.small_lm import SmallLMProposer
 from draftsmith.models.target import Target
@@ -32,6 +33,7 @@ from conftest import noisy_copy, prompts, tiny_llama
 from test_block_drafter import block_head
 from test_cli import tiny_folders  # noqa: F401  (tiny saved target and drafter, a two-prompt bench)
 from test_eagle3 import random_head
+from test_peagle import peagle_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch on one thread per module
 
@@ -64,6 +66,7 @@ DRAFTERS = {   # name: (proposer for a target, tree, how sticky a target gives m
     "dspark-tree": (lambda t: BlockProposer(block_head(DSparkHead, t), t.model), "dynamic:4,2,8", 6.0),
     "lookup+eagle3": (lambda t: CompositeProposer([PromptLookupProposer(), Eagle3Proposer(random_head(t), t.model)]),
                       "dynamic:3,2,6", 3.0),
+    "peagle-chain": (lambda t: PEagleProposer(peagle_head(t), t.model), None, 6.0),
 }
 
 
@@ -255,3 +258,65 @@ def test_sigterm_during_the_batched_passes_keeps_the_report_with_the_sizes_done(
     assert [r["batch_size"] for r in report["batched"]] == [1, 2]
     assert report["interrupted"]["batch_sizes_done"] == [1, 2] and report["lossless_match_rate"] == 1.0
     assert "prompts and batch sizes 1, 2 of 1, 2, 4 ran" in (out / "report.md").read_text()
+
+
+def test_eagle_heads_draft_and_observe_all_rows_in_one_forward(target4):
+    """propose_rows / observe_rows: one head forward per drafting round and per observe for the whole batch
+    (a composite passes its head member the rows together; P-EAGLE and the block drafters one forward a step), and
+    the same tokens and drafts as batch 1."""
+    for proposer, rounds in ((Eagle3Proposer(random_head(target4), target4.model), 3),
+                             (CompositeProposer([PromptLookupProposer(), Eagle3Proposer(random_head(target4), target4.model)]), 3),
+                             (PEagleProposer(peagle_head(target4), target4.model), 1),
+                             (BlockProposer(block_head(DSparkHead, target4), target4.model), 1)):
+        head = proposer.head if hasattr(proposer, "head") else proposer.members[1].head
+        calls = []
+        head.register_forward_hook(lambda *_: calls.append(1))
+        batch = ragged_prompts(4, seed=5)
+        single = [speculative_generate(target4, proposer, p, k=3, max_new_tokens=12) for p in batch]
+        alone = len(calls)
+        calls.clear()
+        timing = BatchTiming()
+        rows = batched_generate(target4, proposer, batch, batch_size=4, k=3, max_new_tokens=12, timing=timing)
+        assert [r.tokens for r in rows] == [r.tokens for r in single]
+        assert [r.proposed for r in rows] == [r.proposed for r in single]
+        # per batched step: k - 1 = 2 drafting rounds and one observe (EAGLE-3), or one forward drafting the
+        # block (P-EAGLE, whose observe only keeps the rows; DSpark, whose observe projects the context outside
+        # its forward); one prefill observe per prompt
+        assert len(calls) <= rounds * timing.steps + len(batch) < alone
+
+
+def test_packed_rows_attend_as_each_row_alone():
+    """models/row_batch.py: rows at different cache lengths with different new-row counts and tree masks,
+    through one Attention call, give each row's own output and cache."""
+    from draftsmith.models.layers import Attention, LayerShape
+    from draftsmith.models.row_batch import Feed, pack, unpack
+    torch.manual_seed(0)
+    shape = LayerShape(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=50)
+    attn = Attention(shape).eval()
+    caches, feeds, alone = [], [], []
+    for length, new, tree in ((5, 1, False), (9, 3, False), (2, 4, True)):
+        history = torch.randn(1, length, 32)
+        cache: list = []
+        attn(history, torch.arange(length)[None], cache, None)       # prefill the row's own cache
+        x = torch.randn(new, 32)
+        mask = None
+        positions = None
+        if tree:      # two branches off the context: node 0 <- 1, node 2 <- 3
+            mask = torch.zeros(new, length + new, dtype=torch.bool)
+            mask[:, :length] = True
+            for i, sees in enumerate(([0], [0, 1], [2], [2, 3])):
+                mask[i, [length + s for s in sees]] = True
+            positions = [length, length + 1, length, length + 1]
+        own = [t.clone() for t in cache]
+        pos = torch.tensor([positions if positions is not None else list(range(length, length + new))])
+        full = (torch.ones(new, length + new, dtype=torch.bool).tril(length) if mask is None else mask)
+        alone.append((attn(x[None], pos, own, full)[0], own))
+        caches.append(cache)
+        feeds.append(Feed(x, [0] * new, length, positions, mask))
+    packed = pack(caches, feeds)
+    out = attn(packed.hidden, packed.positions, packed.cache, packed.mask)
+    for r, (y, own) in enumerate(alone):
+        torch.testing.assert_close(out[r, : len(y)], y, atol=1e-6, rtol=1e-5)
+        for mine, theirs in zip(unpack(packed, caches)[r], own):
+            torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from draftsmith.distill.objective import Objective
 from draftsmith.errors import DraftsmithError
 from draftsmith.eval.decoder import autoregressive_generate, make_sampler, speculative_generate
+from draftsmith.models.row_batch import Feed
 from draftsmith.models.layers import target_parts
 from draftsmith.models.draft_vocab import draft_vocab_from_counts
 from draftsmith.models.eagle3 import Eagle3Head, Eagle3Proposer, Eagle3TrainModule, build_eagle3
@@ -111,7 +112,7 @@ def test_training_time_test_sees_what_drafting_sees(target4):
             if t + 2 + i >= ids.shape[1]:
                 break
             token = int(ids[0, t + 2 + i])
-            feature = proposer._feed(feature[None], [token], proposer.length)[-1]
+            feature = proposer._feed(Feed(feature[None], [token], proposer.length))[-1]
 
 
 def ttt_batch(target, module, n: int, length: int, seed: int):
