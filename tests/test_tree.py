@@ -339,3 +339,41 @@ def test_shipped_static_trees_parse():
     folder = Path(draftsmith.__file__).parent / "recipes" / "trees"
     shapes = {f.stem: TreeShape.parse(f"static:{f}") for f in folder.glob("*.json")}
     assert shapes["cpu-7"].nodes == 7 and shapes["gpu-25"].nodes == 25
+
+
+@pytest.mark.parametrize("spec", ["none", "dynamic:3,2,5", "static"])
+def test_grow_rows_builds_each_rows_draft_in_one_call_per_round(spec, tmp_path):
+    """protocol/drafting.py: grow_rows answers every row still drafting with ONE expand_rows call per round, and
+    row r's draft is grow_draft's from the same logits (rows of different depths k; a row with k = 0 drafts nothing)."""
+    from draftsmith.protocol.drafting import DraftSampler, grow_draft, grow_rows
+    if spec == "static":
+        (tmp_path / "tree.json").write_text(json.dumps([[0], [1], [0, 0], [0, 1], [0, 0, 0]]))
+        spec = f"static:{tmp_path / 'tree.json'}"
+    tree = TreeShape.parse(spec)
+    vocab = 12
+
+    def logits_after(row: int, nodes, tokens, parents) -> torch.Tensor:
+        """Deterministic logits that depend on the row and each node's path, as a drafter's would."""
+        out = []
+        for n in nodes:
+            path, node = [], n
+            while node >= 0:
+                path.append(tokens[node])
+                node = parents[node]
+            g = torch.Generator().manual_seed(1000 * row + hash(tuple(path)) % 997)
+            out.append(torch.randn(vocab, generator=g))
+        return torch.stack(out)
+
+    ks, roots = [3, 1, 0, 2], [torch.randn(vocab, generator=torch.Generator().manual_seed(r)) for r in range(4)]
+    samplers = [DraftSampler(Sampling()) for _ in ks]
+    calls = []
+
+    def expand_rows(requests):
+        calls.append(sorted(requests))
+        return {r: logits_after(r, *req) for r, req in requests.items()}
+
+    drafts = grow_rows(expand_rows, roots, ks, samplers, tree)
+    alone = [grow_draft(lambda *req, r=r: logits_after(r, *req), roots[r], ks[r], samplers[r], tree) for r in range(4)]
+    assert [(d.tokens, d.parents, d.conf) for d in drafts] == [(d.tokens, d.parents, d.conf) for d in alone]
+    assert drafts[2].tokens == [] and all(d.tokens for i, d in enumerate(drafts) if i != 2)
+    assert len(calls) == max(ks) - 1 and calls[0] == [0, 3]      # rounds, not rows: depth 3 needs two expansions
