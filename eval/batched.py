@@ -102,16 +102,16 @@ def batched_generate(target: Target, proposer: Proposer, prompts: list[list[int]
             break
         # 1. draft: every row at once (one drafter forward per drafting round where the kind batches)
         started = time.perf_counter()
-        depths = [draft_depth(target, r.state, r.result, k, max_new_tokens, rule) for r in live]
-        ready = [(r, d) for r, d in zip(live, depths) if d is not None]
+        ready = []                                        # (row, depth); a row whose context is full drafts no step
+        for row in live:
+            row.step, depth = None, draft_depth(target, row.state, row.result, k, max_new_tokens, rule)
+            if depth is not None:
+                ready.append((row, depth))
         drafts = propose_all([r.proposer for r, _ in ready], [r.state for r, _ in ready], [d for _, d in ready],
                              [r.sampler for r, _ in ready], tree)
         share = (time.perf_counter() - started) / max(1, len(ready))     # each row's part of the drafting
         for (row, depth), draft in zip(ready, drafts):
             row.step = take_draft(draft, depth, share, row.result, rule)
-        for row, depth in zip(live, depths):
-            if depth is None:
-                row.step = None
         timing.draft_s += time.perf_counter() - started
         for i, row in enumerate(rows):
             if row is not None and row.step is None:      # its context is full
