@@ -161,6 +161,27 @@ def test_rows_in_slices_equal_the_whole_pass_with_and_without_a_keep_mask(monkey
     assert empty.shape == (0,) and none.shape == (0,)
 
 
+def test_rows_slices_reach_the_draft_logits_through_one_split(monkeypatch):
+    """The slices' gradients reach d_logits through ONE split node, never one slice node per slice: a slice's
+    backward writes a zeroed copy of the whole of d_logits (at PARD's 2,560 x 49,152 logits that made a
+    forward + backward 15x slower: bench/objective_rows.py)."""
+    from draftsmith.distill import objective as objective_module
+    monkeypatch.setattr(objective_module, "CHUNK_ELEMENTS", 2 * 11)             # 2 rows a slice: 4 slices
+    d = torch.randn(7, 11, requires_grad=True)
+    loss, _ = Objective().rows(torch.randn(7, 11).log_softmax(-1), d)
+    into_d, seen, todo = set(), set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is not None and getattr(nxt, "variable", None) is d:
+                into_d.add(node.name())
+            todo.append(nxt)
+    assert into_d == {"SplitBackward0"}
+
+
 def test_objective_from_config_folds_data_ce_weight_into_the_mix():
     cfg = load_recipe("smollm2-135m/parallel-kd-quick")          # forward_kl + 0.1 data_ce
     assert Objective.from_config(cfg.loss).mix == (("forward_kl", 1.0), ("data_ce", 0.1))
