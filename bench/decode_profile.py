@@ -34,12 +34,17 @@ from draftsmith.protocol.drafting import TreeShape
 
 
 def count_drafter_forwards(proposer, target) -> list[int]:
-    """Hook the drafter's own modules (not the target's parts it borrows); returns a live counter."""
+    """Hook the drafter's own modules (not the target's parts it borrows), a composite's members' too; returns
+    a live counter."""
     target_modules = {id(m) for m in target.model.modules()}
     counter = [0]
-    for value in vars(proposer).values():
-        if isinstance(value, torch.nn.Module) and id(value) not in target_modules:
-            value.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    parts = [proposer]
+    while parts:
+        part = parts.pop()
+        parts += getattr(part, "members", [])
+        for value in vars(part).values():
+            if isinstance(value, torch.nn.Module) and id(value) not in target_modules:
+                value.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
     return counter
 
 

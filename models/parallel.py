@@ -16,7 +16,8 @@ import torch
 
 from draftsmith.errors import DraftsmithError
 from draftsmith.models.architectures import target_config
-from draftsmith.models.prefix import common_prefix
+from draftsmith.models.lm_rows import LMFeed, forward_rows
+from draftsmith.models.prefix import catch_up
 from draftsmith.models.small_lm import build_small_lm
 from draftsmith.models.target import cache_kwarg, new_cache, resolve_model_folder, rollback
 from draftsmith.protocol.drafting import Draft, TreeShape, grow_draft
@@ -124,21 +125,31 @@ class ParallelProposer:
     def observe(self, state: DecodeState) -> None:
         pass  # token-level drafter: everything it needs is in state.tokens
 
-    @torch.inference_mode()
     def propose(self, state: DecodeState, k: int, sampler: Sampler, tree: TreeShape | None = None) -> Draft:
-        """k draft positions from ONE forward. With a tree, every node at depth d takes its children
-        from position d's logits (a mask predicts its position given the committed prefix only, as
-        Medusa's heads do), so a static or dynamic tree costs no extra drafter forward."""
-        k = min(k, self.max_k)
-        keep = min(common_prefix(self.fed, state.tokens), len(state.tokens) - 1)  # feed >= the newest token
-        rollback(self.cache, keep)
-        del self.fed[keep:]
-        new = state.tokens[keep:]
-        ids = torch.tensor([new + [self.mask_id] * (k - 1)], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=k, **{cache_kwarg(self.model): self.cache})
-        rollback(self.cache, keep + len(new))          # the masks leave no trace
-        self.fed += new
-        logits = out.logits[0, -k:, : self.vocab_size].float()   # [k, V]: the last real token, then the masks
+        return self.propose_rows([self], [state], [k], [sampler], tree)[0]
+
+    @classmethod
+    @torch.inference_mode()
+    def propose_rows(cls, proposers: list["ParallelProposer"], states: list[DecodeState], ks: list[int],
+                     samplers: list[Sampler], tree: TreeShape | None = None) -> list[Draft]:
+        """k draft positions per sequence from ONE forward over every row (models/lm_rows.py): a row feeds what
+        its cache lacks, then k - 1 masks, which leave no trace in its cache."""
+        ks = [min(k, p.max_k) for p, k in zip(proposers, ks)]
+        news = [catch_up(p.cache, p.fed, s.tokens) for p, s in zip(proposers, states)]
+        feeds = [LMFeed(new + [p.mask_id] * (k - 1)) for p, new, k in zip(proposers, news, ks)]
+        outs = forward_rows(proposers[0].model, [p.cache for p in proposers], feeds, max(ks))
+        drafts = []
+        for p, new, k, out, sampler in zip(proposers, news, ks, outs, samplers):
+            rollback(p.cache, len(p.fed) + len(new))          # the masks leave no trace
+            p.fed += new
+            drafts.append(p._draft(out[-k:, : p.vocab_size], k, sampler, tree))
+        return drafts
+
+    def _draft(self, logits: torch.Tensor, k: int, sampler: Sampler, tree: TreeShape | None) -> Draft:
+        """The draft from the k positions' logits [k, V]: the last real token's, then the masks'. With a tree,
+        every node at depth d takes its children from position d's logits (a mask predicts its position given
+        the committed prefix only, as Medusa's heads do), so a static or dynamic tree costs no extra drafter
+        forward."""
         if tree is not None:
             return grow_draft(lambda nodes, tokens, parents: logits[[depths(parents)[n] for n in nodes]],
                               logits[0], k, sampler, tree)

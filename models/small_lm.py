@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.models.prefix import common_prefix
-from draftsmith.models.target import attention_inputs, cache_kwarg, new_cache, rollback
-from draftsmith.protocol.drafting import Draft, TreeShape, grow_draft
+from draftsmith.models.lm_rows import LMFeed, forward_rows
+from draftsmith.models.prefix import catch_up
+from draftsmith.models.target import new_cache, rollback
+from draftsmith.protocol.drafting import Draft, TreeShape, grow_rows
 from draftsmith.protocol.proposer import DecodeState, Sampler
 from draftsmith.protocol.tree import depths
 
@@ -32,34 +33,47 @@ class SmallLMProposer:
     def observe(self, state: DecodeState) -> None:
         pass  # token-level drafter: everything it needs is in state.tokens
 
-    @torch.inference_mode()
-    def _forward(self, ids: list[int], last_only: bool = True, **attend) -> torch.Tensor:
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1 if last_only else 0,
-                         **{cache_kwarg(self.model): self.cache}, **attend)
-        self.fed += ids
-        return out.logits[0].float()   # [1 or len(ids), V]
-
     def propose(self, state: DecodeState, k: int, sampler: Sampler, tree: TreeShape | None = None) -> Draft:
-        keep = common_prefix(self.fed, state.tokens)
-        keep = min(keep, len(state.tokens) - 1)   # always feed at least the newest token
-        rollback(self.cache, keep)
-        del self.fed[keep:]
-        root = self._forward(state.tokens[keep:])[-1]
-        if tree is None:
-            # chain rows stay cached: the next step reuses those the target accepted
-            return grow_draft(lambda nodes, tokens, parents: self._forward([tokens[nodes[0]]]), root, k, sampler)
-        base = len(self.fed)
-        rows: dict[int, int] = {}     # tree node -> its row in the drafter cache
-        draft = grow_draft(lambda nodes, tokens, parents: self._expand(nodes, tokens, parents, base, rows),
-                           root, k, sampler, tree)
-        rollback(self.cache, base)
-        del self.fed[base:]
-        return draft
+        return self.propose_rows([self], [state], [k], [sampler], tree)[0]
 
-    def _expand(self, nodes: list[int], tokens: list[int], parents: list[int], base: int,
-                rows: dict[int, int]) -> torch.Tensor:
-        """Feed tree nodes (their ancestors are already cached): each row sees the committed
+    @classmethod
+    @torch.inference_mode()
+    def propose_rows(cls, proposers: list["SmallLMProposer"], states: list[DecodeState], ks: list[int],
+                     samplers: list[Sampler], tree: TreeShape | None = None) -> list[Draft]:
+        """Drafts for one or several sequences: each drafting round is ONE drafter forward over every row still
+        drafting (models/lm_rows.py). A row first feeds what its cache lacks (rolled back to the longest prefix
+        that agrees with its sequence); chain rows stay cached (the next step reuses those the target accepted),
+        a tree's rows are dropped after the draft."""
+        news = [catch_up(p.cache, p.fed, s.tokens) for p, s in zip(proposers, states)]
+        roots = [logits[-1] for logits in cls._feed(proposers, [LMFeed(new) for new in news], 1)]
+        bases = [len(p.fed) for p in proposers]
+        rows: list[dict[int, int]] = [{} for _ in proposers]     # per row: tree node -> its row in the cache
+
+        def expand_rows(requests: dict) -> dict:
+            who = list(requests)
+            if tree is None:
+                feeds = [LMFeed([requests[r][1][requests[r][0][0]]]) for r in who]
+            else:
+                feeds = [proposers[r]._node_feed(*requests[r], bases[r], rows[r]) for r in who]
+            return dict(zip(who, cls._feed([proposers[r] for r in who], feeds, max(len(f.tokens) for f in feeds))))
+
+        drafts = grow_rows(expand_rows, roots, ks, samplers, tree)
+        if tree is not None:
+            for p, base in zip(proposers, bases):
+                rollback(p.cache, base)
+                del p.fed[base:]
+        return drafts
+
+    @staticmethod
+    def _feed(proposers: list["SmallLMProposer"], feeds: list[LMFeed], keep: int) -> list[torch.Tensor]:
+        out = forward_rows(proposers[0].model, [p.cache for p in proposers], feeds, keep)
+        for p, feed in zip(proposers, feeds):
+            p.fed += feed.tokens
+        return out
+
+    def _node_feed(self, nodes: list[int], tokens: list[int], parents: list[int], base: int,
+                   rows: dict[int, int]) -> LMFeed:
+        """Tree nodes to feed (their ancestors are already cached): each row sees the committed
         tokens, its ancestors' rows and itself, at position base - 1 + depth."""
         cached = len(self.fed)
         see = torch.zeros(len(nodes), cached + len(nodes), dtype=torch.bool)
@@ -72,9 +86,7 @@ class SmallLMProposer:
                 parent = parents[parent]
             see[r, cached + r] = True
             rows[node] = cached + r
-        positions = [base - 1 + depth[node] for node in nodes]
-        return self._forward([tokens[n] for n in nodes], last_only=False,
-                             **attention_inputs(self.model, see, positions))
+        return LMFeed([tokens[n] for n in nodes], see, [base - 1 + depth[node] for node in nodes])
 
     def hf_assisted_kwargs(self, k: int) -> dict:
         """transformers' assisted generation with the same drafter and a constant draft length k."""

@@ -21,6 +21,7 @@ from draftsmith.models.block_drafter import BlockProposer
 from draftsmith.models.composite import CompositeProposer
 from draftsmith.models.dspark import DSparkHead
 from draftsmith.models.eagle3 import Eagle3Proposer
+from draftsmith.models.parallel import ParallelProposer
 from draftsmith.models.peagle import PEagleProposer
 from draftsmith.models.prompt_lookup import PromptLookupProposer
 from draftsmith.models.small_lm import SmallLMProposer
@@ -33,6 +34,7 @@ from conftest import noisy_copy, prompts, tiny_llama
 from test_block_drafter import block_head
 from test_cli import tiny_folders  # noqa: F401  (tiny saved target and drafter, a two-prompt bench)
 from test_eagle3 import random_head
+from test_parallel import parallel_model
 from test_peagle import peagle_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch on one thread per module
@@ -67,6 +69,9 @@ DRAFTERS = {   # name: (proposer for a target, tree, how sticky a target gives m
     "lookup+eagle3": (lambda t: CompositeProposer([PromptLookupProposer(), Eagle3Proposer(random_head(t), t.model)]),
                       "dynamic:3,2,6", 3.0),
     "peagle-chain": (lambda t: PEagleProposer(peagle_head(t), t.model), None, 6.0),
+    "small_lm-tree": (lambda t: SmallLMProposer(noisy_copy(t.model)), "dynamic:3,2,5", 3.0),
+    "parallel-chain": (lambda t: ParallelProposer(parallel_model(t, scale=0.3)), None, 3.0),
+    "parallel-tree": (lambda t: ParallelProposer(parallel_model(t, scale=0.3)), "dynamic:3,2,5", 3.0),
 }
 
 
@@ -260,15 +265,18 @@ def test_sigterm_during_the_batched_passes_keeps_the_report_with_the_sizes_done(
     assert "prompts and batch sizes 1, 2 of 1, 2, 4 ran" in (out / "report.md").read_text()
 
 
-def test_eagle_heads_draft_and_observe_all_rows_in_one_forward(target4):
+def test_drafters_draft_and_observe_all_rows_in_one_forward(target4):
     """propose_rows / observe_rows: one head forward per drafting round and per observe for the whole batch
     (a composite passes its head member the rows together; P-EAGLE and the block drafters one forward a step), and
     the same tokens and drafts as batch 1."""
     for proposer, rounds in ((Eagle3Proposer(random_head(target4), target4.model), 3),
                              (CompositeProposer([PromptLookupProposer(), Eagle3Proposer(random_head(target4), target4.model)]), 3),
                              (PEagleProposer(peagle_head(target4), target4.model), 1),
-                             (BlockProposer(block_head(DSparkHead, target4), target4.model), 1)):
-        head = proposer.head if hasattr(proposer, "head") else proposer.members[1].head
+                             (BlockProposer(block_head(DSparkHead, target4), target4.model), 1),
+                             (SmallLMProposer(noisy_copy(target4.model)), 3),
+                             (ParallelProposer(parallel_model(target4, scale=0.3)), 1)):
+        head = next(getattr(p, a) for p in (proposer, *getattr(proposer, "members", [])[1:])
+                    for a in ("head", "model") if hasattr(p, a))
         calls = []
         head.register_forward_hook(lambda *_: calls.append(1))
         batch = ragged_prompts(4, seed=5)
@@ -281,8 +289,45 @@ def test_eagle_heads_draft_and_observe_all_rows_in_one_forward(target4):
         assert [r.proposed for r in rows] == [r.proposed for r in single]
         # per batched step: k - 1 = 2 drafting rounds and one observe (EAGLE-3), or one forward drafting the
         # block (P-EAGLE, whose observe only keeps the rows; DSpark, whose observe projects the context outside
-        # its forward); one prefill observe per prompt
+        # its forward; PARD); a small LM feeds what its cache lacks, then k - 1 = 2 rounds; one prefill observe
+        # per prompt
         assert len(calls) <= rounds * timing.steps + len(batch) < alone
+
+
+def test_lm_rows_compute_each_row_as_alone(target4):
+    """models/lm_rows.py: transformers-LM drafter rows at cache lengths 0, 9, 6 and 4 feeding 2 tokens, 1 token,
+    3 tree nodes (own mask and positions) and a 20-token prompt (run alone) in one call: each row's logits of its
+    last `keep` positions and its extended cache equal a forward of that row alone."""
+    from draftsmith.models.lm_rows import LMFeed, forward_rows
+    from draftsmith.models.target import cache_kwarg, new_cache
+
+    model = noisy_copy(target4.model)
+    history = prompts(4, length=9, seed=4)
+    tree_see = torch.zeros(3, 6 + 3, dtype=torch.bool)
+    tree_see[:, :6] = True
+    tree_see[0, 6] = tree_see[1, [6, 7]] = tree_see[2, [6, 8]] = True       # node 0; 1 and 2 its children
+    feeds = [LMFeed([3, 4]), LMFeed([7]), LMFeed([1, 2, 5], tree_see, [6, 7, 7]), LMFeed(list(range(1, 21)))]
+    lengths = [0, 9, 6, 4]
+
+    def caches():
+        out = []
+        for h, n in zip(history, lengths):
+            cache = new_cache(model)
+            if n:
+                model(input_ids=torch.tensor([h[:n]]), use_cache=True, **{cache_kwarg(model): cache})
+            out.append(cache)
+        return out
+
+    together, alone = caches(), caches()
+    got = forward_rows(model, together, feeds, keep=3)
+    for r, feed in enumerate(feeds):
+        want = forward_rows(model, [alone[r]], [feed], keep=3)[0]
+        assert got[r].shape == want.shape == (min(3, len(feed.tokens)), model.config.vocab_size)
+        torch.testing.assert_close(got[r], want, atol=1e-5, rtol=1e-5)
+        assert together[r].get_seq_length() == lengths[r] + len(feed.tokens)
+        for mine, theirs in zip(together[r].layers, alone[r].layers):
+            torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=1e-5)
 
 
 def test_packed_rows_attend_as_each_row_alone():
