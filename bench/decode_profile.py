@@ -98,6 +98,10 @@ def main() -> None:
                              depth=depth, tree=tree, s=0.0, tokens=0, steps=0, emitted=0, draft=0.0,
                              verify=0.0, observe=0.0, prefill=0.0, calls=0, lossless=0, nodes=0,
                              accepted=[], proposed=[], depths=[], predicted=[]))
+    for r in runs:   # warm-up: the drafters' first forwards, and with --compile the graphs a prefill with taps needs
+        speculative_generate(target, r["proposer"], prompts[0], k=2, max_new_tokens=8, tree=r["tree"],
+                             eos_token_ids=eos)
+        r["forwards"][0] = 0
     for prompt in tqdm(prompts, desc="prompts", unit="prompt"):   # every setting on this prompt, then the next
         start = time.perf_counter()
         ar = autoregressive_generate(target, prompt, **limits)
