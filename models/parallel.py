@@ -19,7 +19,7 @@ from draftsmith.models.architectures import target_config
 from draftsmith.models.lm_rows import LMFeed, forward_rows
 from draftsmith.models.prefix import catch_up
 from draftsmith.models.small_lm import build_small_lm
-from draftsmith.models.target import cache_kwarg, new_cache, resolve_model_folder, rollback
+from draftsmith.models.target import new_cache, resolve_model_folder, rollback
 from draftsmith.protocol.drafting import Draft, TreeShape, grow_draft
 from draftsmith.protocol.proposer import DecodeState, Sampler
 from draftsmith.protocol.tree import depths
