@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--tree", default="none", help="comma-separated list is ambiguous with dynamic:a,b,c: use ';'")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--compile", action="store_true", help="the target through --compile's static cache and graph")
+    ap.add_argument("--goal", type=float, default=1.4, help="the speedup whose required tau the table gives")
     args = ap.parse_args()
     ks = args.k.split(",")
     trees = args.tree.split(";")
@@ -130,9 +131,11 @@ def main() -> None:
     ar_tps = ar_tokens / ar_s
     print(f"\n{len(prompts)} prompts of {args.bench}, {args.max_new_tokens} new tokens, greedy, "
           f"{target.dtype}, {target.device}, torch threads {torch.get_num_threads()}; AR {ar_tps:.1f} tok/s\n")
+    # what bounds the speedup: `free drafting` = the speedup were drafting and observing free (the same steps, the
+    # verify, decoder work and prefill kept); `τ for GOAL` = the tokens a step must emit at this step cost
     print("| drafter | setting | τ | α1..α4 | nodes/step | drafter fwd/step | SD tok/s | speedup | ms/step: verify "
-          "| draft | observe | other | prefill | lossless |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"| draft | observe | other | prefill | free drafting | τ for {args.goal:g}x | lossless |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         steps = max(r["steps"], 1)
         per = {key: r[key] / steps * 1e3 for key in ("verify", "draft", "observe", "prefill")}
@@ -140,9 +143,13 @@ def main() -> None:
         tps = r["tokens"] / r["s"]
         alphas = acceptance_figures(r["accepted"], r["proposed"], r["depths"], k=4)["acceptance_by_position"]
         alpha = "/".join("-" if a is None else f"{a:.2f}" for a in alphas[:4])
+        free = r["tokens"] / (r["s"] - r["draft"] - r["observe"]) / ar_tps
+        # (τ' × steps + the prefills' first tokens) / s = goal × AR tok/s, at the same steps and seconds
+        needed = (args.goal * ar_tps * r["s"] - (r["tokens"] - r["emitted"])) / steps
         print(f"| {r['drafter']} | {r['name']} | {r['emitted'] / steps:.3f} | {alpha} | {r['nodes'] / steps:.2f} "
               f"| {r['calls'] / steps:.2f} | {tps:.1f} | {tps / ar_tps:.2f}x | {per['verify']:.1f} | {per['draft']:.1f} "
-              f"| {per['observe']:.1f} | {other:.1f} | {per['prefill']:.1f} | {r['lossless']}/{len(prompts)} |", flush=True)
+              f"| {per['observe']:.1f} | {other:.1f} | {per['prefill']:.1f} | {free:.2f}x | {needed:.2f} "
+              f"| {r['lossless']}/{len(prompts)} |", flush=True)
     for r in runs:     # a drafter that predicts its own acceptance (a confidence head): how well, per position
         if r["predicted"]:
             cells = [f"pos {row['position']}: predicted {row['predicted']:.3f} measured {row['measured']:.3f} "

@@ -119,10 +119,12 @@ def check_request(target: Target, proposer: Proposer, prompt_ids: list[int], k: 
 
 def prefill(target: Target, proposer: Proposer, prompt_ids: list[int], cache, sampler: DraftSampler,
             eos: set[int]) -> tuple[DecodeState, GenerationResult]:
-    """0. The target reads the prompt alone and emits the first token; the proposer is reset and shown it."""
+    """0. The target reads the prompt alone and emits the first token; the proposer is reset and shown it. Only the
+    last position's logits are computed (a drafter reads the prompt's hidden states, never its logits): the same
+    target call as plain decoding's prefill, with the taps kept."""
     started = time.perf_counter()
     layers = tuple(proposer.hidden_layers)
-    out = target.forward(prompt_ids, cache, layers, last_only=not layers)
+    out = target.forward(prompt_ids, cache, layers, last_only=True)
     first, _ = sampler(out.logits[-1])
     result = GenerationResult(tokens=[first])
     state = DecodeState(tokens=list(prompt_ids) + [first], committed=len(prompt_ids),

@@ -204,9 +204,10 @@ class Runner:
         self.proposer = proposer or load_drafter(cfg.drafter, self.target)
         self.eos = eos_ids(self.target)
         kwargs_fn = getattr(self.proposer, "hf_assisted_kwargs", None)
-        # transformers drafts chains of a fixed length: k, or 4 (its prompt-lookup default's scale) with --k auto
+        # transformers drafts chains of a fixed length: k, or 4 (its prompt-lookup default's scale) with --k auto;
+        # with --tree it is still the baseline it is (the drafter's chain counterpart), run on the same prompts
         hf_k = cfg.k if isinstance(cfg.k, int) else 4
-        self.hf_extra = kwargs_fn(hf_k) if (kwargs_fn and cfg.hf_assisted and not cfg.tree_shape) else None
+        self.hf_extra = kwargs_fn(hf_k) if (kwargs_fn and cfg.hf_assisted) else None
         # --k auto: the target's cost curve on this device, measured once; acceptance is learnt online
         self.rule = None
         if cfg.k == "auto" and not cfg.compile:   # --compile measures the compiled forward, once it is sized

@@ -5,7 +5,11 @@
 # export the head in vLLM's speculators format, and evaluate it on MT-bench first turns against plain
 # decoding and transformers' assisted generation (its prompt lookup). The drafter is the trained head
 # and prompt lookup as one tree (--drafter prompt-lookup+HEAD); --k auto sizes every step's draft from
-# the target's measured cost curve (on a CPU, 1-2 draft tokens a step pay; 4 do not). The target runs
+# the target's measured cost curve (on a CPU, 1-2 draft tokens a step pay; 4 do not). The head drafts a
+# small tree (--tree dynamic:8,2,3: its 2 best first tokens, a level deeper only where that pays, 3 nodes
+# at most; prompt lookup keeps its chains up to 8): on this CPU a verify of 3 tokens costs what one does,
+# and the head's second-best first token is accepted where no second drafting round is paid for
+# (1.28x vs 1.23x for chains in one profile: bench/results/cpu-main-ceiling). The target runs
 # compiled (--compile: a static KV cache and an inductor graph with frozen weights, ~1.5 min to build once),
 # plain and speculative decoding alike, so the speedup is against the fastest plain decoding of this CPU
 # (fp32 compiled: 35 tok/s vs 28 eager on 2 quiet cores; bench/results/cpu-batched-decoding).
@@ -25,5 +29,5 @@ if [ -n "${DRAFTSMITH_RETRAIN:-}" ] || [ ! -f "$RUN/summary.json" ]; then
 fi
 draftsmith export "$RUN" --format speculators --out "$RUN/speculators" --overwrite
 draftsmith eval --target smollm2-135m-instruct --drafter "prompt-lookup+$RUN/speculators" --bench mt_bench \
-  --num-prompts 20 --max-new-tokens 128 --k auto --temperature 0 --dtype fp32 --compile --out "$RUN/eval" \
+  --num-prompts 20 --max-new-tokens 128 --k auto --tree dynamic:8,2,3 --temperature 0 --dtype fp32 --compile --out "$RUN/eval" \
   --overwrite "$@"

@@ -60,6 +60,18 @@ def test_eval_writes_a_valid_report(tiny_folders, tmp_path):
     assert report["lossless_match_rate"] is None and report["num_prompts"] == 2   # geo's two turns
 
 
+def test_eval_with_a_tree_still_runs_transformers_assisted_generation(tiny_folders, tmp_path):
+    """--tree changes draftsmith's drafts, not the baseline: transformers' assisted generation (the drafter's chain
+    counterpart, here the small LM as assistant model) runs on the same prompts."""
+    out = tmp_path / "report"
+    assert run(["--target", tiny_folders / "target", "--drafter", tiny_folders / "drafter", "--bench",
+                tiny_folders / "bench.jsonl", "--max-new-tokens", 8, "--tree", "dynamic:2,2,3", "--device", "cpu",
+                "--out", out]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["tree"] == "dynamic:2,2,3" and report["lossless_match_rate"] == 1.0
+    assert report["hf_assisted_tokens_per_s"] is not None and report["hf_assisted_match_rate"] == 1.0
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--bench", "nope"], "Unknown benchmark|unknown bench"),
     (["--drafter", "no-such-drafter"], "Unknown drafter"),

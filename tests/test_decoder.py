@@ -130,3 +130,40 @@ def test_hidden_states_shown_to_proposer_cover_committed_positions(target):
     # contiguous: each observation starts where the previous ended
     assert seen[0][0] == 0
     assert all(a[1] == b[0] for a, b in zip(seen, seen[1:]))
+
+
+class _Taps:
+    """A proposer that drafts nothing and keeps what the prefill showed it."""
+
+    hidden_layers = (0, -1)
+
+    def reset(self):
+        self.seen = []
+
+    def observe(self, state):
+        self.seen.append([h.shape for h in state.hidden])
+
+    def propose(self, state, k, sampler, tree=None):
+        from draftsmith.protocol.drafting import Draft
+        return Draft([])
+
+
+def test_prefill_reads_the_prompt_like_plain_decoding_and_keeps_every_tap(target, monkeypatch):
+    """The prefill computes the last position's logits only (the call plain decoding makes) and still shows the
+    proposer every tapped layer at every prompt position."""
+    calls = []
+    forward = type(target).forward
+
+    def spy(self, ids, cache, hidden_layers=(), last_only=False, parents=None):
+        out = forward(self, ids, cache, hidden_layers, last_only, parents)
+        calls.append((len(ids), last_only, out.logits.shape[0]))
+        return out
+
+    monkeypatch.setattr(type(target), "forward", spy)
+    prompt = prompts(1, length=11)[0]
+    proposer = _Taps()
+    speculative_generate(target, proposer, prompt, k=2, max_new_tokens=1)
+    autoregressive_generate(target, prompt, max_new_tokens=1)
+    assert calls == [(11, True, 1), (11, True, 1)]
+    hidden = target.model.config.hidden_size
+    assert proposer.seen == [[torch.Size([11, hidden]), torch.Size([11, hidden])]]
