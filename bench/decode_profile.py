@@ -7,6 +7,9 @@ per-step time split (target verify forward, drafting, observe, decoder work outs
 the prompt's prefill spread over the steps),
 drafter forwards per step, α per draft position, and the target's cost curve; for a drafter with a
 confidence head (dspark), its predicted acceptance per position beside the measured one. Greedy; lossless is checked on every run.
+What bounds a setting: `free drafting` is the speedup its steps would reach if drafting and observing cost nothing
+(a faster drafter cannot beat it), `τ for GOAL x` the tokens a step must emit at its measured step cost for a
+speedup of `--goal` (default 1.4).
 
     python bench/decode_profile.py --drafter prompt-lookup --drafter runs/eagle3-ttt-quick/speculators \\
         --k 1,2,3,4,6,8,auto --tree "none;dynamic:4,4,16" --num-prompts 8 --max-new-tokens 96

@@ -21,8 +21,8 @@ Conventions shared by every function here:
 
 The target-signal losses share one call shape, `fn(target_logits, drafter_logits, mask=None,
 temperature=1.0)`; `data_ce` alone takes `(drafter_logits, labels, mask=None)`. Each is the mean of a
-per-row kernel `fn_rows(Rows) -> [M]` (ROW_LOSSES), which is what a weighted mix of losses and
-per-position weights combine (distill/objective.py).
+per-row kernel `fn_rows(Rows) -> [M]`; LOSSES registers both as one `Loss` per name, and the kernels are what a
+weighted mix of losses and per-position weights combines (distill/objective.py).
 
 The acceptance objectives (the LK losses, arXiv 2602.23881) train for α = Σ_x min(p, q) itself:
 `tvd` = 1 − α, `nla` = −log α, `lk_hybrid` = λ·KL(p‖q) + (1 − λ)·(1 − α) with λ = exp(−3α), α detached.
@@ -31,6 +31,7 @@ The acceptance objectives (the LK losses, arXiv 2602.23881) train for α = Σ_x 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -414,39 +415,36 @@ def chain_tau(alpha: float, k: int) -> float:
 
 # --------------------------------------------------------------------------- registry
 
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "jsd": jsd,
-    "tvd": tvd,
-    "nla": nla,
-    "lk_hybrid": lk_hybrid,
-    "target_ce": target_argmax_ce,
-    "data_ce": data_ce,
-    "topk_forward_kl": topk_forward_kl,
-}
-"""Every loss by its recipe name (`loss.name`), as a function over [..., V] logits."""
+@dataclass(frozen=True)
+class Loss:
+    """One loss under its recipe name: `mean` over [..., V] logits (`fn(target_logits, drafter_logits, mask=None,
+    temperature=1.0)`; data_ce: `fn(drafter_logits, labels, mask=None)`) and `rows`, its per-row kernel
+    `fn(Rows, **options) -> [M]` that a mix of losses and position weights combines (distill/objective.py)."""
 
-ROW_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    "forward_kl": forward_kl_rows,
-    "reverse_kl": reverse_kl_rows,
-    "jsd": jsd_rows,
-    "tvd": tvd_rows,
-    "nla": nla_rows,
-    "lk_hybrid": lk_hybrid_rows,
-    "target_ce": target_ce_rows,
-    "ce": target_ce_rows,
-    "data_ce": data_ce_rows,
-    "topk_forward_kl": topk_forward_kl_rows,
+    mean: Callable[..., torch.Tensor]
+    rows: Callable[..., torch.Tensor]
+
+
+LOSSES: dict[str, Loss] = {
+    "forward_kl": Loss(forward_kl, forward_kl_rows),
+    "reverse_kl": Loss(reverse_kl, reverse_kl_rows),
+    "jsd": Loss(jsd, jsd_rows),
+    "tvd": Loss(tvd, tvd_rows),
+    "nla": Loss(nla, nla_rows),
+    "lk_hybrid": Loss(lk_hybrid, lk_hybrid_rows),
+    "target_ce": Loss(target_argmax_ce, target_ce_rows),
+    "ce": Loss(target_argmax_ce, target_ce_rows),
+    "data_ce": Loss(data_ce, data_ce_rows),
+    "topk_forward_kl": Loss(topk_forward_kl, topk_forward_kl_rows),
 }
-"""The same losses per kept row, `fn(Rows, **options) -> [M]`: what a loss mix (distill/objective.py)
-combines. `ce` is the mix's name for target_ce (speculators' and DSpark's CE term)."""
+"""Every loss by its recipe name (`loss.name`, the keys of `loss.mix`). `ce` is target_ce under the name
+speculators and DSpark give their CE term."""
 
 
 def get_loss(name: str) -> Callable[..., torch.Tensor]:
     """The loss function registered under `name` (a recipe's `loss:` value)."""
     try:
-        return LOSSES[name]
+        return LOSSES[name].mean
     except (KeyError, TypeError):
         raise DraftsmithError(
             "unknown loss",

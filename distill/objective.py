@@ -2,7 +2,7 @@
 weights along the draft.
 
 A mix (`loss.mix: {ce: 0.1, tvd: 0.9}`, DSpark 2607.05147; or `loss.name` alone, weight 1) is summed
-per kept row from the kernels of distill/losses.py (ROW_LOSSES), which share one softmax of p and q.
+per kept row from the kernels of distill/losses.py (LOSSES[name].rows), which share one softmax of p and q.
 Every row also yields its acceptance α = Σ_x min(p, q), detached: the training log's α per position,
 and the `accepted_length` weights below.
 
@@ -111,7 +111,7 @@ class Objective:
         total = d_logits.new_zeros(d_logits.shape[0], dtype=torch.float32)
         for name, weight in self.mix:
             options = {"jsd": {"beta": self.beta}, "topk_forward_kl": {"k": self.top_k}}.get(name, {})
-            total = total + weight * losses.ROW_LOSSES[name](r, **options)
+            total = total + weight * losses.LOSSES[name].rows(r, **options)
         return total, (None if t_logits is None else r.alpha_value())
 
     def along(self, count: int, default: torch.Tensor | None = None, *, alpha: torch.Tensor | None = None,

@@ -199,3 +199,17 @@ def test_bad_shapes_and_temperature_fail_clearly():
         L.tvd(t, d, temperature=0.0)
     with pytest.raises(DraftsmithError, match="leading shape"):
         L.forward_kl(t, d[:, :-1])
+
+
+@pytest.mark.parametrize("name", sorted(L.LOSSES))
+def test_each_registered_loss_is_the_mean_of_its_row_kernel(name):
+    """One registry: a name's loss over logits and its per-row kernel (what a mix combines) agree."""
+    torch.manual_seed(0)
+    t, d = torch.randn(6, 11) * 2, torch.randn(6, 11) * 2
+    labels = torch.randint(0, 11, (6,))
+    loss = L.LOSSES[name]
+    options = {"topk_forward_kl": {"k": 3}}.get(name, {})
+    rows = loss.rows(L.Rows(t, d, labels, 1.0), **options)
+    whole = loss.mean(d, labels) if name == "data_ce" else loss.mean(t, d, **options)
+    assert rows.shape == (6,)
+    torch.testing.assert_close(whole, rows.mean(), atol=1e-5, rtol=1e-5)

@@ -19,7 +19,7 @@ from typing import ClassVar, Iterable, get_type_hints
 
 import yaml
 
-from draftsmith.distill.losses import LOSSES, ROW_LOSSES
+from draftsmith.distill.losses import LOSSES
 from draftsmith.distill.objective import POSITION_WEIGHTS
 from draftsmith.errors import DraftsmithError
 from draftsmith.models import DRAFTER_KINDS
@@ -259,7 +259,7 @@ class LossConfig(Section):
         check(self.position_weights in (*POSITION_WEIGHTS, None), "loss.position_weights", self.position_weights,
               f"Use one of: {', '.join(POSITION_WEIGHTS)}, or null for the drafter kind's default")
         if self.mix is not None:
-            names = sorted(ROW_LOSSES)
+            names = sorted(LOSSES)
             check(bool(self.mix), "loss.mix", self.mix, f"Give {{name: weight}} pairs of {', '.join(names)}, or null")
             for name, weight in self.mix.items():
                 check_choice("loss.mix key", name, names)
