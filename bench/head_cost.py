@@ -85,6 +85,12 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--reps", type=int, default=31)
     args = ap.parse_args()
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    names = args.dtypes.split(",")
+    rows = [r for r in args.rows.split(",") if r]
+    if set(names) - set(dtypes) or not all(r.isdigit() and int(r) > 0 for r in rows):
+        raise SystemExit(f"head_cost: --dtypes takes fp32 and/or bf16 (seen {args.dtypes!r}) and --rows positive "
+                         f"integers (seen {args.rows!r}); e.g. --dtypes fp32,bf16 --rows 1,2,3")
     target = load_target(args.target, "fp32", "cpu")
     hidden = target.model.config.hidden_size
     sweep = torch.ones(weight_bytes(target.model) // 4)
@@ -98,12 +104,11 @@ def main() -> None:
           f"GB/s; torch threads {torch.get_num_threads()}, torch {torch.__version__}\n")
     print("| dtype | part | weights MiB | hot ms | cold ms | floor ms (weights at the sweep's GB/s) |")
     print("|---|---|---|---|---|---|")
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    for name in args.dtypes.split(","):
+    for name in names:
         p = proposer_in(args.drafter, target, dtypes[name])
         taps = len(p.hidden_layers)
         seen = set()
-        for rows in [int(r) for r in args.rows.split(",")]:
+        for rows in map(int, rows):
             for part, (call, nbytes) in parts(p, rows, hidden, taps).items():
                 if part in seen:
                     continue

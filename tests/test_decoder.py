@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
+from draftsmith.eval.decoder import NoDraft, autoregressive_generate, speculative_generate
 from draftsmith.models.prompt_lookup import PromptLookupProposer, lookup
 from draftsmith.models.small_lm import SmallLMProposer
 from draftsmith.protocol.sampling import Sampling
@@ -132,8 +132,8 @@ def test_hidden_states_shown_to_proposer_cover_committed_positions(target):
     assert all(a[1] == b[0] for a, b in zip(seen, seen[1:]))
 
 
-class _Taps:
-    """A proposer that drafts nothing and keeps what the prefill showed it."""
+class _Taps(NoDraft):
+    """Drafts nothing (NoDraft) and keeps the tapped hidden states' shapes it was shown."""
 
     hidden_layers = (0, -1)
 
@@ -142,10 +142,6 @@ class _Taps:
 
     def observe(self, state):
         self.seen.append([h.shape for h in state.hidden])
-
-    def propose(self, state, k, sampler, tree=None):
-        from draftsmith.protocol.drafting import Draft
-        return Draft([])
 
 
 def test_prefill_reads_the_prompt_like_plain_decoding_and_keeps_every_tap(target, monkeypatch):
