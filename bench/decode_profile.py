@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--tree", default="none", help="comma-separated list is ambiguous with dynamic:a,b,c: use ';'")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--compile", action="store_true", help="the target through --compile's static cache and graph")
+    ap.add_argument("--linear-kernel", default="auto", choices=("auto", "mm", "onednn"),
+                    help="with --compile: the target's linear layers' kernel (auto: the faster here, models/cpu_linear.py)")
     ap.add_argument("--goal", type=float, default=1.4, help="the speedup whose required tau the table gives")
     args = ap.parse_args()
     ks = args.k.split(",")
@@ -84,7 +86,9 @@ def main() -> None:
     items = load_bench(args.bench, args.num_prompts, 1)
     prompts = [encode_turn(target, item.turns[:1], []) for item in items]
     if args.compile:
-        target.compile(max(256, -(-(max(map(len, prompts)) + args.max_new_tokens + args.k_max + 2) // 64) * 64))
+        target.compile(max(256, -(-(max(map(len, prompts)) + args.max_new_tokens + args.k_max + 2) // 64) * 64),
+                       linear_kernel=args.linear_kernel)
+        print("target:", target.compiled.describe())
     curve = measure_cost_curve(target)
     print("target forward cost (ms) by new tokens:",
           ", ".join(f"{n}: {s * 1e3:.1f}" for n, s in zip(curve.sizes, curve.seconds)), flush=True)
@@ -94,6 +98,9 @@ def main() -> None:
     runs = []
     for spec in args.drafter:
         proposer = load_drafter(spec, target)
+        packed = target.pack_drafter(proposer)
+        if packed:
+            print(f"{spec}: {packed} linear layers on oneDNN, as the target's")
         forwards = count_drafter_forwards(proposer, target)
         for name, k, tree in settings(ks, trees):
             rule = DraftLengthRule(curve) if k == "auto" else None

@@ -1,11 +1,12 @@
 """The target's cost curves: ms of one forward over n new tokens after `--context` cached ones, per dtype and path.
 
     python -m draftsmith.bench.target_cost_curves --target smollm2-135m-instruct --dtypes fp32,bf16 \
-        --paths eager,compiled --rows 1,4,16
+        --paths eager,compiled-mm,compiled-onednn --rows 1,4,16
 
 Paths: `eager` (transformers' forward on a dynamic cache: what `draftsmith eval` runs by default), `compiled`
-(`--compile`: a static cache and the inductor graph with frozen weights, models/compiled_target.py; batch 1
-only). Rows > 1 time one batched forward over that many sequences of n tokens each (eval/batched.py) and print
+(`--compile`: a static cache and the inductor graph, models/compiled_target.py; batch 1 only) with its linear
+layers on the kernel measured faster on this CPU, or `compiled-mm` / `compiled-onednn` with that kernel
+(models/cpu_linear.py; the choice `compiled` makes, and what it measured, is printed). Rows > 1 time one batched forward over that many sequences of n tokens each (eval/batched.py) and print
 the whole forward's ms. The curve is the one `--k auto` measures (eval/draft_length.py, the median of --reps
 interleaved rounds); the compile time of each dtype is printed too. Run it on a quiet machine.
 """
@@ -25,7 +26,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--target", default="smollm2-135m-instruct")
     p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--paths", default="eager,compiled")
+    p.add_argument("--paths", default="eager,compiled")   # compiled, compiled-mm, compiled-onednn
     p.add_argument("--rows", default="1")
     p.add_argument("--sizes", default="1,2,3,4,6,8,12,16")
     p.add_argument("--context", type=int, default=128)
@@ -39,12 +40,17 @@ def main(argv=None) -> None:
     for dtype in args.dtypes.split(","):
         target = load_target(args.target, dtype, args.device)
         for path in args.paths.split(","):
-            if path == "compiled":
-                target.compile(args.context + max(sizes) + 64)
+            compiled = path.startswith("compiled")
+            if compiled:
+                torch._dynamo.reset()                       # each path its own graphs
+                target.compile(args.context + max(sizes) + 64, linear_kernel=path.partition("-")[2] or "auto")
                 started = time.perf_counter()
                 measure_cost_curve(target, sizes=sizes, context=args.context, reps=1)   # builds the graphs
-                print(f"(compiling {dtype}: {time.perf_counter() - started:.0f} s)", flush=True)
-            for rows in ([1] if path == "compiled" else [int(r) for r in args.rows.split(",")]):
+                print(f"({path} {dtype}: {target.compiled.describe()}; compiling "
+                      f"{time.perf_counter() - started:.0f} s)", flush=True)
+            else:
+                target.compiled = None
+            for rows in ([1] if compiled else [int(r) for r in args.rows.split(",")]):
                 curve = measure_cost_curve(target, sizes=sizes, context=args.context, reps=args.reps, rows=rows)
                 ms = [s * rows * 1e3 for s in curve.seconds]
                 print(f"| {dtype} | {path} | {rows} | " + " | ".join(f"{m:.1f}" for m in ms)

@@ -257,6 +257,7 @@ class Runner:
                                        self.target.max_length, self.cfg.max_new_tokens)
         if self.cfg.compile:   # a static cache for the longest turn and a draft after it (models/compiled_target.py)
             self.target.compile(max(COST_CURVE_SLOTS, -(-(longest + self.cfg.depth + 2) // 64) * 64))
+            self.target.pack_drafter(self.proposer)    # its linear layers on the target's kernel, where oneDNN
             if self.cfg.k == "auto":    # the draft-length rule's cost curve is the compiled forward's
                 self.rule = DraftLengthRule(measure_cost_curve(self.target,
                                                                hidden_layers=tuple(self.proposer.hidden_layers)))
@@ -378,9 +379,7 @@ def baseline(target: Target) -> dict:
     """What the speedup is measured against: plain decoding of the same target in the same run, with the same
     dtype and forward (--compile's static cache and compiled graph, or eager)."""
     compiled = target.compiled is not None
-    fallback = target.compiled.fallback if compiled else None
-    forward = ("compiled (static KV cache, torch.compile with frozen weights)" if compiled and not fallback
-               else f"eager (torch.compile failed: {fallback})" if fallback else "eager (dynamic KV cache)")
+    forward = target.compiled.describe() if compiled else "eager (dynamic KV cache)"
     return {"decoder": "plain autoregressive decoding, one target forward per token, batch 1",
             "dtype": str(target.dtype).replace("torch.", ""), "forward": forward, "static_cache_slots":
             target.static_length if compiled else None}

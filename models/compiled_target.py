@@ -1,10 +1,11 @@
 """The target's fast path (`draftsmith eval --compile`): a static KV cache and a compiled forward.
 
-Measured on the project CPU (bench/target_cost_curves.py): SmolLM2-135M's eager forward is bound by reading its
-weights and by per-op overhead, not by arithmetic; torch.compile with inductor's `freezing` (weights folded into
-the graph and prepacked once for oneDNN, which in bf16 uses AMX) removes both. The forward needs a static cache
-(fixed addresses, so the graph never sees a growing tensor) and explicit masks (every width one graph shape:
-`dynamic=True` compiles one graph for width 1 and one for all wider inputs).
+Measured on the project CPU (bench/target_cost_curves.py): SmolLM2-135M's eager forward is bound by per-op
+overhead and by its matrix kernels, not by arithmetic. torch.compile removes the overhead; the linear layers run the
+kernel measured faster on this CPU (models/cpu_linear.py): oneDNN with the weights frozen into the graph and
+prepacked once (inductor's `freezing`), or `mm` on the weights as they are. The forward needs a static cache (fixed
+addresses, so the graph never sees a growing tensor) and explicit masks (every width one graph shape: `dynamic=True`
+compiles one graph for width 1 and one for all wider inputs; with oneDNN no forward is narrower than 2 rows).
 
 - `StaticKV`: transformers' StaticCache sized for the run, plus the committed length. Rollback moves the length
   back; stale slots past it are never attended (every forward passes its own mask over all slots). Keeping a
@@ -21,16 +22,19 @@ import inspect
 import warnings
 
 import torch
+import torch._inductor.config
 from transformers import StaticCache
 
 from draftsmith.errors import DraftsmithError
+from draftsmith.models import cpu_linear
 
 
 class StaticKV:
     """A static KV cache of `max_length` slots and the number of them committed (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, max_length: int):
-        self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+        self.slots = max_length + 1              # one spare slot: a padded single-token forward writes a row there
+        self.cache = StaticCache(config=model.config, max_cache_len=self.slots)
         self.max_length = max_length
         self.length = 0
 
@@ -41,6 +45,7 @@ class StaticKV:
         return self.cache.layers
 
     def advance(self, n: int) -> None:
+        """Commit n more slots (a padded forward's extra row is written to the spare slot, never committed)."""
         if self.length + n > self.max_length:
             raise DraftsmithError("The compiled target's static cache is full", self.length + n,
                                   f"It holds {self.max_length} tokens: give a larger --max-new-tokens budget "
@@ -52,7 +57,7 @@ class StaticKV:
         if length > self.length:
             raise ValueError(f"cannot roll a cache of {self.length} forward to {length}")
         self.length = length
-        self._sync()
+        self.sync()
 
     @torch.inference_mode()
     def keep(self, start: int, rows: list[int]) -> None:
@@ -65,10 +70,21 @@ class StaticKV:
                     t = getattr(layer, name)
                     t[:, :, dst.to(t.device)] = t[:, :, src.to(t.device)]
         self.length = start + len(rows)
-        self._sync()
+        self.sync()
 
-    def _sync(self) -> None:
-        """transformers' StaticLayer writes the next keys at its own running length: keep it equal to ours."""
+    def unmark_static(self) -> None:
+        """Keep the cache out of inductor's freezing (the oneDNN kernel): transformers marks its tensors as static
+        addresses (for CUDA graphs) when it fills them, and freezing folds static inputs into the graph as
+        constants: the graph would write to and read a frozen copy of the cache."""
+        for layer in self.cache.layers:
+            for name in ("keys", "values", "cumulative_length"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor) and hasattr(t, "_dynamo_static_input_type"):
+                    del t._dynamo_static_input_type
+
+    def sync(self) -> None:
+        """transformers' StaticLayer writes the next keys at its own running length: keep it equal to ours (after a
+        rollback, a keep, or a padded forward that wrote one row more than it committed)."""
         for layer in self.cache.layers:
             counter = getattr(layer, "cumulative_length", None)
             if isinstance(counter, torch.Tensor):
@@ -106,10 +122,13 @@ one more per prompt shape."""
 class CompiledForward:
     """The static-cache forward, compiled on first use (module docstring). One module and one set of graphs serve
     every drafter: a forward returns every layer's output (the decoder computes them anyway) and the caller keeps
-    the taps it wants."""
+    the taps it wants. On a CPU the linear layers run the kernel measured faster there (models/cpu_linear.py);
+    with oneDNN the weights are frozen into the graph and no forward is narrower than `min_width` rows."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, linear_kernel: str = "auto"):
         self.module = _Tapped(model)
+        self.kernel = cpu_linear.choose(model, linear_kernel)
+        self.min_width = self.kernel.min_width
         self.compiled = None
         self.fallback: str | None = None
 
@@ -117,15 +136,24 @@ class CompiledForward:
         if self.fallback or last_only or ids.shape[1] > MAX_COMPILED_WIDTH:
             return self.module(ids, positions, mask, cache, last_only, extra)
         if self.compiled is None:
-            self.compiled = torch.compile(self.module, dynamic=True, options={"freezing": True})
+            self.compiled = torch.compile(self.module, dynamic=True)
         try:
-            return self.compiled(ids, positions, mask, cache, False, extra)
+            # freezing is read from inductor's config when a graph is built: torch.compile(options={"freezing":
+            # True}) leaves the weights as graph inputs (torch 2.13), so it is set here, around every call
+            with torch._inductor.config.patch(freezing=self.kernel.frozen):
+                return self.compiled(ids, positions, mask, cache, False, extra)
         except Exception as e:   # inductor needs a C++ toolchain: say so once and run eager
             if not _is_compile_error(e):
                 raise
             self.fallback = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             warnings.warn(f"draftsmith: torch.compile failed ({self.fallback}); the target runs eager")
             return self.module(ids, positions, mask, cache, False, extra)
+
+    def describe(self) -> str:
+        """What the report says of this forward."""
+        if self.fallback:
+            return f"eager (torch.compile failed: {self.fallback})"
+        return f"compiled (static KV cache, torch.compile; {self.kernel.describe()})"
 
 
 def _is_compile_error(e: Exception) -> bool:

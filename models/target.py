@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from draftsmith import assets
 from draftsmith.errors import DraftsmithError
 from draftsmith.models.batch_cache import RaggedCache
+from draftsmith.models import cpu_linear
 from draftsmith.models.compiled_target import CompiledForward, StaticKV
 from draftsmith.protocol.tree import ancestor_mask, depths
 
@@ -126,12 +127,21 @@ class Target:
         if self.device.type == "cpu":
             use_masked_gqa()
 
-    def compile(self, max_length: int) -> None:
+    def compile(self, max_length: int, linear_kernel: str = "auto") -> None:
         """Decode through a static cache of `max_length` slots and a compiled forward from now on (new caches
-        only): `draftsmith eval --compile`. The graphs are built on first use."""
+        only): `draftsmith eval --compile`. The graphs are built on first use; the linear layers run
+        `linear_kernel` ("auto": the faster on this CPU, models/cpu_linear.py)."""
         if max_length > self.max_length:
             max_length = self.max_length
-        self.compiled, self.static_length = CompiledForward(self.model), max_length
+        self.compiled, self.static_length = CompiledForward(self.model, linear_kernel), max_length
+
+    def pack_drafter(self, proposer) -> int:
+        """With --compile's oneDNN kernel (models/cpu_linear.py) a drafter's own linear layers run it too (eagerly,
+        the weights packed once; the target's own layers are left to its graph). Returns how many were packed: 0
+        with any other kernel, or eager."""
+        if self.compiled is None or self.compiled.kernel.name != "onednn":
+            return 0
+        return cpu_linear.pack_drafter(proposer, {id(p) for p in self.model.parameters()})
 
     def new_cache(self) -> DynamicCache | StaticKV:
         if self.compiled is not None:
@@ -174,19 +184,32 @@ class Target:
     def _static_forward(self, ids: torch.Tensor, cache: StaticKV, hidden_layers: tuple[int, ...], last_only: bool,
                         parents: list[int] | None) -> TargetOutput:
         """`forward` through the compiled graph: every slot of the static cache masked explicitly (the committed
-        ones and each row's ancestors among the new ones visible), positions explicit."""
+        ones and each row's ancestors among the new ones visible), positions explicit. A forward narrower than the
+        graph's `min_width` gets a copy of its last row (written to the cache's spare slot, never committed, its
+        output dropped): its rows are then computed by the same kernel as a wider forward's (models/cpu_linear.py)."""
         n, past = ids.shape[1], cache.length
         cache.advance(n)
         parents = list(range(-1, n - 2)) if parents is None else parents
-        see = torch.zeros(n, cache.max_length, dtype=torch.bool)
+        see = torch.zeros(n, cache.slots, dtype=torch.bool)
         see[:, :past] = True
         see[:, past:past + n] = ancestor_mask(parents)
-        attend = attention_inputs(self.model, see, [past] + [past + d for d in depths(parents)])
-        extra = {"cache_position": torch.arange(past, past + n, device=self.device)} if _takes_cache_position(
+        positions = [past] + [past + d for d in depths(parents)]
+        pad = 0 if last_only else max(0, self.compiled.min_width - n)
+        if pad:
+            ids = torch.cat([ids] + [ids[:, -1:]] * pad, dim=1)
+            see = torch.cat([see] + [see[-1:]] * pad)
+            positions += positions[-1:] * pad
+        attend = attention_inputs(self.model, see, positions)
+        extra = {"cache_position": torch.arange(past, past + n + pad, device=self.device)} if _takes_cache_position(
             self.model) else {}
+        if self.compiled.kernel.frozen:
+            cache.unmark_static()
         logits, hidden = self.compiled(ids, attend["position_ids"], attend["attention_mask"], cache.cache, last_only,
                                        extra)
-        return TargetOutput(logits=logits[0].float(), hidden=[hidden[i % self.num_layers][0] for i in hidden_layers])
+        if pad:
+            cache.sync()          # transformers counted the pad row's slot: the committed length is past + n
+        return TargetOutput(logits=logits[0, :n].float(),
+                            hidden=[hidden[i % self.num_layers][0, :n] for i in hidden_layers])
 
     def _run(self, ids: torch.Tensor, cache: DynamicCache, hidden_layers: tuple[int, ...], **kwargs):
         """The model's forward with `cache`, and the outputs of the tapped decoder layers."""

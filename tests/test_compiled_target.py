@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from draftsmith.errors import DraftsmithError
 from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
-from draftsmith.models import compiled_target
+from draftsmith.models import compiled_target, cpu_linear
 from draftsmith.models.compiled_target import StaticKV
 from draftsmith.models.eagle3 import Eagle3Proposer
 from draftsmith.protocol.drafting import TreeShape
@@ -17,12 +18,22 @@ from test_eagle3 import random_head
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch on one thread per module
 
 
-@pytest.fixture(scope="module")
-def pair():
-    """The same tiny target twice: eager, and compiled with a 64-slot static cache."""
-    eager, fast = sticky_target(3.0), sticky_target(3.0)
-    fast.compile(64)
-    return eager, fast
+KERNELS = ["mm"] + (["onednn"] if cpu_linear.onednn_available() else [])
+
+
+def compiled(kernel: str):
+    """A tiny target compiled with a 64-slot static cache, its linear layers on `kernel` whatever this CPU
+    measured faster (a fresh dynamo, so no earlier test's graphs count against its recompile limit)."""
+    torch._dynamo.reset()
+    target = sticky_target(3.0)
+    target.compile(64, linear_kernel=kernel)
+    return target
+
+
+@pytest.fixture(scope="module", params=KERNELS)
+def pair(request):
+    """The same tiny target twice: eager, and compiled (each kernel in turn)."""
+    return sticky_target(3.0), compiled(request.param)
 
 
 def test_compiled_decoding_equals_eager_decoding(pair):
@@ -96,3 +107,82 @@ def test_a_failed_compile_warns_and_runs_eager(monkeypatch):
         out = autoregressive_generate(target, p, max_new_tokens=8)
     assert out.tokens == autoregressive_generate(sticky_target(3.0), p, max_new_tokens=8).tokens
     assert "no C++ compiler" in target.compiled.fallback
+
+
+
+@pytest.mark.skipif("onednn" not in KERNELS, reason="this torch has no oneDNN")
+def test_onednn_weights_are_frozen_and_prepacked():
+    """torch.compile(options={"freezing": True}) left the weights as graph inputs, run by `mm`; the kernel chosen
+    is now the one the graph runs."""
+    counters["inductor"].clear()
+    target = compiled("onednn")
+    p = prompts(1, length=10)[0]
+    assert autoregressive_generate(target, p, max_new_tokens=6).tokens == \
+        autoregressive_generate(sticky_target(3.0), p, max_new_tokens=6).tokens
+    assert target.compiled.fallback is None
+    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > 0
+
+
+def test_a_single_token_forward_commits_one_slot_and_returns_one_row(pair):
+    """With oneDNN a single-token forward runs two rows wide (a copy of its row, written to the spare slot and
+    never committed); either kernel: its row is the wide forward's row, and the next forward sees the same cache."""
+    _, target = pair
+    ctx, new = prompts(1, length=9, seed=5)[0], [7, 8, 9, 10, 11]
+    one, wide = target.new_cache(), target.new_cache()
+    target.forward(ctx, one, last_only=True)
+    target.forward(ctx, wide, last_only=True)
+    singles = [target.forward([t], one, (0, -1)) for t in new]
+    rows = target.forward(new, wide, (0, -1))
+    assert one.length == wide.length == len(ctx) + len(new)
+    for i, s in enumerate(singles):
+        assert s.logits.shape[0] == 1 and all(h.shape[0] == 1 for h in s.hidden)
+        torch.testing.assert_close(s.logits[0], rows.logits[i], rtol=1e-5, atol=1e-5)
+        for a, b in zip(s.hidden, rows.hidden):
+            torch.testing.assert_close(a[0], b[i], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(target.forward([12, 13], one).logits, target.forward([12, 13], wide).logits,
+                               rtol=1e-5, atol=1e-5)
+    full = target.new_cache()
+    target.forward(list(range(3, 3 + 63)), full, last_only=True)
+    target.forward([5], full)                 # the last slot: its pad row goes to the spare one
+    assert full.length == 64
+    assert target.compiled.fallback is None
+
+def test_the_kernel_is_measured_and_the_faster_one_is_used(monkeypatch):
+    model = sticky_target(3.0).model
+    if cpu_linear.onednn_available():
+        ms = cpu_linear.measure(model, reps=1)
+        assert set(ms) == {"mm", "onednn"} and all(v > 0 for v in ms.values())
+    monkeypatch.setattr(cpu_linear, "onednn_available", lambda: True)
+    monkeypatch.setattr(cpu_linear, "measure", lambda m, reps=3: {"mm": 2.0, "onednn": 1.0})
+    chosen = cpu_linear.choose(model)
+    assert (chosen.name, chosen.min_width, chosen.frozen) == ("onednn", 2, True)
+    assert "onednn 1.0 ms" in chosen.describe()
+    monkeypatch.setattr(cpu_linear, "measure", lambda m, reps=3: {"mm": 1.0, "onednn": 2.0})
+    assert (cpu_linear.choose(model).name, cpu_linear.choose(model).min_width) == ("mm", 1)
+    assert (cpu_linear.choose(model, "onednn").name, cpu_linear.choose(model, "onednn").ms) == ("onednn", {})
+    with pytest.raises(ValueError, match="unknown linear kernel 'mkl'"):
+        cpu_linear.choose(model, "mkl")
+    monkeypatch.setattr(cpu_linear, "onednn_available", lambda: False)
+    assert cpu_linear.choose(model).name == "mm"
+    with pytest.raises(ValueError, match="oneDNN"):
+        cpu_linear.choose(model, "onednn")
+
+
+@pytest.mark.skipif("onednn" not in KERNELS, reason="this torch has no oneDNN")
+def test_a_drafter_runs_the_target_kernel_and_decoding_stays_lossless():
+    """With the oneDNN kernel the drafter's own linear layers are packed for it, the target's are left to its
+    graph; with mm nothing is packed."""
+    target = compiled("onednn")
+    head = random_head(target)
+    plain_proposer = Eagle3Proposer(random_head(target), target.model)
+    plain_proposer.head.load_state_dict(head.state_dict())
+    proposer = Eagle3Proposer(head, target.model)
+    assert target.pack_drafter(proposer) == sum(isinstance(m, torch.nn.Linear) for m in random_head(target).modules())
+    assert isinstance(head.lm_head, cpu_linear.PackedLinear)
+    assert all(type(m) is not cpu_linear.PackedLinear for m in target.model.modules())
+    for p in prompts(3, length=10, seed=4):
+        plain = autoregressive_generate(target, p, max_new_tokens=20)
+        a = speculative_generate(target, plain_proposer, p, k=4, max_new_tokens=20)
+        b = speculative_generate(target, proposer, p, k=4, max_new_tokens=20)
+        assert b.tokens == a.tokens == plain.tokens and b.accepted == a.accepted
+    assert compiled("mm").pack_drafter(Eagle3Proposer(random_head(target), target.model)) == 0

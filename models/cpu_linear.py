@@ -1,0 +1,167 @@
+"""Which matrix kernel the compiled target's linear layers run on this CPU: measured (`draftsmith eval --compile`).
+
+inductor compiles the linear layers of the dynamic-width graph one of two ways: with the weights frozen and prepacked
+for oneDNN (`mkldnn._linear_pointwise`), or, unfrozen, as `mm` calls on the weights as they are (MKL's sgemm in
+fp32). Which is faster depends on the CPU, and by a lot: on an AMD EPYC (Zen 4) MKL's sgemm over 2-3 rows costs 2-3x
+one row and 3-7x oneDNN's (SmolLM2's 49,152-row LM head over 3 rows: 37.7 ms vs 5.2), while on the Intel Xeon of
+earlier measurements MKL was the faster at 1-3 rows. `measure` times both on the model's own weight shapes at the
+widths decoding uses (plain decoding's 1, a verify's 2-8) and the faster is used.
+
+oneDNN's kernel sums one row differently from two or more (for some shapes it splits the reduction when there is a
+single row), while each row of a call over 2+ rows is bit-identical whatever the number of rows. So a oneDNN target
+runs single-token forwards two rows wide (`min_width`; the second row a copy, written to a spare cache slot and never
+committed): plain decoding's rows and a verify's are computed by the same kernel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+WIDTHS = (1, 2, 3, 4, 8)
+"""The forward widths the choice weighs alike: plain decoding's single token and a verify's root plus drafts."""
+
+
+@dataclass
+class LinearKernel:
+    """The kernel chosen, the narrowest forward it runs (2 for oneDNN: module docstring), and what was measured:
+    ms of one forward's linear layers per kernel, summed over WIDTHS."""
+    name: str
+    min_width: int = 1
+    ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def frozen(self) -> bool:
+        """oneDNN's packed weights come from inductor's freezing pass."""
+        return self.name == "onednn"
+
+    def describe(self) -> str:
+        timed = ", ".join(f"{k} {v:.1f} ms" for k, v in self.ms.items())
+        return f"{self.name} linear layers" + (f" (measured over widths {'/'.join(map(str, WIDTHS))}: {timed})"
+                                               if timed else "")
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+KERNELS = ("auto", "mm", "onednn")
+
+
+def choose(model: torch.nn.Module, kernel: str = "auto", reps: int = 3) -> LinearKernel:
+    """`kernel`, or for "auto" the faster of `mm` and oneDNN for `model`'s linear layers on this CPU (`mm` off the
+    CPU, where oneDNN is missing, or where timing it fails)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown linear kernel {kernel!r}: one of {', '.join(KERNELS)}")
+    weight = next(model.parameters())
+    if weight.device.type != "cpu" or not onednn_available():
+        if kernel == "onednn":
+            raise ValueError("the oneDNN linear kernel runs on a CPU torch built with oneDNN only")
+        return LinearKernel("mm")
+    if kernel != "auto":
+        return LinearKernel(kernel, 2 if kernel == "onednn" else 1)
+    try:
+        ms = measure(model, reps)
+    except RuntimeError:              # a oneDNN build without this dtype's packed linear: stay with mm
+        return LinearKernel("mm")
+    name = min(ms, key=ms.get)
+    return LinearKernel(name, 2 if name == "onednn" else 1, ms)
+
+
+def measure(model: torch.nn.Module, reps: int = 3) -> dict[str, float]:
+    """ms of one forward's linear layers (every nn.Linear, by weight shape and count) per kernel, summed over
+    WIDTHS."""
+    total = {"mm": 0.0, "onednn": 0.0}
+    for row in measure_shapes(model, reps):
+        for kernel in total:
+            total[kernel] += row["count"] * row[kernel]
+    return {k: round(v, 2) for k, v in total.items()}
+
+
+@torch.inference_mode()
+def measure_shapes(model: torch.nn.Module, reps: int = 3, widths=WIDTHS) -> list[dict]:
+    """Per weight shape and width: ms of one `mm` call and of one oneDNN call (a single row run two rows wide, as
+    the compiled target runs it), the median of `reps` calls after a warm-up call; `count` layers of that shape."""
+    shapes = Counter()
+    weights = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            shapes[tuple(module.weight.shape)] += 1
+            weights.setdefault(tuple(module.weight.shape), module.weight)
+    rows = []
+    for shape, count in shapes.items():
+        w = weights[shape]
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        for width in widths:
+            x = torch.randn(width, shape[1], dtype=w.dtype)
+            x2 = torch.randn(max(width, 2), shape[1], dtype=w.dtype)
+            rows.append(dict(shape=shape, count=count, width=width,
+                             mm=_median_ms(lambda: torch.mm(x, w.t()), reps),
+                             onednn=_median_ms(lambda: torch.ops.mkldnn._linear_pointwise(
+                                 x2, packed, None, "none", [], ""), reps)))
+    return rows
+
+
+def _median_ms(call, reps: int) -> float:
+    call()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+class PackedLinear(torch.nn.Module):
+    """An inference-only nn.Linear on oneDNN: the weight packed once; a single row runs two rows wide (oneDNN's
+    single-row kernel is the slower, module docstring). `weight` and `bias` stay readable."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        one = rows.shape[0] == 1
+        if one:
+            rows = rows.expand(2, -1)
+        y = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), self.packed, self.bias, "none", [], "")
+        return (y[:1] if one else y).reshape(*x.shape[:-1], self.out_features)
+
+
+def pack_drafter(proposer, skip: set[int]) -> int:
+    """Swap every nn.Linear a proposer holds (its modules', and its members' for a composite) for a PackedLinear,
+    except those whose weight is in `skip` (the target's parameters, by id: the target's forward is inductor's).
+    Returns how many were swapped. The drafter runs eagerly: this gives its linear layers the kernel the target's
+    measured faster."""
+    swapped = 0
+    for module in _modules_of(proposer, set()):
+        for parent in list(module.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear and id(child.weight) not in skip \
+                        and child.weight.dtype in (torch.float32, torch.bfloat16):
+                    setattr(parent, name, PackedLinear(child))
+                    swapped += 1
+    return swapped
+
+
+def _modules_of(obj, seen: set[int]):
+    """The nn.Modules an object holds as attributes, and those of the proposers it holds in lists (a composite)."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    for value in vars(obj).values() if hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module) else ():
+        if isinstance(value, torch.nn.Module):
+            if id(value) not in seen:
+                seen.add(id(value))
+                yield value
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if hasattr(item, "propose"):
+                    yield from _modules_of(item, seen)
