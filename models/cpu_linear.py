@@ -3,14 +3,15 @@
 inductor compiles the linear layers of the dynamic-width graph one of two ways: with the weights frozen and prepacked
 for oneDNN (`mkldnn._linear_pointwise`), or, unfrozen, as `mm` calls on the weights as they are (MKL's sgemm in
 fp32). Which is faster depends on the CPU, and by a lot: on an AMD EPYC (Zen 4) MKL's sgemm over 2-3 rows costs 2-3x
-one row and 3-7x oneDNN's (SmolLM2's 49,152-row LM head over 3 rows: 37.7 ms vs 5.2), while on the Intel Xeon of
-earlier measurements MKL was the faster at 1-3 rows. `measure` times both on the model's own weight shapes at the
-widths decoding uses (plain decoding's 1, a verify's 2-8) and the faster is used.
+one row and 3-8x oneDNN's (SmolLM2's 49,152-row LM head over 3 rows: 34.4 ms vs 4.3, bench/linear_kernels.py), while
+on the Intel Xeon of earlier measurements MKL was the faster at 1-3 rows. `measure` times both on the model's own
+weight shapes at the widths decoding uses (plain decoding's 1, a verify's 2-8) and the faster is used.
 
 oneDNN's kernel sums one row differently from two or more (for some shapes it splits the reduction when there is a
 single row), while each row of a call over 2+ rows is bit-identical whatever the number of rows. So a oneDNN target
 runs single-token forwards two rows wide (`min_width`; the second row a copy, written to a spare cache slot and never
-committed): plain decoding's rows and a verify's are computed by the same kernel.
+committed): plain decoding's rows and a verify's go through the same linear kernel. (Attention is not row-invariant
+either way: SDPA's blocking depends on the number of query rows. Lossless decoding is checked, as always.)
 """
 
 from __future__ import annotations

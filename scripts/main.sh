@@ -10,9 +10,10 @@
 # at most; prompt lookup keeps its chains up to 8): on this CPU a verify of 3 tokens costs what one does,
 # and the head's second-best first token is accepted where no second drafting round is paid for
 # (1.28x vs 1.23x for chains in one profile: bench/results/cpu-main-ceiling). The target runs
-# compiled (--compile: a static KV cache and an inductor graph with frozen weights, ~1.5 min to build once),
-# plain and speculative decoding alike, so the speedup is against the fastest plain decoding of this CPU
-# (fp32 compiled: 35 tok/s vs 28 eager on 2 quiet cores; bench/results/cpu-batched-decoding).
+# compiled (--compile: a static KV cache and an inductor graph, 1-2 min to build once; its linear layers on the
+# kernel measured faster on this CPU, models/cpu_linear.py), plain and speculative decoding alike, so the speedup
+# is against the fastest plain decoding of this CPU (fp32 compiled: on an AMD EPYC with oneDNN a forward of 1-8
+# tokens costs 36-40 ms vs 64 eager, bench/results/cpu-linear-kernels; on an Intel Xeon 35 tok/s vs 28 eager).
 # Extra arguments go to `draftsmith eval` (e.g. --num-prompts 80). A finished run is reused: pass
 # DRAFTSMITH_RETRAIN=1 to train again.
 set -euo pipefail
