@@ -33,6 +33,7 @@ from draftsmith.eval.harness import encode_turn, eos_ids
 from draftsmith.eval.metrics import reliability_by_position
 from draftsmith.metric_modules.acceptance.acceptance_figures import acceptance_figures
 from draftsmith.models import load_drafter, load_target
+from draftsmith.protocol.proposer import held_modules
 from draftsmith.protocol.drafting import TreeShape
 
 
@@ -41,13 +42,9 @@ def count_drafter_forwards(proposer, target) -> list[int]:
     a live counter."""
     target_modules = {id(m) for m in target.model.modules()}
     counter = [0]
-    parts = [proposer]
-    while parts:
-        part = parts.pop()
-        parts += getattr(part, "members", [])
-        for value in vars(part).values():
-            if isinstance(value, torch.nn.Module) and id(value) not in target_modules:
-                value.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    for module in held_modules(proposer):
+        if id(module) not in target_modules:
+            module.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
     return counter
 
 

@@ -25,7 +25,12 @@ def main(argv=None) -> None:
     p.add_argument("--widths", default="1,2,3,4,8,16")
     p.add_argument("--reps", type=int, default=7)
     args = p.parse_args(argv)
-    widths = tuple(int(w) for w in args.widths.split(","))
+    try:
+        widths = tuple(int(w) for w in args.widths.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise SystemExit(f"--widths takes positive integers separated by commas, e.g. 1,2,4,8; got {args.widths!r}")
     if not cpu_linear.onednn_available():
         raise SystemExit("this torch has no oneDNN linear: `--compile` runs mm")
     model = load_target(args.target, args.dtype, "cpu").model

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from draftsmith.protocol.proposer import held_modules
+
 WIDTHS = (1, 2, 3, 4, 8)
 """The forward widths the choice weighs alike: plain decoding's single token and a verify's root plus drafts."""
 
@@ -142,7 +144,7 @@ def pack_drafter(proposer, skip: set[int]) -> int:
     Returns how many were swapped. The drafter runs eagerly: this gives its linear layers the kernel the target's
     measured faster."""
     swapped = 0
-    for module in _modules_of(proposer, set()):
+    for module in held_modules(proposer):
         for parent in list(module.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is torch.nn.Linear and id(child.weight) not in skip \
@@ -150,19 +152,3 @@ def pack_drafter(proposer, skip: set[int]) -> int:
                     setattr(parent, name, PackedLinear(child))
                     swapped += 1
     return swapped
-
-
-def _modules_of(obj, seen: set[int]):
-    """The nn.Modules an object holds as attributes, and those of the proposers it holds in lists (a composite)."""
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    for value in vars(obj).values() if hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module) else ():
-        if isinstance(value, torch.nn.Module):
-            if id(value) not in seen:
-                seen.add(id(value))
-                yield value
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                if hasattr(item, "propose"):
-                    yield from _modules_of(item, seen)

@@ -44,6 +44,20 @@ class Proposer(Protocol):
     def propose(self, state: DecodeState, k: int, sampler: Sampler) -> Draft: ...
 
 
+def held_modules(proposer) -> list[torch.nn.Module]:
+    """The nn.Modules a proposer holds as attributes, and those of its `members` (a composite's drafters), once
+    each; the target's modules a drafter borrows are among them (callers skip what they must)."""
+    found: dict[int, torch.nn.Module] = {}
+    parts = [proposer]
+    while parts:
+        part = parts.pop()
+        parts += getattr(part, "members", [])
+        for value in vars(part).values():
+            if isinstance(value, torch.nn.Module):
+                found.setdefault(id(value), value)
+    return list(found.values())
+
+
 def takes_tree(proposer) -> bool:
     try:
         return "tree" in inspect.signature(proposer.propose).parameters
