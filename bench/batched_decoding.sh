@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 20's table: plain vs speculative decoding at batch sizes 1, 4 and 16, fp32 and bf16, on this machine,
 # with the main job's drafter (prompt lookup + the eagle3-cpu-quick head as one tree, --k auto), greedy, on
-# MT-bench first turns; then batch 1 again with --compile (static cache + compiled forward) in each dtype.
+# MT-bench first turns, eager and with --compile (static cache + compiled forward, batched rows included:
+# models/static_rows.py) in each dtype.
 # Every setting is one `draftsmith eval` run (plain and speculative decoding of the same prompts in that run);
 # bench/batched_table.py prints the table from their reports.
 #
@@ -18,21 +19,22 @@ NEW="${NEW:-64}"
 OUT="${OUT:-bench/results/cpu-batched-decoding}"
 HEAD="${HEAD:-runs/eagle3-cpu-quick/speculators}"
 DTYPES="${DTYPES:-fp32 bf16}"
-PATHS="${PATHS:-eager compiled}"    # eager: batch 1, 4, 16; compiled: batch 1 with --compile
+PATHS="${PATHS:-eager compiled}"    # eager, or --compile; batch sizes 1, 4 and 16 each
+TREE="${TREE:-dynamic:8,2,3}"       # the main job's tree (scripts/main.sh); TREE=none for chains
 [ -d "$HEAD" ] || { echo "no drafter at $HEAD: run bash scripts/main.sh first (or set HEAD=)" >&2; exit 2; }
 mkdir -p "$OUT"
 run() {   # NAME ARGS...
   local name=$1; shift
   [ -f "$OUT/$name/report.json" ] || draftsmith eval --target smollm2-135m-instruct --drafter "prompt-lookup+$HEAD" \
     --bench mt_bench --num-prompts "$N" --max-new-tokens "$NEW" --k auto --temperature 0 --no-hf-assisted \
-    --device cpu --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+    --tree "$TREE" --device cpu --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
   echo "[batched] $name done"
 }
 for path in $PATHS; do
   for dtype in $DTYPES; do
     case $path in
       eager) run "$dtype-eager" --dtype "$dtype" --batch-size 1,4,16 ;;
-      compiled) run "$dtype-compiled" --dtype "$dtype" --compile ;;
+      compiled) run "$dtype-compiled" --dtype "$dtype" --batch-size 1,4,16 --compile ;;
     esac
   done
 done

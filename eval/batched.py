@@ -3,7 +3,8 @@
 The single-sequence decoder's steps (eval/decoder.py), for every live row at once:
 
   0. a joining prompt is prefilled ALONE (batch 1, exactly as the single-sequence decoder does) and its cache
-     copied into a free row of the shared ragged cache (models/batch_cache.py); a row that finishes frees its
+     copied into a free row of the shared ragged cache (models/batch_cache.py; with --compile the static rows of
+     models/static_rows.py, verified through the compiled graph); a row that finishes frees its
      row for the next waiting prompt (continuous batching), so the batch stays full while prompts wait;
   1. draft: each row has its own proposer (`protocol.proposer.fork`: the same weights, its own decode state) and
      sampler; `propose_all` drafts for every row at once: a kind that defines `propose_rows` (the EAGLE heads,
@@ -35,8 +36,7 @@ import torch
 
 from draftsmith.eval.decoder import (GenerationResult, StepDraft, advance, check_request, draft_depth, make_sampler,
                                      prefill, settle, take_draft)
-from draftsmith.models.batch_cache import RaggedCache
-from draftsmith.models.target import Target, new_cache
+from draftsmith.models.target import Target
 from draftsmith.protocol.drafting import DraftSampler, TreeShape
 from draftsmith.protocol.proposer import DecodeState, Proposer, fork, observe_all, propose_all
 from draftsmith.protocol.sampling import Sampling
@@ -93,7 +93,7 @@ def batched_generate(target: Target, proposer: Proposer, prompts: list[list[int]
     results: list[GenerationResult | None] = [None] * len(prompts)
     waiting = deque(range(len(prompts)))
     rows: list[_Row | None] = []
-    cache = RaggedCache()
+    cache = target.new_batch_cache()
     while True:
         _join(target, proposer, prompts, waiting, rows, cache, results, batch_size, generators, sampling, rule, eos,
               max_new_tokens, timing)
@@ -189,7 +189,7 @@ def _join(target, proposer, prompts, waiting, rows, cache, results, batch_size, 
         started = time.perf_counter()
         own = fork(proposer)
         sampler = make_sampler(sampling, generators[index], rule)
-        single = new_cache(target.model)    # batched decoding runs eager, on dynamic caches (a --compile target too)
+        single = target.new_cache()         # prefilled alone, as in batch 1, then copied into the batch's cache
         state, result = prefill(target, own, prompts[index], single, sampler, eos)
         timing.prefill_s += time.perf_counter() - started
         if result.stop_reason == "eos" or len(result.tokens) >= max_new_tokens:

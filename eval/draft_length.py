@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from draftsmith.models.batch_cache import RaggedCache
-from draftsmith.models.target import new_cache
 from draftsmith.protocol.tree import children, depths
 
 
@@ -73,10 +71,10 @@ def measure_cost_curve(target, sizes=DEFAULT_SIZES, context: int = 128, reps: in
     share, the forward's seconds / rows."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, target.vocab_size, (context + max(sizes),), generator=g).tolist()
-    cache = target.new_cache() if rows == 1 else new_cache(target.model)   # batched decoding runs eager
+    cache = target.new_cache()
     target.forward(ids[:context], cache, hidden_layers, last_only=True)
     if rows > 1:
-        ragged = RaggedCache()
+        ragged = target.new_batch_cache()
         for r in range(rows):
             ragged.put(r, copy.deepcopy(cache) if r < rows - 1 else cache)
 

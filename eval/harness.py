@@ -54,7 +54,7 @@ class EvalConfig:
     device: str | None = None
     hf_assisted: bool = True
     batch_sizes: tuple[int, ...] = (1,)   # sizes > 1: batched plain and speculative decoding too (eval/batch_eval.py)
-    compile: bool = False                 # the batch-1 decoders through a static cache and a compiled forward
+    compile: bool = False                 # every decoder through a static cache and a compiled forward
 
     def __post_init__(self):
         if self.k != "auto" and not (isinstance(self.k, int) and self.k >= 1):

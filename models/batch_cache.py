@@ -127,28 +127,34 @@ class RaggedCache:
     def keep(self, kept: list[list[int]]) -> None:
         """After a verify step: row r keeps the new slots kept[r] (offsets into its inputs: 0 the root, then
         the accepted path), moved to follow its committed slots; the rest of the step's slots go."""
-        if len(kept) != self.rows:
-            raise ValueError(f"{len(kept)} kept lists for {self.rows} rows")
-        rows, src, dst = [], [], []
-        for r, offsets in enumerate(kept):
-            base, length = self._verified, self.lengths[r]
-            for j, offset in enumerate(offsets):
-                if base + offset != length + j:
-                    rows.append(r)
-                    src.append(base + offset)
-                    dst.append(length + j)
-            self.lengths[r] = length + len(offsets)
-        if rows:
-            layers = self._layers()
-            device = layers[0].keys.device
-            r_i, s_i, d_i = (torch.tensor(v, dtype=torch.long, device=device) for v in (rows, src, dst))
-            for layer in layers:
-                for name in ("keys", "values"):
-                    t = getattr(layer, name)
-                    t[r_i, :, d_i] = t[r_i, :, s_i]      # the right side is gathered (a copy) before the write
+        keep_rows(self._layers(), self.lengths, [self._verified] * self.rows, kept)
         self._crop(max(self.lengths, default=0))
 
     def _crop(self, slots: int) -> None:
         drop = self.physical - slots
         if drop > 0:
             self.cache.crop(-drop)
+
+
+@torch.inference_mode()
+def keep_rows(layers: list, lengths: list[int], starts: list[int], kept: list[list[int]]) -> None:
+    """Row r keeps the slots starts[r] + kept[r][j] (a verify step's new slots: 0 the root, then the accepted path),
+    moved to lengths[r] + j to follow its committed slots, in every layer's keys and values at once; lengths
+    grow by what each row kept. The ragged cache's new slots start where the longest row ends, the static rows'
+    (models/static_rows.py) at each row's own length."""
+    if len(kept) != len(lengths):
+        raise ValueError(f"{len(kept)} kept lists for {len(lengths)} rows")
+    rows, src, dst = [], [], []
+    for r, offsets in enumerate(kept):
+        for j, offset in enumerate(offsets):
+            if starts[r] + offset != lengths[r] + j:
+                rows.append(r)
+                src.append(starts[r] + offset)
+                dst.append(lengths[r] + j)
+        lengths[r] += len(offsets)
+    if rows:
+        device = layers[0].keys.device
+        r_i, s_i, d_i = (torch.tensor(v, dtype=torch.long, device=device) for v in (rows, src, dst))
+        for layer in layers:
+            for t in (layer.keys, layer.values):
+                t[r_i, :, d_i] = t[r_i, :, s_i]      # the right side is gathered (a copy) before the write

@@ -24,6 +24,7 @@ from draftsmith.errors import DraftsmithError
 from draftsmith.models.batch_cache import RaggedCache
 from draftsmith.models import cpu_linear
 from draftsmith.models.compiled_target import CompiledForward, StaticKV
+from draftsmith.models.static_rows import StaticRows
 from draftsmith.protocol.tree import ancestor_mask, depths
 
 
@@ -148,6 +149,14 @@ class Target:
             return StaticKV(self.model, self.static_length)
         return new_cache(self.model)
 
+    def new_batch_cache(self) -> RaggedCache | StaticRows:
+        """The shared cache of batched decoding (eval/batched.py): ragged rows of dynamic caches, or with --compile
+        rows of the static cache, each computed as the batch-1 compiled forward computes it (models/static_rows.py).
+        Its rows come from `new_cache()`'s, prefilled alone."""
+        if self.compiled is not None:
+            return StaticRows(self.model, self.static_length, self.compiled.min_width)
+        return RaggedCache()
+
     @torch.inference_mode()
     def forward(self, input_ids: list[int] | torch.Tensor, cache: DynamicCache,
                 hidden_layers: tuple[int, ...] = (), last_only: bool = False,
@@ -168,15 +177,26 @@ class Target:
         return TargetOutput(logits=out.logits[0].float(), hidden=hidden)
 
     @torch.inference_mode()
-    def forward_rows(self, inputs: list[list[int]], cache: RaggedCache, hidden_layers: tuple[int, ...] = (),
+    def forward_rows(self, inputs: list[list[int]], cache: RaggedCache | StaticRows,
+                     hidden_layers: tuple[int, ...] = (),
                      parents: list[list[int] | None] | None = None) -> list[TargetOutput]:
         """One forward over several sequences at once (batched decoding): row r of `cache` is extended by
         inputs[r] = [root, draft nodes...] (a tree where parents[r] is given) and gets its own logits and
-        taps, exactly those of `forward` on that row alone up to rounding (models/batch_cache.py)."""
+        taps, exactly those of `forward` on that row alone up to rounding (models/batch_cache.py; with --compile
+        models/static_rows.py, through the compiled graph)."""
         ids, see, positions = cache.verify_inputs(inputs, parents or [None] * len(inputs))
-        out, captured = self._run(ids.to(self.device), cache.cache, hidden_layers,
-                                  **attention_inputs(self.model, see, positions))
-        logits = out.logits.float()
+        attend = attention_inputs(self.model, see, positions)
+        if isinstance(cache, StaticRows):
+            start = max(cache.lengths)
+            extra = {"cache_position": torch.arange(start, start + ids.shape[1], device=self.device)} \
+                if _takes_cache_position(self.model) else {}
+            logits, hidden = self.compiled(ids.to(self.device), attend["position_ids"], attend["attention_mask"],
+                                           cache.cache, False, extra)
+            captured = {i: hidden[i] for i in range(self.num_layers)}
+        else:
+            out, captured = self._run(ids.to(self.device), cache.cache, hidden_layers, **attend)
+            logits = out.logits
+        logits = logits.float()
         return [TargetOutput(logits=logits[r, :len(x)], hidden=[captured[i % self.num_layers][r, :len(x)]
                                                                 for i in hidden_layers])
                 for r, x in enumerate(inputs)]

@@ -83,10 +83,10 @@ def two_eos(plain) -> tuple[int, int]:
     return alone, mid
 
 
-@pytest.mark.parametrize("name", list(DRAFTERS))
-def test_batched_greedy_equals_batch_one_per_row(name):
-    make, spec, boost = DRAFTERS[name]
-    target = sticky_target(boost)
+def decoded_alone(target: Target, name: str):
+    """DRAFTERS[name] on `target`, ragged prompts with two EOS tokens, and each prompt decoded alone (batch 1):
+    (proposer, tree, prompts, plain results, eos, speculative results)."""
+    make, spec, _ = DRAFTERS[name]
     proposer, tree = make(target), TreeShape.parse(spec)
     batch = ragged_prompts()
     plain = [autoregressive_generate(target, p, max_new_tokens=20) for p in batch]
@@ -95,15 +95,28 @@ def test_batched_greedy_equals_batch_one_per_row(name):
               for p in batch]
     ends = {len(r.tokens) for r in single}
     assert len(ends) > 2 and min(ends) == 1, ends     # rows finish at different steps, one at its first token
+    return proposer, tree, batch, plain, eos, single
+
+
+def assert_rows_decode_alone(target, proposer, tree, batch, eos, single, size) -> None:
+    """Batched greedy decoding at `size` gives every prompt the tokens, drafts and acceptances of its `single`
+    (batch-1) run, in fewer steps; 5 of the prompts take a row (one ends at its first token)."""
+    timing = BatchTiming()
+    rows = batched_generate(target, proposer, batch, batch_size=size, k=4, tree=tree, max_new_tokens=20,
+                            eos_token_ids=eos, timing=timing)
+    assert [r.tokens for r in rows] == [r.tokens for r in single], size
+    # drafts depend on the row's own state only: the same drafts, accepted the same, step by step
+    assert [r.accepted for r in rows] == [r.accepted for r in single], size
+    assert [r.proposed for r in rows] == [r.proposed for r in single], size
+    assert max(timing.rows) == min(size, 5) and timing.steps < sum(r.steps for r in single)
+
+
+@pytest.mark.parametrize("name", list(DRAFTERS))
+def test_batched_greedy_equals_batch_one_per_row(name):
+    target = sticky_target(DRAFTERS[name][2])
+    proposer, tree, batch, plain, eos, single = decoded_alone(target, name)
     for size in (2, 4, 6):                            # 6 prompts: joins at 2 and 4
-        timing = BatchTiming()
-        rows = batched_generate(target, proposer, batch, batch_size=size, k=4, tree=tree, max_new_tokens=20,
-                                eos_token_ids=eos, timing=timing)
-        assert [r.tokens for r in rows] == [r.tokens for r in single], size
-        # drafts depend on the row's own state only: the same drafts, accepted the same, step by step
-        assert [r.accepted for r in rows] == [r.accepted for r in single]
-        assert [r.proposed for r in rows] == [r.proposed for r in single]
-        assert max(timing.rows) == min(size, 5) and timing.steps < sum(r.steps for r in single)   # 5 take a row
+        assert_rows_decode_alone(target, proposer, tree, batch, eos, single, size)
     accepted = [a for r in single for a in r.accepted]
     proposed = [p for r in single for p in r.proposed]
     assert 0 < sum(accepted) < sum(proposed)          # partial acceptance: rows roll back by different amounts

@@ -5,14 +5,16 @@ import torch
 from torch._dynamo.utils import counters
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.eval.decoder import autoregressive_generate, speculative_generate
+from draftsmith.eval.batched import batched_generate
+from draftsmith.eval.decoder import NoDraft, autoregressive_generate, speculative_generate
 from draftsmith.models import compiled_target, cpu_linear
 from draftsmith.models.compiled_target import StaticKV
+from draftsmith.models.static_rows import StaticRows
 from draftsmith.models.eagle3 import Eagle3Proposer
 from draftsmith.protocol.drafting import TreeShape
 
 from conftest import prompts
-from test_batched import sticky_target
+from test_batched import DRAFTERS, assert_rows_decode_alone, decoded_alone, ragged_prompts, sticky_target
 from test_eagle3 import random_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch on one thread per module
@@ -21,11 +23,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch on one
 KERNELS = ["mm"] + (["onednn"] if cpu_linear.onednn_available() else [])
 
 
-def compiled(kernel: str):
+def compiled(kernel: str, boost: float = 3.0):
     """A tiny target compiled with a 64-slot static cache, its linear layers on `kernel` whatever this CPU
     measured faster (a fresh dynamo, so no earlier test's graphs count against its recompile limit)."""
     torch._dynamo.reset()
-    target = sticky_target(3.0)
+    target = sticky_target(boost)
     target.compile(64, linear_kernel=kernel)
     return target
 
@@ -186,3 +188,58 @@ def test_a_drafter_runs_the_target_kernel_and_decoding_stays_lossless():
         b = speculative_generate(target, proposer, p, k=4, max_new_tokens=20)
         assert b.tokens == a.tokens == plain.tokens and b.accepted == a.accepted
     assert compiled("mm").pack_drafter(Eagle3Proposer(random_head(target), target.model)) == 0
+
+
+@pytest.mark.parametrize("name,kernel", [("eagle3-chain", KERNELS[-1]), ("lookup+eagle3", KERNELS[-1]),
+                                         ("dspark-block", KERNELS[-1]), ("lookup+eagle3", "mm")])
+def test_compiled_batched_decoding_equals_compiled_batch_one_per_row(kernel, name):
+    """--compile --batch-size: every row through the compiled graph and a static cache of rows (models/static_rows.py)
+    decodes what the compiled batch-1 decoder decodes: chains, a tree, a block drafter; prompts of different lengths,
+    rows ending at different steps (one at its first token), waiting prompts joining."""
+    target = compiled(kernel, DRAFTERS[name][2])
+    proposer, tree, batch, plain, eos, single = decoded_alone(target, name)
+    assert isinstance(target.new_batch_cache(), StaticRows)
+    for size in (2, 4):                               # 6 prompts, 5 take a row: joins at both sizes
+        assert_rows_decode_alone(target, proposer, tree, batch, eos, single, size)
+        lone = batched_generate(target, NoDraft(), batch, batch_size=size, k=0, max_new_tokens=20, eos_token_ids=eos)
+        assert [r.tokens for r in lone] == [r.tokens[: len(s.tokens)] for r, s in zip(plain, single)], size
+    assert 0 < sum(map(sum, (r.accepted for r in single))) < sum(map(sum, (r.proposed for r in single)))
+    assert target.compiled.fallback is None
+
+
+def test_static_rows_write_each_row_at_its_own_slots_and_keep_compacts(pair):
+    """A verify step writes row r's tokens where the row alone would (its length on), padding past them and never
+    visible to a real query; keep moves each row's accepted slots into place; retain drops rows."""
+    _, fast = pair
+    batch = ragged_prompts(3, seed=5)                 # lengths 5, 8, 11
+    cache = fast.new_batch_cache()
+    singles = []
+    for r, p in enumerate(batch):
+        single = fast.new_cache()
+        fast.forward(p, single)
+        cache.put(r, single)
+        singles.append(single)
+    assert cache.lengths == [5, 8, 11]
+    inputs, parents = [[7], [7, 8, 9], [7, 8]], [None, [-1, -1], None]
+    ids, see, positions = cache.verify_inputs(inputs, parents)
+    at = cache.cache.layers[0].write_at
+    assert ids.shape == (3, 3) and at.tolist() == [[5, 6, 7], [8, 9, 10], [11, 12, 13]]
+    assert positions.tolist() == [[5, 5, 5], [8, 9, 9], [11, 12, 12]]
+    assert see[0, 0].nonzero().flatten().tolist() == list(range(6))            # its 5 slots and itself
+    assert see[0, 1].nonzero().flatten().tolist() == [6]                        # a pad: its own slot only
+    assert see[1, 2].nonzero().flatten().tolist() == list(range(8)) + [8, 10]   # a tree node: root and itself
+    for r in range(3):   # no real query sees a pad's slot
+        n = len(inputs[r])
+        assert not see[r, :n, cache.lengths[r] + n:].any()
+    outs = fast.forward_rows(inputs, cache, parents=parents)
+    alone = [fast.forward(x, s, parents=p) for x, s, p in zip(inputs, singles, parents)]
+    for o, a in zip(outs, alone):   # up to rounding: attention sums a row by the forward's query count
+        torch.testing.assert_close(o.logits, a.logits, rtol=1e-5, atol=1e-5)
+    before = cache.cache.layers[0].keys[1, :, 10].clone()
+    cache.keep([[0], [0, 2], [0, 1]])
+    assert cache.lengths == [6, 10, 13]
+    assert torch.equal(cache.cache.layers[0].keys[1, :, 9], before)            # node 2 moved behind the root
+    cache.retain([2, 0])
+    assert cache.lengths == [13, 6] and cache.cache.layers[0].keys.shape[0] == 2
+    with pytest.raises(ValueError, match="slot"):
+        cache.put(0, StaticKV(fast.model, 32))
