@@ -36,17 +36,20 @@ def batch_row(runner, batch_size: int, prompts: list[list[int]], reference: list
     def gens():
         return [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(prompts))]
 
-    def plain(timing, batch=prompts, **kw):
-        return batched_generate(target, NoDraft(), batch, batch_size=batch_size, k=0, generators=gens(),
+    def plain(timing, batch=prompts, size=batch_size, **kw):
+        return batched_generate(target, NoDraft(), batch, batch_size=size, k=0, generators=gens(),
                                 timing=timing, **{**limits, **kw})
 
-    def speculative(timing, batch=prompts, **kw):
-        return batched_generate(target, proposer, batch, batch_size=batch_size, k=cfg.depth, tree=cfg.tree_shape,
+    def speculative(timing, batch=prompts, size=batch_size, **kw):
+        return batched_generate(target, proposer, batch, batch_size=size, k=cfg.depth, tree=cfg.tree_shape,
                                 rule=rule, generators=gens(), timing=timing, **{**limits, **kw})
 
-    warm = prompts[:batch_size]          # warm-up: the shapes of this batch size, a few tokens
-    plain(BatchTiming(), warm, max_new_tokens=min(8, cfg.max_new_tokens))
-    speculative(BatchTiming(), warm, max_new_tokens=min(8, cfg.max_new_tokens))
+    # warm-up, a few tokens: the shapes of this batch size, and of its last row alone (a draining batch ends with
+    # one; with --compile that is a graph of its own, built here rather than in the timed runs)
+    for size in (batch_size, 1):
+        warm = prompts[:size]
+        plain(BatchTiming(), warm, size, max_new_tokens=min(8, cfg.max_new_tokens))
+        speculative(BatchTiming(), warm, size, max_new_tokens=min(8, cfg.max_new_tokens))
     if rule is not None:                 # the warm-up's steps teach the rule nothing the timed run keeps
         rule = DraftLengthRule(rule.curve)
     runs = {}

@@ -37,6 +37,7 @@ class StaticKV:
         self.cache = StaticCache(config=model.config, max_cache_len=self.slots)
         self.max_length = max_length
         self.length = 0
+        self._unmarked = False
 
     def get_seq_length(self) -> int:
         return self.length
@@ -75,7 +76,11 @@ class StaticKV:
     def unmark_static(self) -> None:
         """Keep the cache out of inductor's freezing (the oneDNN kernel): transformers marks its tensors as static
         addresses (for CUDA graphs) when it fills them, and freezing folds static inputs into the graph as
-        constants: the graph would write to and read a frozen copy of the cache."""
+        constants: the graph would write to and read a frozen copy of the cache. Once every layer holds its
+        tensors (transformers allocates them at a layer's first write) there is nothing left to unmark."""
+        if self._unmarked:
+            return
+        self._unmarked = all(getattr(layer, "is_initialized", False) for layer in self.cache.layers)
         for layer in self.cache.layers:
             for name in ("keys", "values", "cumulative_length"):
                 t = getattr(layer, name, None)

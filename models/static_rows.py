@@ -10,8 +10,8 @@ forward computes it, up to rounding:
 - row r's committed tokens are its first `lengths[r]` slots; a verify step writes row r's new tokens at ITS OWN
   slots [lengths[r], lengths[r] + n_r) (a scatter, not transformers' one shared write position), where the row
   alone would write them; every query sees its row's committed slots and its ancestors among the new ones;
-- a row narrower than the step (W: the widest row's root + draft nodes; wider where rows x W would be under the
-  graph's `min_width`, models/cpu_linear.py) is padded with copies of its last token: they write past the row's
+- a row narrower than the step (W: the widest row's root + draft nodes, at least `row_width`; wider where rows x W
+  would be under the graph's `min_width`, models/cpu_linear.py) is padded with copies of its last token: they write past the row's
   new slots (never committed; the last slot where that runs out) and see only their own slot, so no real query
   ever attends them;
 - `keep` moves each row's kept slots (the root and accepted path) into place, as the batch-1 cache's `keep` does;
@@ -23,6 +23,13 @@ query rows (measured on SmolLM2, fp32: a row padded to the step's width differs 
 logits, and equals it where the widths agree), as a batch-1 verify of 3 tokens differs from plain decoding's single
 one. Losslessness is therefore checked per row in every `draftsmith eval --batch-size` report (greedy outputs
 against the batch-1 plain outputs, every difference audited as a near-tie or not), as in batch 1.
+
+`row_width`: in bf16 a row of a one-token-wide step (batched plain decoding) rounds differently from the same row
+in batch 1, whose single tokens run two rows wide with oneDNN (0.25 on a logit of SmolLM2; a 6-ulp divergence in
+an 80-prompt run), while 2- and 3-wide steps give every row batch 1's logits bit for bit; and in bf16 a 2-wide
+step costs what a 1-wide one does. So a reduced-precision target with oneDNN runs batched steps at least two
+tokens wide (models/target.py `new_batch_cache`); fp32 keeps one (a 1-wide step costs 24% less at batch 4 and its
+outputs equalled batch 1's on 80/80 MT-bench prompts).
 """
 
 from __future__ import annotations
@@ -61,8 +68,8 @@ class _RowLayer(StaticLayer):
 class StaticRows:
     """Several rows of the compiled target's static cache (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, max_length: int, min_width: int = 1):
-        self.model, self.max_length, self.min_width = model, max_length, min_width
+    def __init__(self, model: torch.nn.Module, max_length: int, min_width: int = 1, row_width: int = 1):
+        self.model, self.max_length, self.min_width, self.row_width = model, max_length, min_width, row_width
         self.slots = max_length + 1                    # the batch-1 StaticKV's slots (its spare included)
         self.cache: StaticCache | None = None
         self.lengths: list[int] = []
@@ -119,7 +126,7 @@ class StaticRows:
         (as models/batch_cache.py's); the rows' write slots are set for the forward that follows."""
         if len(inputs) != self.rows:
             raise ValueError(f"{len(inputs)} inputs for {self.rows} rows")
-        width = max(len(x) for x in inputs)
+        width = max(self.row_width, max(len(x) for x in inputs))
         if self.rows * width < self.min_width:       # the linear layers' kernel sees at least min_width rows
             width = -(-self.min_width // self.rows)
         ids = torch.full((self.rows, width), pad_token, dtype=torch.long)

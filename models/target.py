@@ -154,7 +154,9 @@ class Target:
         rows of the static cache, each computed as the batch-1 compiled forward computes it (models/static_rows.py).
         Its rows come from `new_cache()`'s, prefilled alone."""
         if self.compiled is not None:
-            return StaticRows(self.model, self.static_length, self.compiled.min_width)
+            reduced = self.dtype in (torch.bfloat16, torch.float16)   # its one-token rows: models/static_rows.py
+            return StaticRows(self.model, self.static_length, self.compiled.min_width,
+                              row_width=self.compiled.min_width if reduced else 1)
         return RaggedCache()
 
     @torch.inference_mode()
