@@ -190,8 +190,7 @@ class Target:
         attend = attention_inputs(self.model, see, positions)
         if isinstance(cache, StaticRows):
             start = max(cache.lengths)
-            extra = {"cache_position": torch.arange(start, start + ids.shape[1], device=self.device)} \
-                if _takes_cache_position(self.model) else {}
+            extra = _cache_position(self.model, start, ids.shape[1])
             logits, hidden = self.compiled(ids.to(self.device), attend["position_ids"], attend["attention_mask"],
                                            cache.cache, False, extra)
             captured = {i: hidden[i] for i in range(self.num_layers)}
@@ -222,8 +221,7 @@ class Target:
             see = torch.cat([see] + [see[-1:]] * pad)
             positions += positions[-1:] * pad
         attend = attention_inputs(self.model, see, positions)
-        extra = {"cache_position": torch.arange(past, past + n + pad, device=self.device)} if _takes_cache_position(
-            self.model) else {}
+        extra = _cache_position(self.model, past, n + pad)
         if self.compiled.kernel.frozen:
             cache.unmark_static()
         logits, hidden = self.compiled(ids, attend["position_ids"], attend["attention_mask"], cache.cache, last_only,
@@ -298,6 +296,13 @@ def attention_inputs(model: torch.nn.Module, see: torch.Tensor, positions) -> di
         mask = {kind: mask for kind in set(model.config.layer_types)}
     positions = torch.as_tensor(positions, dtype=torch.long, device=param.device)
     return {"attention_mask": mask, "position_ids": positions if positions.dim() == 2 else positions[None]}
+
+
+def _cache_position(model: torch.nn.Module, start: int, n: int) -> dict:
+    """The static-cache forward's `cache_position=` (slots start..start+n) where the model takes one, else nothing."""
+    if not _takes_cache_position(model):
+        return {}
+    return {"cache_position": torch.arange(start, start + n, device=next(model.parameters()).device)}
 
 
 def _takes_cache_position(model: torch.nn.Module) -> bool:
