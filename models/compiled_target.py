@@ -11,7 +11,10 @@ compiles one graph for width 1 and one for all wider inputs; with oneDNN no forw
   back; stale slots past it are never attended (every forward passes its own mask over all slots). Keeping a
   tree's accepted rows copies them into place, as the dynamic cache's `keep` does.
 - `CompiledForward`: the model with its final norm applied outside the decoder, so every layer's output before
-  the norm comes back (the taps drafters read, the last layer's included), compiled once for all drafters.
+  the norm comes back (the taps drafters read, the last layer's included), compiled once for all drafters. On a CPU
+  the model attends with models/row_attention.py: with the oneDNN kernel every row of a forward is then computed
+  alike at any width, so a verify's root gets plain decoding's logits bit for bit (fp32 and bf16), and a batched
+  row those of the row alone.
 A run falls back to eager with a warning where torch.compile is unavailable (no C++ compiler, an old torch).
 """
 
@@ -26,7 +29,7 @@ import torch._inductor.config
 from transformers import StaticCache
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.models import cpu_linear
+from draftsmith.models import cpu_linear, row_attention
 
 
 class StaticKV:
@@ -130,10 +133,14 @@ class CompiledForward:
     the taps it wants. On a CPU the linear layers run the kernel measured faster there (models/cpu_linear.py);
     with oneDNN the weights are frozen into the graph and no forward is narrower than `min_width` rows."""
 
-    def __init__(self, model: torch.nn.Module, linear_kernel: str = "auto"):
+    def __init__(self, model: torch.nn.Module, linear_kernel: str = "auto", row_invariant: bool = True):
         self.module = _Tapped(model)
         self.kernel = cpu_linear.choose(model, linear_kernel)
         self.min_width = self.kernel.min_width
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        self.row_attention = on_cpu and row_invariant and row_attention.install(model)
+        if not self.row_attention:
+            row_attention.uninstall(model)
         self.compiled = None
         self.fallback: str | None = None
 
@@ -142,6 +149,8 @@ class CompiledForward:
             return self.module(ids, positions, mask, cache, last_only, extra)
         if self.compiled is None:
             self.compiled = torch.compile(self.module, dynamic=True)
+        if ids.shape[1] > 1:
+            _dynamic_width(ids, positions, mask, extra)
         try:
             # freezing is read from inductor's config when a graph is built: torch.compile(options={"freezing":
             # True}) leaves the weights as graph inputs (torch 2.13), so it is set here, around every call
@@ -158,7 +167,21 @@ class CompiledForward:
         """What the report says of this forward."""
         if self.fallback:
             return f"eager (torch.compile failed: {self.fallback})"
-        return f"compiled (static KV cache, torch.compile; {self.kernel.describe()})"
+        rows = "; row-invariant attention" if self.row_attention else ""
+        return f"compiled (static KV cache, torch.compile; {self.kernel.describe()}{rows})"
+
+
+def _dynamic_width(ids, positions, mask, extra: dict) -> None:
+    """Compile the width as a dynamic size from the first call: dynamo's first graph would otherwise be specialised to
+    its width (plain decoding's 2), and its code computed a row otherwise than the dynamic graph of wider forwards
+    (measured on a tiny target: 1e-8 in fp32), where every row must come out alike (models/row_attention.py)."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    mark(ids, 1)
+    mark(positions, positions.dim() - 1)
+    for m in mask.values() if isinstance(mask, dict) else [mask]:
+        mark(m, 2)
+    if extra.get("cache_position") is not None:
+        mark(extra["cache_position"], 0)
 
 
 def _is_compile_error(e: Exception) -> bool:

@@ -18,10 +18,11 @@ forward computes it, up to rounding:
   `retain` drops finished rows (smaller tensors: a draining batch computes live rows only); `put` copies a prompt's
   prefilled batch-1 static cache into a row (the prefill runs alone, exactly as in batch 1).
 
-Up to rounding, not bit for bit: CPU attention sums a row differently when the forward has a different number of
-query rows (measured on SmolLM2, fp32: a row padded to the step's width differs from the row alone by ~5e-5 in its
-logits, and equals it where the widths agree), as a batch-1 verify of 3 tokens differs from plain decoding's single
-one. Losslessness is therefore checked per row in every `draftsmith eval --batch-size` report (greedy outputs
+Up to rounding, not bit for bit: CPU attention sums a query row differently in a block of 1-3 queries than in one of
+4+ (measured on SmolLM2, fp32: ~5e-5 on a row's logits). The batch-1 decoder pads its attention's queries so a row
+is summed alike at every width (models/row_attention.py); a batched forward keeps transformers' attention, as the
+padding would cost 18-23% of a bf16 16-row step of 3-16 tokens a row (bench/target_cost_curves.py, rows 16,
+`compiled-onednn` vs `compiled-onednn-sdpa`). Losslessness is therefore checked per row in every `draftsmith eval --batch-size` report (greedy outputs
 against the batch-1 plain outputs, every difference audited as a near-tie or not), as in batch 1.
 
 `row_width`: in bf16 a row of a one-token-wide step (batched plain decoding) rounds differently from the same row

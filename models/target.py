@@ -128,13 +128,15 @@ class Target:
         if self.device.type == "cpu":
             use_masked_gqa()
 
-    def compile(self, max_length: int, linear_kernel: str = "auto") -> None:
+    def compile(self, max_length: int, linear_kernel: str = "auto", row_invariant: bool = True) -> None:
         """Decode through a static cache of `max_length` slots and a compiled forward from now on (new caches
         only): `draftsmith eval --compile`. The graphs are built on first use; the linear layers run
-        `linear_kernel` ("auto": the faster on this CPU, models/cpu_linear.py)."""
+        `linear_kernel` ("auto": the faster on this CPU, models/cpu_linear.py); on a CPU the attention is
+        models/row_attention.py's unless `row_invariant` is off (a benchmark's comparison)."""
         if max_length > self.max_length:
             max_length = self.max_length
-        self.compiled, self.static_length = CompiledForward(self.model, linear_kernel), max_length
+        self.compiled = CompiledForward(self.model, linear_kernel, row_invariant)
+        self.static_length = max_length
 
     def pack_drafter(self, proposer) -> int:
         """With --compile's oneDNN kernel (models/cpu_linear.py) a drafter's own linear layers run it too (eagerly,

@@ -7,9 +7,10 @@ from torch._dynamo.utils import counters
 from draftsmith.errors import DraftsmithError
 from draftsmith.eval.batched import batched_generate
 from draftsmith.eval.decoder import NoDraft, autoregressive_generate, speculative_generate
-from draftsmith.models import compiled_target, cpu_linear
+from draftsmith.models import compiled_target, cpu_linear, row_attention
 from draftsmith.models.compiled_target import StaticKV
 from draftsmith.models.static_rows import StaticRows
+from draftsmith.models.target import Target
 from draftsmith.models.eagle3 import Eagle3Proposer
 from draftsmith.protocol.drafting import TreeShape
 
@@ -243,3 +244,60 @@ def test_static_rows_write_each_row_at_its_own_slots_and_keep_compacts(pair):
     assert cache.lengths == [13, 6] and cache.cache.layers[0].keys.shape[0] == 2
     with pytest.raises(ValueError, match="slot"):
         cache.put(0, StaticKV(fast.model, 32))
+
+
+@pytest.mark.skipif("onednn" not in KERNELS, reason="this torch has no oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_verify_chain_computes_each_row_as_plain_decoding_does(dtype):
+    """oneDNN's linear layers and the row-invariant attention (models/row_attention.py): every row of a chain verify
+    of any width (2-40) has the bits of plain decoding's single-token forward at that position — in fp32 and in bf16,
+    where a verify used to round apart from plain decoding on near-ties."""
+    torch._dynamo.reset()
+    target = Target(sticky_target(3.0).model.to(dtype), tokenizer=None, name="tiny-sticky")
+    target.compile(64, linear_kernel="onednn")
+    assert target.compiled.row_attention and "row-invariant attention" in target.compiled.describe()
+    ctx, seq = prompts(1, length=9, seed=5)[0], prompts(1, length=12, seed=6)[0]
+    cache = target.new_cache()
+    target.forward(ctx, cache, last_only=True)
+    singles = [target.forward([t], cache, (1,)) for t in seq]          # plain decoding's forwards
+    for width in (2, 3, 4, 5, 9, 12):
+        for start in (0, 12 - width):
+            target.rollback(cache, len(ctx))
+            for t in seq[:start]:                                    # the cache plain decoding had there
+                target.forward([t], cache)
+            out = target.forward(seq[start:start + width], cache, (1,))
+            for j in range(width):
+                assert torch.equal(out.logits[j], singles[start + j].logits[0]), (width, start, j)
+                assert torch.equal(out.hidden[0][j], singles[start + j].hidden[0][0]), (width, start, j)
+    target.rollback(cache, len(ctx))
+    wide = target.forward([7] + list(range(11, 50)), cache)
+    target.rollback(cache, len(ctx))
+    assert torch.equal(wide.logits[0], target.forward([7], cache).logits[0])
+    assert target.compiled.fallback is None
+
+
+def test_the_row_invariant_attention_pads_every_query_block_to_four_rows():
+    """The contract models/row_attention.py relies on, checked on the kernel itself: with three extra query rows, a
+    row's output is the same bits whatever the number of queries (2-64), masks and grouped heads as the target's; a
+    single query is transformers' sdpa as it is."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = (torch.randn(1, 4, 64, 16, generator=g) * 4).to(dtype)
+        k, v = (torch.randn(2, 1, 2, 80, 16, generator=g) * 4).to(dtype)
+        see = torch.ones(64, 80, dtype=torch.bool).tril(16)
+        mask = torch.zeros(64, 80, dtype=dtype).masked_fill(~see, torch.finfo(dtype).min)[None, None]
+        module = torch.nn.Module()
+        module.num_key_value_groups, module.is_causal, module.training = 2, True, False
+        one, _ = row_attention.row_invariant_sdpa(module, q[:, :, :1], k, v, mask[:, :, :1], scaling=0.25)
+        assert torch.equal(one, sdpa_attention_forward(module, q[:, :, :1], k, v, mask[:, :, :1], scaling=0.25)[0])
+        first = None
+        for n in (2, 3, 4, 5, 31, 32, 33, 35, 64):
+            out, _ = row_attention.row_invariant_sdpa(module, q[:, :, :n], k, v, mask[:, :, :n], scaling=0.25)
+            assert out.shape == (1, n, 4, 16)
+            first = out[:, :1] if first is None else first
+            assert torch.equal(out[:, :1], first), (dtype, n)
+            if n == 33:
+                row32 = out[:, 32]                                    # a row of the second block of 32 queries
+            elif n > 33:
+                assert torch.equal(out[:, 32], row32), (dtype, n)
