@@ -75,8 +75,8 @@ def measure_cost_curve(target, sizes=DEFAULT_SIZES, context: int = 128, reps: in
     target.forward(ids[:context], cache, hidden_layers, last_only=True)
     if rows > 1:
         ragged = target.new_batch_cache()
-        for r in range(rows):
-            ragged.put(r, copy.deepcopy(cache) if r < rows - 1 else cache)
+        for r in range(rows):     # a ragged cache adopts its first row's cache object and copies the others in
+            ragged.put(r, copy.deepcopy(cache) if r == 0 else cache)
 
         def forward(n: int) -> None:
             target.forward_rows([ids[context:context + n]] * rows, ragged, hidden_layers)

@@ -12,9 +12,8 @@ compiles one graph for width 1 and one for all wider inputs; with oneDNN no forw
   tree's accepted rows copies them into place, as the dynamic cache's `keep` does.
 - `CompiledForward`: the model with its final norm applied outside the decoder, so every layer's output before
   the norm comes back (the taps drafters read, the last layer's included), compiled once for all drafters. On a CPU
-  the model attends with models/row_attention.py: with the oneDNN kernel every row of a forward is then computed
-  alike at any width, so a verify's root gets plain decoding's logits bit for bit (fp32 and bf16), and a batched
-  row those of the row alone.
+  the batch-1 forward attends with models/row_attention.py: with the oneDNN kernel every row of a chain verify then
+  gets plain decoding's logits bit for bit, fp32 and bf16 (a tree's off-chain rows and batched rows up to rounding).
 A run falls back to eager with a warning where torch.compile is unavailable (no C++ compiler, an old torch).
 """
 

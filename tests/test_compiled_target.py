@@ -301,3 +301,23 @@ def test_the_row_invariant_attention_pads_every_query_block_to_four_rows():
                 row32 = out[:, 32]                                    # a row of the second block of 32 queries
             elif n > 33:
                 assert torch.equal(out[:, 32], row32), (dtype, n)
+
+
+@pytest.mark.skipif("onednn" not in KERNELS, reason="this torch has no oneDNN")
+def test_a_reduced_precision_target_runs_batched_steps_two_tokens_wide():
+    """bf16 with oneDNN: a batched step of single tokens runs two tokens wide (models/static_rows.py `row_width`: its
+    rows then round as batch 1's two-row single tokens do); fp32 keeps one token a row."""
+    ctx = prompts(1, length=9, seed=5)[0]
+    for dtype, width in ((torch.bfloat16, 2), (torch.float32, 1)):
+        target = Target(sticky_target(3.0).model.to(dtype), tokenizer=None, name="tiny-sticky")
+        target.compile(64, linear_kernel="onednn")
+        rows = target.new_batch_cache()
+        for r in range(3):
+            alone = target.new_cache()
+            target.forward(ctx, alone, last_only=True)
+            rows.put(r, alone)
+        ids, see, _ = rows.verify_inputs([[7], [8], [9]], [None] * 3)
+        assert ids.shape == (3, width), dtype
+        assert see[:, 0].sum(-1).tolist() == [len(ctx) + 1] * 3     # the real token sees its row and itself
+        ids, _, _ = rows.verify_inputs([[7, 1, 2], [8], [9]], [None] * 3)
+        assert ids.shape == (3, 3), dtype
