@@ -49,8 +49,11 @@ def row_invariant_sdpa(module, query, key, value, attention_mask, *args, **kwarg
 def install(model: torch.nn.Module) -> bool:
     """Make `model` attend with `row_invariant_sdpa` where it uses transformers' sdpa attention (its masks are built
     as sdpa's). Returns whether it was installed."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:        # a transformers without attention registries: its sdpa stays
+        return False
     if getattr(model.config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
         return False
     AttentionInterface.register(NAME, row_invariant_sdpa)
