@@ -9,8 +9,9 @@ models/static_rows.py) with its linear layers on the kernel measured faster on t
 `compiled-onednn` with that kernel (models/cpu_linear.py; the choice `compiled` makes, and what it measured, is
 printed); a `-sdpa` suffix (`compiled-onednn-sdpa`) runs transformers' sdpa attention instead of the row-invariant
 one (models/row_attention.py), to time what that costs. Rows > 1 time one batched forward over that many sequences
-of n tokens each (eval/batched.py) and print the whole forward's ms. The curve is the one `--k auto` measures (eval/draft_length.py, the median of --reps
-interleaved rounds); the compile time of each dtype is printed too. Run it on a quiet machine.
+of n tokens each (eval/batched.py) and print the whole forward's ms. The curve is the one `--k auto` measures
+(eval/draft_length.py, the median of --reps interleaved rounds); the compile time of each dtype is printed too. Run
+it on a quiet machine.
 """
 
 from __future__ import annotations

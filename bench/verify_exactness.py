@@ -69,6 +69,9 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=60)
     p.add_argument("--attention", default="rows,sdpa")
     args = p.parse_args(argv)
+    unknown = set(args.attention.split(",")) - {"rows", "sdpa"}
+    if unknown:
+        raise SystemExit(f"--attention takes rows and/or sdpa, not {sorted(unknown)}: e.g. --attention rows,sdpa")
     if args.tokens <= max(CHAINS):
         raise SystemExit(f"--tokens must be over {max(CHAINS)}, not {args.tokens}")
     target = load_target(args.target, args.dtype, "cpu")

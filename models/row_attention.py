@@ -28,6 +28,13 @@ on CPU targets only (`install`).
 from __future__ import annotations
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+try:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError:            # a transformers without attention registries: `install` leaves its sdpa
+    AttentionInterface = AttentionMaskInterface = sdpa_mask = None
 
 NAME = "draftsmith_row_sdpa"
 EXTRA_ROWS = 3
@@ -36,7 +43,6 @@ EXTRA_ROWS = 3
 def row_invariant_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
     """transformers' sdpa attention over the queries and EXTRA_ROWS copies of the last (query: [batch, heads,
     queries, dim]; the output is [batch, queries, heads, dim])."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     rows, n = query.shape[0], query.shape[2]
     if attention_mask is None or n == 1 or rows > 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
@@ -49,10 +55,7 @@ def row_invariant_sdpa(module, query, key, value, attention_mask, *args, **kwarg
 def install(model: torch.nn.Module) -> bool:
     """Make `model` attend with `row_invariant_sdpa` where it uses transformers' sdpa attention (its masks are built
     as sdpa's). Returns whether it was installed."""
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    except ImportError:        # a transformers without attention registries: its sdpa stays
+    if AttentionInterface is None:
         return False
     if getattr(model.config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
         return False

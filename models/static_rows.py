@@ -11,9 +11,9 @@ forward computes it, up to rounding:
   slots [lengths[r], lengths[r] + n_r) (a scatter, not transformers' one shared write position), where the row
   alone would write them; every query sees its row's committed slots and its ancestors among the new ones;
 - a row narrower than the step (W: the widest row's root + draft nodes, at least `row_width`; wider where rows x W
-  would be under the graph's `min_width`, models/cpu_linear.py) is padded with copies of its last token: they write past the row's
-  new slots (never committed; the last slot where that runs out) and see only their own slot, so no real query
-  ever attends them;
+  would be under the graph's `min_width`, models/cpu_linear.py) is padded with copies of its last token: they
+  write past the row's new slots (never committed; the last slot where that runs out) and see only their own
+  slot, so no real query ever attends them;
 - `keep` moves each row's kept slots (the root and accepted path) into place, as the batch-1 cache's `keep` does;
   `retain` drops finished rows (smaller tensors: a draining batch computes live rows only); `put` copies a prompt's
   prefilled batch-1 static cache into a row (the prefill runs alone, exactly as in batch 1).
@@ -22,8 +22,9 @@ Up to rounding, not bit for bit: CPU attention sums a query row differently in a
 4+ (measured on SmolLM2, fp32: ~5e-5 on a row's logits). The batch-1 decoder pads its attention's queries so a row
 is summed alike at every width (models/row_attention.py); a batched forward keeps transformers' attention, as the
 padding would cost 18-23% of a bf16 16-row step of 3-16 tokens a row (bench/target_cost_curves.py, rows 16,
-`compiled-onednn` vs `compiled-onednn-sdpa`). Losslessness is therefore checked per row in every `draftsmith eval --batch-size` report (greedy outputs
-against the batch-1 plain outputs, every difference audited as a near-tie or not), as in batch 1.
+`compiled-onednn` vs `compiled-onednn-sdpa`). Losslessness is therefore checked per row in every `draftsmith eval
+--batch-size` report (greedy outputs against the batch-1 plain outputs, every difference audited as a near-tie or
+not), as in batch 1.
 
 `row_width`: in bf16 a row of a one-token-wide step (batched plain decoding) rounds differently from the same row
 in batch 1, whose single tokens run two rows wide with oneDNN (0.25 on a logit of SmolLM2; a 6-ulp divergence in
