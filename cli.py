@@ -43,8 +43,12 @@ def add_eval_parser(sub) -> None:
                         "and speculative, and table tokens/s, ratio, tau and losslessness per batch size")
     p.add_argument("--compile", action="store_true",
                    help="run the target through a static KV cache and a torch.compile'd forward (inductor, weights "
-                        "frozen and prepacked), plain and speculative decoding alike; batch 1 (batched passes run "
-                        "eager); compiling costs 1-3 minutes on a CPU, once per run")
+                        "frozen and prepacked), plain and speculative decoding alike, at every --batch-size; on a CPU "
+                        "every verify row then has plain decoding's logits bit for bit, fp32 and bf16; compiling costs "
+                        "1-3 minutes on a CPU, once per run")
+    p.add_argument("--plain-dtypes", type=_dtype_list, default=(),
+                   help="also time plain decoding of the same prompts with the target in these precisions (e.g. "
+                        "fp32 when --dtype bf16): the report names the fastest plain decoding and the speedup over it")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     p.set_defaults(func=cmd_eval)
@@ -57,6 +61,10 @@ def _k_value(text: str):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--k takes auto or an integer, not {text!r}") from None
+
+
+def _dtype_list(text: str) -> tuple[str, ...]:
+    return tuple(d for d in text.split(",") if d)
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -79,7 +87,7 @@ def cmd_eval(args) -> int:
                      temperature=args.temperature,
                      top_p=args.top_p, top_k=args.top_k, seed=args.seed, dtype=args.dtype, device=args.device,
                      hf_assisted=not args.no_hf_assisted, batch_sizes=args.batch_size,
-                     compile=args.compile)
+                     compile=args.compile, plain_dtypes=args.plain_dtypes)
     out = check_out_dir(args.out, args.overwrite)
     try:
         report, records = run_eval(cfg)

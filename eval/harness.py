@@ -25,12 +25,13 @@ from tqdm.auto import tqdm
 
 from draftsmith.errors import DraftsmithError
 from draftsmith.eval.batch_eval import batch_row
+from draftsmith.eval.precision_eval import fastest_plain, precision_row
 from draftsmith.eval.benchmarks import BenchItem, check_prompt_lengths, load_bench
 from draftsmith.eval.decoder import NoDraft, autoregressive_generate, speculative_generate
 from draftsmith.eval.draft_length import DraftLengthRule, measure_cost_curve
 from draftsmith.eval.metrics import PromptRecord, first_divergence, speedup, summarize
 from draftsmith.models import load_drafter, load_target
-from draftsmith.models.target import Target
+from draftsmith.models.target import DTYPES, Target, resolve_dtype
 from draftsmith.protocol.drafting import TreeShape
 from draftsmith.protocol.sampling import Sampling
 
@@ -55,6 +56,7 @@ class EvalConfig:
     hf_assisted: bool = True
     batch_sizes: tuple[int, ...] = (1,)   # sizes > 1: batched plain and speculative decoding too (eval/batch_eval.py)
     compile: bool = False                 # every decoder through a static cache and a compiled forward
+    plain_dtypes: tuple[str, ...] = ()    # plain decoding in these precisions too (eval/precision_eval.py)
 
     def __post_init__(self):
         if self.k != "auto" and not (isinstance(self.k, int) and self.k >= 1):
@@ -73,6 +75,10 @@ class EvalConfig:
             raise DraftsmithError("--batch-size takes positive integers separated by commas", self.batch_sizes,
                                   "e.g. --batch-size 1,4,16")
         self.batch_sizes = tuple(sorted(set(sizes)))
+        for dtype in self.plain_dtypes:    # an unknown name is refused before any work
+            if dtype not in DTYPES:
+                raise DraftsmithError("--plain-dtypes takes precisions separated by commas", dtype,
+                                      f"Use {', '.join(DTYPES)}, e.g. --plain-dtypes fp32")
 
 
 def check_draft_fits(cfg: EvalConfig, context: int) -> None:
@@ -296,6 +302,22 @@ class Runner:
                 break
         return rows
 
+    def precisions(self, records: list[PromptRecord], progress: bool = True) -> list[dict]:
+        """Plain decoding of the batch-1 pass's prompts in each of --plain-dtypes other than the run's own
+        (eval/precision_eval.py). Ctrl-C keeps the precisions done."""
+        prompts, reference = self.prompts[: len(records)], [r.ar_tokens for r in records]
+        own = self.target.dtype
+        dtypes = [d for d in dict.fromkeys(self.cfg.plain_dtypes) if resolve_dtype(d, self.target.device) != own]
+        rows = []
+        for dtype in tqdm(dtypes, desc="plain decoding, other precisions", unit="dtype",
+                          disable=not progress or not dtypes):
+            try:
+                rows.append(precision_row(self, dtype, prompts, reference))
+            except KeyboardInterrupt:
+                self.interrupted = True
+                break
+        return rows
+
     def _loop(self, work: list, records: list, answers: dict, bar) -> None:
         cfg, t = self.cfg, self.target
         for index, (item, turn) in enumerate(work):
@@ -352,6 +374,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, list[PromptR
         report = summarize(records, cfg.depth, cfg.sampling.greedy)
         if cfg.batch_sizes != (1,):
             report["batched"] = runner.batched(records, report, progress) if not runner.interrupted else None
+        other_precisions = runner.precisions(records, progress) if cfg.plain_dtypes and not runner.interrupted else None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -359,6 +382,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, list[PromptR
     config.update(dtype=str(runner.target.dtype).replace("torch.", ""), device=str(runner.target.device),
                   eos_token_ids=list(runner.eos), hf_assisted_applies=runner.hf_extra is not None)
     report["baseline"] = baseline(runner.target)
+    if other_precisions is not None:
+        fastest_plain(report, other_precisions)
     report["draft_length"] = draft_length_report(cfg, runner.rule, records)
     report["timing"] = {"order": "alternating per prompt: plain decoding first on the 1st, 3rd, ... prompt, "
                                  "speculative first on the 2nd, 4th, ...; HF assisted last",

@@ -65,6 +65,7 @@ def markdown(report: dict) -> str:
             "hf_assisted_tokens_per_s", "hf_assisted_speedup",
             "lossless_match_rate", "hf_assisted_match_rate", "divergences_not_near_tie"]
     keys += ["confidence_abs_gap"] if report.get("confidence_abs_gap") is not None else []
+    keys += ["speedup_over_fastest_plain"] if "speedup_over_fastest_plain" in report else []
     lines += [f"| {k} | {_fmt(report.get(k))} |" for k in keys]
     base = report.get("baseline")
     if base:
@@ -91,6 +92,7 @@ def markdown(report: dict) -> str:
                   "|---|" + "---|" * len(curve["tokens"]),
                   "| ms | " + " | ".join(f"{ms:.1f}" for ms in curve["ms"]) + " |", ""]
     lines += _batched(report.get("batched"))
+    lines += _precisions(report.get("plain_by_dtype"), report.get("sd_tokens_per_s"))
     reliability = report.get("confidence_reliability")
     if reliability:
         lines += ["## Confidence head reliability", "",
@@ -120,6 +122,23 @@ def markdown(report: dict) -> str:
               f"| {_fmt(r['ar_s'], '.2f')} | {_fmt(r['sd_s'], '.2f')} | {_fmt(r['hf_assisted_s'], '.2f')} "
               f"| {_fmt(r['speedup'], '.2f')} |" for r in report["prompts"]]
     return "\n".join(lines) + "\n"
+
+
+def _precisions(rows: list | None, sd_tokens_per_s: float | None) -> list[str]:
+    """Plain decoding in each precision asked (--plain-dtypes), the run's own first (eval/precision_eval.py)."""
+    if not rows:
+        return []
+    lines = ["## Plain decoding in each precision", "",
+             "The same prompts, in this run: the run's own plain decoding, then the target loaded in each of "
+             "--plain-dtypes. `same outputs`: its outputs equal to this run's plain outputs (another precision may "
+             "round a greedy choice otherwise; losslessness is judged in the run's own precision).", "",
+             "| dtype | forward | plain tok/s | SD tok/s over it | same outputs |", "|---|---|---|---|---|"]
+    for r in rows:
+        over = sd_tokens_per_s / r["plain_tokens_per_s"] if sd_tokens_per_s and r["plain_tokens_per_s"] else None
+        same = "(this run)" if r.get("this_run") else _fmt(r.get("same_outputs_as_run"))
+        lines.append(f"| {r['dtype']} | {r['forward']} | {_fmt(r['plain_tokens_per_s'], '.1f')} | {_fmt(over, '.3f')} "
+                     f"| {same} |")
+    return lines + [""]
 
 
 def _batched(rows: list | None) -> list[str]:

@@ -26,20 +26,74 @@ import warnings
 import torch
 import torch._inductor.config
 from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
 
 from draftsmith.errors import DraftsmithError
 from draftsmith.models import cpu_linear, row_attention
+from draftsmith.models.slot_layer import SlotLayer
+from draftsmith.protocol.tree import depths, is_chain
+
+
+LANES = 16
+"""A tree node's slot is its plain-decoding slot plus a multiple of LANES (see `tree_slots`)."""
+KEY_BLOCK = 512
+"""torch's CPU flash attention sums a query's keys in blocks of this many slots, merging the blocks' sums."""
+SPARE_LANES = 4
+"""Slots kept past max_length for trees' off-chain nodes: a depth may hold SPARE_LANES + 1 nodes at aligned slots."""
+
+
+def tree_slots(parents: list[int], past: int, slots: int) -> list[int] | None:
+    """The cache slots of a tree verify's rows [root, node 0, ...] after `past` committed tokens such that every
+    row's attention sums its terms as plain decoding's would, or None where they do not fit in `slots` (the last
+    slot is kept for a padded row).
+
+    Plain decoding reads a node at depth d at slot past + d, after its ancestors at past .. past + d - 1. Packed one
+    after another, a tree's second child (and its subtree) sits at other slots: its row attends the same keys, but
+    the CPU attention sums a row's scores and values lane by lane (slot mod 16 on AVX-512) and the terms then group
+    otherwise (measured on SmolLM2 bf16: 23 of 160 off-chain rows differed from plain decoding's by up to 0.57 on a
+    logit; with the node LANES slots further, 0 of 160; 8 slots further, 4). So node i sits at past + depth +
+    LANES * j, where j is the smallest lane index not taken at its depth and no smaller than its parent's (a
+    path's slots increase, as plain decoding's do); a chain is j = 0 throughout: past, past + 1, .... A node whose
+    slot would fall in another KEY_BLOCK than its plain-decoding slot, or past the cache, makes the layout None."""
+    levels = depths(parents)
+    lane = [0]
+    taken: dict[int, set[int]] = {}
+    out = [past]
+    for i, parent in enumerate(parents):
+        j = lane[parent + 1]
+        used = taken.setdefault(levels[i], set())
+        while j in used:
+            j += 1
+        used.add(j)
+        lane.append(j)
+        plain = past + levels[i]
+        slot = plain + LANES * j
+        if slot >= slots - 1 or slot // KEY_BLOCK != plain // KEY_BLOCK:
+            return None
+        out.append(slot)
+    return out
 
 
 class StaticKV:
-    """A static KV cache of `max_length` slots and the number of them committed (see the module docstring)."""
+    """A static KV cache of `max_length` slots (and spares) and the number of them committed (module docstring)."""
 
     def __init__(self, model: torch.nn.Module, max_length: int):
-        self.slots = max_length + 1              # one spare slot: a padded single-token forward writes a row there
+        self.slots = self.slots_for(max_length)
         self.cache = StaticCache(config=model.config, max_cache_len=self.slots)
+        self.device = next(model.parameters()).device
+        self.placed_anywhere = all(type(layer) is StaticLayer for layer in self.cache.layers)
+        if self.placed_anywhere:   # plain full-attention layers: each token written at the slot `place` gives it
+            self.cache.layers = [SlotLayer(self.slots) for _ in self.cache.layers]
         self.max_length = max_length
         self.length = 0
+        self.placed: list[int] = []
         self._unmarked = False
+
+    @staticmethod
+    def slots_for(max_length: int) -> int:
+        """max_length, one spare slot (a padded single-token forward writes a row there) and SPARE_LANES lanes of
+        spares for trees (`tree_slots`)."""
+        return max_length + 1 + LANES * SPARE_LANES
 
     def get_seq_length(self) -> int:
         return self.length
@@ -47,13 +101,24 @@ class StaticKV:
     def layers(self) -> list:
         return self.cache.layers
 
-    def advance(self, n: int) -> None:
-        """Commit n more slots (a padded forward's extra row is written to the spare slot, never committed)."""
-        if self.length + n > self.max_length:
-            raise DraftsmithError("The compiled target's static cache is full", self.length + n,
+    def place(self, parents: list[int], pad: int) -> list[int]:
+        """Commit the next forward's rows ([root, node 0, ...] with `parents`; a chain's parents for plain decoding
+        and chains) and return their slots: consecutive after the committed ones for a chain; a tree's nodes at
+        `tree_slots` where they fit (else consecutive: its off-chain rows are then plain decoding's up to rounding).
+        `pad` more rows (copies of the last, never committed) are written to the slot after the last."""
+        n, past = len(parents) + 1, self.length
+        if past + n > self.max_length:
+            raise DraftsmithError("The compiled target's static cache is full", past + n,
                                   f"It holds {self.max_length} tokens: give a larger --max-new-tokens budget "
                                   "to size it, or run without --compile")
-        self.length += n
+        placed = tree_slots(parents, past, self.slots) if self.placed_anywhere and not is_chain(parents) else None
+        self.placed = placed or list(range(past, past + n))
+        self.length = past + n
+        if self.placed_anywhere:
+            write_at = torch.tensor([self.placed + [self.placed[-1] + 1] * pad], device=self.device)
+            for layer in self.cache.layers:
+                layer.write_at = write_at
+        return self.placed
 
     @torch.inference_mode()
     def rollback(self, length: int) -> None:
@@ -64,14 +129,17 @@ class StaticKV:
 
     @torch.inference_mode()
     def keep(self, start: int, rows: list[int]) -> None:
-        """Keep slots [:start] and, of those after, `rows` (offsets from start) in order."""
-        if rows != list(range(len(rows))):
-            src = torch.tensor([start + r for r in rows])
+        """Keep slots [:start] and, of the last forward's rows (offsets from start: 0 its root at slot start), `rows`
+        in order, moved to follow the committed slots."""
+        where = self.placed if self.placed[:1] == [start] else range(start, start + max(rows, default=0) + 1)
+        src = [where[r] for r in rows]
+        if src != list(range(start, start + len(rows))):
+            src_i = torch.tensor(src)
             dst = torch.arange(start, start + len(rows))
             for layer in self.cache.layers:
                 for name in ("keys", "values"):
                     t = getattr(layer, name)
-                    t[:, :, dst.to(t.device)] = t[:, :, src.to(t.device)]
+                    t[:, :, dst.to(t.device)] = t[:, :, src_i.to(t.device)]
         self.length = start + len(rows)
         self.sync()
 
@@ -149,7 +217,7 @@ class CompiledForward:
         if self.compiled is None:
             self.compiled = torch.compile(self.module, dynamic=True)
         if ids.shape[1] > 1:
-            _dynamic_width(ids, positions, mask, extra)
+            _dynamic_width(ids, positions, mask, cache, extra)
         try:
             # freezing is read from inductor's config when a graph is built: torch.compile(options={"freezing":
             # True}) leaves the weights as graph inputs (torch 2.13), so it is set here, around every call
@@ -170,7 +238,7 @@ class CompiledForward:
         return f"compiled (static KV cache, torch.compile; {self.kernel.describe()}{rows})"
 
 
-def _dynamic_width(ids, positions, mask, extra: dict) -> None:
+def _dynamic_width(ids, positions, mask, cache, extra: dict) -> None:
     """Compile the width as a dynamic size from the first call: dynamo's first graph would otherwise be specialised to
     its width (plain decoding's 2), and its code computed a row otherwise than the dynamic graph of wider forwards
     (measured on a tiny target: 1e-8 in fp32), where every row must come out alike (models/row_attention.py)."""
@@ -181,6 +249,9 @@ def _dynamic_width(ids, positions, mask, extra: dict) -> None:
         mark(m, 2)
     if extra.get("cache_position") is not None:
         mark(extra["cache_position"], 0)
+    write_at = getattr(cache.layers[0], "write_at", None) if getattr(cache, "layers", None) else None
+    if write_at is not None:                 # models/slot_layer.py: one tensor shared by every layer
+        mark(write_at, 1)
 
 
 def _is_compile_error(e: Exception) -> bool:

@@ -38,33 +38,12 @@ from __future__ import annotations
 
 import torch
 from transformers import StaticCache
-from transformers.cache_utils import StaticLayer
 
 from draftsmith.errors import DraftsmithError
 from draftsmith.models.batch_cache import keep_rows
 from draftsmith.models.compiled_target import StaticKV
+from draftsmith.models.slot_layer import SlotLayer
 from draftsmith.protocol.tree import ancestor_mask, depths
-
-
-class _RowLayer(StaticLayer):
-    """A static layer whose update writes each row's new keys at that row's slots (`write_at` [rows, W])."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        super().__init__(max_cache_len=keys.shape[-2])
-        self.set(keys, values)
-
-    def set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys, self.values = keys, values
-        self.device, self.batch_size, self.num_heads = keys.device, keys.shape[0], keys.shape[1]
-        self.k_head_dim, self.v_head_dim = keys.shape[-1], values.shape[-1]
-        self.write_at = torch.zeros(keys.shape[0], 1, dtype=torch.long, device=keys.device)
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        at = self.write_at[:, None, :, None]
-        self.keys.scatter_(2, at.expand(-1, key_states.shape[1], -1, key_states.shape[-1]), key_states)
-        self.values.scatter_(2, at.expand(-1, value_states.shape[1], -1, value_states.shape[-1]), value_states)
-        return self.keys, self.values
 
 
 class StaticRows:
@@ -72,7 +51,7 @@ class StaticRows:
 
     def __init__(self, model: torch.nn.Module, max_length: int, min_width: int = 1, row_width: int = 1):
         self.model, self.max_length, self.min_width, self.row_width = model, max_length, min_width, row_width
-        self.slots = max_length + 1                    # the batch-1 StaticKV's slots (its spare included)
+        self.slots = StaticKV.slots_for(max_length)    # the batch-1 StaticKV's slots (its spares included)
         self.cache: StaticCache | None = None
         self.lengths: list[int] = []
 
@@ -80,7 +59,7 @@ class StaticRows:
     def rows(self) -> int:
         return len(self.lengths)
 
-    def _layers(self) -> list[_RowLayer]:
+    def _layers(self) -> list[SlotLayer]:
         return self.cache.layers
 
     @torch.inference_mode()
@@ -94,7 +73,7 @@ class StaticRows:
         sources = single.cache.layers
         if self.cache is None:
             self.cache = StaticCache(config=self.model.config, max_cache_len=self.slots)
-            self.cache.layers = [_RowLayer(torch.zeros_like(s.keys), torch.zeros_like(s.values)) for s in sources]
+            self.cache.layers = [SlotLayer(self.slots, torch.zeros_like(s.keys), torch.zeros_like(s.values)) for s in sources]
         for layer, source in zip(self._layers(), sources):
             keys, values = layer.keys, layer.values
             if row == self.rows:

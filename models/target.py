@@ -55,17 +55,20 @@ def check_device(device: str | None) -> str:
     return device
 
 
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+"""The precisions a target loads in, by name (`auto` aside)."""
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """`auto` means bf16 on CUDA and fp32 on CPU (fp32 keeps CPU greedy equality exact)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if dtype not in names:
-        raise DraftsmithError("Unknown dtype", dtype, f"Use one of: auto, {', '.join(names)}")
-    return names[dtype]
+    if dtype not in DTYPES:
+        raise DraftsmithError("Unknown dtype", dtype, f"Use one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,17 +210,19 @@ class Target:
     def _static_forward(self, ids: torch.Tensor, cache: StaticKV, hidden_layers: tuple[int, ...], last_only: bool,
                         parents: list[int] | None) -> TargetOutput:
         """`forward` through the compiled graph: every slot of the static cache masked explicitly (the committed
-        ones and each row's ancestors among the new ones visible), positions explicit. A forward narrower than the
-        graph's `min_width` gets a copy of its last row (written to the cache's spare slot, never committed, its
-        output dropped): its rows are then computed by the same kernel as a wider forward's (models/cpu_linear.py)."""
+        ones and each row's ancestors among the new ones visible), positions explicit, each row written at the slot
+        the cache places it (`StaticKV.place`: a tree's off-chain nodes where the attention sums them as plain
+        decoding does). A forward narrower than the graph's `min_width` gets a copy of its last row (written to a
+        spare slot, never committed, its output dropped): its rows are then computed by the same kernel as a wider
+        forward's (models/cpu_linear.py)."""
         n, past = ids.shape[1], cache.length
-        cache.advance(n)
         parents = list(range(-1, n - 2)) if parents is None else parents
+        pad = 0 if last_only else max(0, self.compiled.min_width - n)
+        slots = torch.tensor(cache.place(parents, pad))
         see = torch.zeros(n, cache.slots, dtype=torch.bool)
         see[:, :past] = True
-        see[:, past:past + n] = ancestor_mask(parents)
+        see[:, slots] = ancestor_mask(parents)
         positions = [past] + [past + d for d in depths(parents)]
-        pad = 0 if last_only else max(0, self.compiled.min_width - n)
         if pad:
             ids = torch.cat([ids] + [ids[:, -1:]] * pad, dim=1)
             see = torch.cat([see] + [see[-1:]] * pad)

@@ -11,9 +11,12 @@
 # and the head's second-best first token is accepted where no second drafting round is paid for
 # (1.28x vs 1.23x for chains in one profile: bench/results/cpu-main-ceiling). The target runs
 # compiled (--compile: a static KV cache and an inductor graph, 1-2 min to build once; its linear layers on the
-# kernel measured faster on this CPU, models/cpu_linear.py), plain and speculative decoding alike, so the speedup
-# is against the fastest plain decoding of this CPU (fp32 compiled: on an AMD EPYC with oneDNN a forward of 1-8
-# tokens costs 36-40 ms vs 64 eager, bench/results/cpu-linear-kernels; on an Intel Xeon 35 tok/s vs 28 eager).
+# kernel measured faster on this CPU, models/cpu_linear.py) in bf16, plain and speculative decoding alike: on a CPU
+# every verified row then has plain decoding's logits bit for bit (models/row_attention.py, compiled_target.py's
+# tree_slots), so bf16 speculative decoding is exactly lossless, and on an AMD EPYC (AVX512-BF16) bf16 is the fastest
+# plain decoding (a forward 26 ms vs fp32's 37). --plain-dtypes fp32 times fp32 plain decoding of the same prompts in
+# the same run: the report names the fastest plain decoding and the speedup over it (on a CPU without native bf16,
+# pass --dtype fp32 --plain-dtypes bf16 after the script's name).
 # Extra arguments go to `draftsmith eval` (e.g. --num-prompts 80). A finished run is reused: pass
 # DRAFTSMITH_RETRAIN=1 to train again.
 set -euo pipefail
@@ -30,5 +33,5 @@ if [ -n "${DRAFTSMITH_RETRAIN:-}" ] || [ ! -f "$RUN/summary.json" ]; then
 fi
 draftsmith export "$RUN" --format speculators --out "$RUN/speculators" --overwrite
 draftsmith eval --target smollm2-135m-instruct --drafter "prompt-lookup+$RUN/speculators" --bench mt_bench \
-  --num-prompts 20 --max-new-tokens 128 --k auto --tree dynamic:8,2,3 --temperature 0 --dtype fp32 --compile --out "$RUN/eval" \
+  --num-prompts 20 --max-new-tokens 128 --k auto --tree dynamic:8,2,3 --temperature 0 --dtype bf16 --plain-dtypes fp32 --compile --out "$RUN/eval" \
   --overwrite "$@"

@@ -72,12 +72,33 @@ def test_eval_with_a_tree_still_runs_transformers_assisted_generation(tiny_folde
     assert report["hf_assisted_tokens_per_s"] is not None and report["hf_assisted_match_rate"] == 1.0
 
 
+def test_plain_decoding_in_other_precisions_names_the_fastest(tiny_folders, tmp_path):
+    """--plain-dtypes (eval/precision_eval.py): the same prompts decoded plainly by the target in each precision, a
+    row each next to the run's own; the report names the fastest and the speedup over it; the run's own precision
+    is not timed twice."""
+    out = tmp_path / "report"
+    assert run(["--target", tiny_folders / "target", "--drafter", "prompt-lookup", "--bench",
+                tiny_folders / "bench.jsonl", "--max-new-tokens", 8, "--dtype", "fp32", "--device", "cpu",
+                "--plain-dtypes", "bf16,fp32", "--no-hf-assisted", "--out", out]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = report["plain_by_dtype"]
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"] and rows[0]["this_run"]
+    assert rows[1]["prompts"] == 2 and rows[1]["new_tokens"] > 0 and 0 <= rows[1]["same_outputs_as_run"] <= 1
+    fastest = max(rows, key=lambda r: r["plain_tokens_per_s"])
+    assert report["fastest_plain"] == {"dtype": fastest["dtype"], "plain_tokens_per_s": fastest["plain_tokens_per_s"]}
+    assert report["speedup_over_fastest_plain"] == pytest.approx(report["sd_tokens_per_s"] / fastest["plain_tokens_per_s"])
+    assert report["speedup_over_fastest_plain"] <= report["speedup"] + 1e-9
+    md = (out / "report.md").read_text()
+    assert "## Plain decoding in each precision" in md and "| speedup_over_fastest_plain |" in md
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--bench", "nope"], "Unknown benchmark|unknown bench"),
     (["--drafter", "no-such-drafter"], "Unknown drafter"),
     (["--k", "0"], "k \\(draft length\\) must be auto or an integer >= 1"),
     (["--temperature", "-1"], "temperature must be >= 0"),
     (["--top-p", "1.5"], "top_p must lie in \\(0, 1\\]"),
+    (["--plain-dtypes", "fp33"], "--plain-dtypes takes precisions.*fp33"),
     (["--drafter", "WRONG"], "vocabulary \\(\\d+ tokens\\) differs from the target's \\(\\d+ tokens\\)"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(tiny_folders, tmp_path, capsys, extra, message):
