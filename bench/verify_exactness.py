@@ -7,7 +7,7 @@ every logit row; then, at each of those positions, from plain decoding's own cac
 - chains: a verify of plain decoding's next w tokens (w = 2, 3, 4, 6, 9): row j must equal plain decoding's logits
   at position + j;
 - trees: [root, a wrong first token, the right one, its right child] with the right token as the root's SECOND child:
-  its rows must equal plain decoding's (the off-chain rows of a tree, models/row_attention.py).
+  its rows must equal plain decoding's (a tree's off-chain rows, placed by models/compiled_target.py `tree_slots`).
 It prints how many rows differ and by how much at most, with the row-invariant attention (`rows`, what --compile
 runs on a CPU) and with transformers' sdpa (`sdpa`), each in its own compiled target. A row that differs is where a
 greedy near-tie can flip: the cause of bf16 divergences from plain decoding.

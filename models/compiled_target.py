@@ -7,13 +7,15 @@ prepacked once (inductor's `freezing`), or `mm` on the weights as they are. The 
 addresses, so the graph never sees a growing tensor) and explicit masks (every width one graph shape: `dynamic=True`
 compiles one graph for width 1 and one for all wider inputs; with oneDNN no forward is narrower than 2 rows).
 
-- `StaticKV`: transformers' StaticCache sized for the run, plus the committed length. Rollback moves the length
+- `StaticKV`: transformers' StaticCache sized for the run (and spare slots for trees), plus the committed length;
+  its layers write each new token at the slot `place` gives it (models/slot_layer.py). Rollback moves the length
   back; stale slots past it are never attended (every forward passes its own mask over all slots). Keeping a
   tree's accepted rows copies them into place, as the dynamic cache's `keep` does.
 - `CompiledForward`: the model with its final norm applied outside the decoder, so every layer's output before
   the norm comes back (the taps drafters read, the last layer's included), compiled once for all drafters. On a CPU
   the batch-1 forward attends with models/row_attention.py: with the oneDNN kernel every row of a chain verify then
-  gets plain decoding's logits bit for bit, fp32 and bf16 (a tree's off-chain rows and batched rows up to rounding).
+  gets plain decoding's logits bit for bit, fp32 and bf16; a tree's too, its nodes placed by `tree_slots` (batched
+  rows up to rounding, models/static_rows.py).
 A run falls back to eager with a warning where torch.compile is unavailable (no C++ compiler, an old torch).
 """
 
@@ -104,14 +106,15 @@ class StaticKV:
     def place(self, parents: list[int], pad: int) -> list[int]:
         """Commit the next forward's rows ([root, node 0, ...] with `parents`; a chain's parents for plain decoding
         and chains) and return their slots: consecutive after the committed ones for a chain; a tree's nodes at
-        `tree_slots` where they fit (else consecutive: its off-chain rows are then plain decoding's up to rounding).
+        `tree_slots` where they fit (else consecutive, its off-chain rows then plain decoding's up to rounding: the
+        decoder verifies such a tree's first chain instead, Target.tree_fits).
         `pad` more rows (copies of the last, never committed) are written to the slot after the last."""
         n, past = len(parents) + 1, self.length
         if past + n > self.max_length:
             raise DraftsmithError("The compiled target's static cache is full", past + n,
                                   f"It holds {self.max_length} tokens: give a larger --max-new-tokens budget "
                                   "to size it, or run without --compile")
-        placed = tree_slots(parents, past, self.slots) if self.placed_anywhere and not is_chain(parents) else None
+        placed = None if is_chain(parents) or not self.placed_anywhere else tree_slots(parents, past, self.slots)
         self.placed = placed or list(range(past, past + n))
         self.length = past + n
         if self.placed_anywhere:
@@ -119,6 +122,11 @@ class StaticKV:
             for layer in self.cache.layers:
                 layer.write_at = write_at
         return self.placed
+
+    def spreads(self, parents: list[int]) -> bool:
+        """Whether `place` would put these rows where each is summed as plain decoding sums it (a chain always)."""
+        return is_chain(parents) or (self.placed_anywhere and
+                                     tree_slots(parents, self.length, self.slots) is not None)
 
     @torch.inference_mode()
     def rollback(self, length: int) -> None:

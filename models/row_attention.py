@@ -19,10 +19,9 @@ two rows wide, models/cpu_linear.py); a batched forward of several rows (the pad
 models/static_rows.py); a forward without a mask (transformers skips it for a plain causal prefill). Both size
 checks cost no graph: dynamo builds one-row and one-query graphs of their own anyway.
 
-A tree verify is exact for its first chain only: a node whose ancestors are not the rows just before it (a second
-child and its subtree) attends them at other cache slots than plain decoding would, and the attention's sum over the
-slots then groups its terms otherwise (measured on SmolLM2 bf16: such rows differ by 0.1-0.3 on a logit). Installed
-on CPU targets only (`install`).
+A tree verify is exact too, by where its nodes sit in the cache (models/compiled_target.py `tree_slots`): packed one
+after another, a second child and its subtree would attend their ancestors at other cache slots than plain decoding,
+and the attention's sum over slots would group its terms otherwise. Installed on CPU targets only (`install`).
 """
 
 from __future__ import annotations

@@ -183,6 +183,15 @@ class Target:
         hidden = [captured[i % self.num_layers][0] for i in hidden_layers]
         return TargetOutput(logits=out.logits[0].float(), hidden=hidden)
 
+    def tree_fits(self, parents: list[int], cache: DynamicCache | StaticKV) -> bool:
+        """Whether a tree verify after `cache` computes every row as exactly as a chain verify would: False only
+        where the compiled CPU target (whose rows equal plain decoding's bit for bit, models/row_attention.py) would
+        have to pack the tree's nodes (`StaticKV.place`: near a 512-slot block of the attention's keys, or past
+        the spare slots); the decoder then verifies the tree's first chain."""
+        if not isinstance(cache, StaticKV) or not self.compiled.row_attention:
+            return True
+        return cache.spreads(parents)
+
     @torch.inference_mode()
     def forward_rows(self, inputs: list[list[int]], cache: RaggedCache | StaticRows,
                      hidden_layers: tuple[int, ...] = (),

@@ -6,7 +6,7 @@ from torch._dynamo.utils import counters
 
 from draftsmith.errors import DraftsmithError
 from draftsmith.eval.batched import batched_generate
-from draftsmith.eval.decoder import NoDraft, autoregressive_generate, speculative_generate
+from draftsmith.eval.decoder import NoDraft, StepDraft, autoregressive_generate, speculative_generate
 from draftsmith.models import compiled_target, cpu_linear, row_attention
 from draftsmith.models.compiled_target import StaticKV
 from draftsmith.models.static_rows import StaticRows
@@ -289,6 +289,62 @@ def test_tree_slots_put_each_node_at_its_plain_slot_plus_whole_lanes():
     block = compiled_target.KEY_BLOCK
     assert compiled_target.tree_slots([-1, -1], block - 8, 2 * block) is None          # a key block further
     assert compiled_target.tree_slots([-1, -1], block - 40, 2 * block) == [block - 40, block - 39, block - 39 + lanes]
+
+
+def test_the_cache_places_a_tree_spread_where_it_fits_and_packed_where_not():
+    """StaticKV.place: a chain and plain decoding consecutive; a tree at `tree_slots`, its pad row after its last
+    slot; a tree past the spare slots packed one after another (rows then up to rounding); `keep` reads the slots."""
+    cache = StaticKV(sticky_target(3.0).model, 64)
+    lanes = compiled_target.LANES
+    cache.length = 5
+    assert cache.place([-1, 0], pad=0) == [5, 6, 7] and cache.length == 8
+    cache.length = 5
+    wide = [-1] * 6                                              # six first tokens: lanes 0..5 at depth 1
+    assert cache.place(wide, pad=1) == [5] + [6 + lanes * j for j in range(6)]
+    assert cache.cache.layers[0].write_at.tolist() == [[5] + [6 + lanes * j for j in range(6)] + [6 + lanes * 5 + 1]]
+    for layer in cache.cache.layers:                             # what a prefill's first write does
+        layer.lazy_initialization(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
+    layer = cache.cache.layers[0]
+    layer.keys[0, :, 6 + lanes * 3] = 7.0                       # the 4th child's slot
+    cache.keep(5, [0, 4])                                        # the root and its 4th child
+    assert cache.length == 7 and bool((layer.keys[0, :, 6] == 7.0).all())
+    cache.length = 50                                            # 50 + 1 + 5 lanes is past the cache's slots
+    assert cache.place(wide, pad=0) == list(range(50, 57))
+
+
+def test_where_a_tree_cannot_be_spread_the_decoder_verifies_its_first_chain(monkeypatch):
+    """Target.tree_fits: False only for the compiled CPU target's cache where `tree_slots` cannot spread the tree
+    (here: its second child would cross a 512-slot key block); the decoder then verifies the first chain, and the
+    output is still plain decoding's."""
+    target = sticky_target(3.0)
+    assert target.tree_fits([-1, -1], target.new_cache())                  # eager: nothing to gain
+    target.compile(600, linear_kernel="mm")
+    cache = target.new_cache()
+    cache.length = 100
+    assert target.tree_fits([-1, -1], cache)
+    cache.length = 500                                                      # 501 + 16 is past slot 511
+    assert not target.tree_fits([-1, -1], cache) and target.tree_fits([-1, 0], cache)
+
+    torch._dynamo.reset()
+    fast = compiled("mm")
+    verified = []
+    forward = fast.forward
+    monkeypatch.setattr(fast, "tree_fits", lambda parents, cache: False)
+    monkeypatch.setattr(fast, "forward", lambda ids, cache, *a, parents=None, **kw:
+                        verified.append(parents) or forward(ids, cache, *a, parents=parents, **kw))
+    ctx = prompts(1, length=8, seed=3)[0]
+    proposer = Eagle3Proposer(random_head(fast), fast.model)
+    out = speculative_generate(fast, proposer, ctx, k=4, max_new_tokens=12, tree=TreeShape.parse("dynamic:4,3,10"))
+    assert len(verified) > 1 and all(p is None for p in verified)          # the prefill, then chains only
+    assert out.tokens == autoregressive_generate(fast, ctx, max_new_tokens=12).tokens
+
+
+def test_keep_first_chain_keeps_the_first_child_of_each_kept_node():
+    step = StepDraft(tokens=[10, 11, 12, 13, 14], parents=[-1, -1, 0, 1, 2], q=torch.arange(5.0)[:, None],
+                     conf=[.5, .4, .3, .2, .1], accept=None, drafted=5, draft_s=0.0)
+    step.keep_first_chain()
+    assert (step.tokens, step.parents, step.conf) == ([10, 12, 14], [-1, 0, 1], [.5, .3, .1])
+    assert step.q[:, 0].tolist() == [0.0, 2.0, 4.0] and step.chain
 
 
 @pytest.mark.skipif("onednn" not in KERNELS, reason="this torch has no oneDNN")
