@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 from draftsmith.errors import DraftsmithError
 from draftsmith.eval.batch_eval import batch_row
-from draftsmith.eval.precision_eval import fastest_plain, precision_row
 from draftsmith.eval.benchmarks import BenchItem, check_prompt_lengths, load_bench
 from draftsmith.eval.decoder import NoDraft, autoregressive_generate, speculative_generate
 from draftsmith.eval.draft_length import DraftLengthRule, measure_cost_curve
 from draftsmith.eval.metrics import PromptRecord, first_divergence, speedup, summarize
+from draftsmith.eval.precision_eval import fastest_plain, precision_row
 from draftsmith.models import load_drafter, load_target
 from draftsmith.models.target import DTYPES, Target, resolve_dtype
 from draftsmith.protocol.drafting import TreeShape

@@ -108,7 +108,7 @@ class StaticKV:
         and chains) and return their slots: consecutive after the committed ones for a chain; a tree's nodes at
         `tree_slots` where they fit (else consecutive, its off-chain rows then plain decoding's up to rounding: the
         decoder verifies such a tree's first chain instead, Target.tree_fits).
-        `pad` more rows (copies of the last, never committed) are written to the slot after the last."""
+        `pad` more rows (copies of the last, never committed) are written to the slot after the highest."""
         n, past = len(parents) + 1, self.length
         if past + n > self.max_length:
             raise DraftsmithError("The compiled target's static cache is full", past + n,
@@ -118,7 +118,7 @@ class StaticKV:
         self.placed = placed or list(range(past, past + n))
         self.length = past + n
         if self.placed_anywhere:
-            write_at = torch.tensor([self.placed + [self.placed[-1] + 1] * pad], device=self.device)
+            write_at = torch.tensor([self.placed + [max(self.placed) + 1] * pad], device=self.device)
             for layer in self.cache.layers:
                 layer.write_at = write_at
         return self.placed

@@ -73,7 +73,8 @@ class StaticRows:
         sources = single.cache.layers
         if self.cache is None:
             self.cache = StaticCache(config=self.model.config, max_cache_len=self.slots)
-            self.cache.layers = [SlotLayer(self.slots, torch.zeros_like(s.keys), torch.zeros_like(s.values)) for s in sources]
+            self.cache.layers = [SlotLayer(self.slots, torch.zeros_like(s.keys), torch.zeros_like(s.values))
+                                 for s in sources]
         for layer, source in zip(self._layers(), sources):
             keys, values = layer.keys, layer.values
             if row == self.rows:
