@@ -124,7 +124,8 @@ class StaticKV:
         return self.placed
 
     def spreads(self, parents: list[int]) -> bool:
-        """Whether `place` would put these rows where each is summed as plain decoding sums it (a chain always)."""
+        """Whether `place` would put these rows where each is summed as plain decoding sums it (a chain always; a
+        tree never where the layers place nothing)."""
         return is_chain(parents) or (self.placed_anywhere and
                                      tree_slots(parents, self.length, self.slots) is not None)
 

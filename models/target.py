@@ -187,8 +187,9 @@ class Target:
         """Whether a tree verify after `cache` computes every row as exactly as a chain verify would: False only
         where the compiled CPU target (whose rows equal plain decoding's bit for bit, models/row_attention.py) would
         have to pack the tree's nodes (`StaticKV.place`: near a 512-slot block of the attention's keys, or past
-        the spare slots); the decoder then verifies the tree's first chain."""
-        if not isinstance(cache, StaticKV) or not self.compiled.row_attention:
+        the spare slots); the decoder then verifies the tree's first chain. A cache whose layers place nothing (a
+        sliding-window model's, written by transformers) verifies its trees packed, as before."""
+        if not isinstance(cache, StaticKV) or not self.compiled.row_attention or not cache.placed_anywhere:
             return True
         return cache.spreads(parents)
 

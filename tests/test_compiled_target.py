@@ -324,6 +324,8 @@ def test_where_a_tree_cannot_be_spread_the_decoder_verifies_its_first_chain(monk
     assert target.tree_fits([-1, -1], cache)
     cache.length = 500                                                      # 501 + 16 is past slot 511
     assert not target.tree_fits([-1, -1], cache) and target.tree_fits([-1, 0], cache)
+    cache.placed_anywhere = False                                           # a sliding-window model's layers
+    assert target.tree_fits([-1, -1], cache) and not cache.spreads([-1, -1])
 
     torch._dynamo.reset()
     fast = compiled("mm")
