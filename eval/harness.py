@@ -404,7 +404,7 @@ def baseline(target: Target) -> dict:
     """What the speedup is measured against: plain decoding of the same target in the same run, with the same
     dtype and forward (--compile's static cache and compiled graph, or eager)."""
     compiled = target.compiled is not None
-    forward = target.compiled.describe() if compiled else "eager (dynamic KV cache)"
+    forward = target.describe_forward()
     return {"decoder": "plain autoregressive decoding, one target forward per token, batch 1",
             "dtype": str(target.dtype).replace("torch.", ""), "forward": forward, "static_cache_slots":
             target.static_length if compiled else None}

@@ -40,8 +40,7 @@ def precision_row(runner, dtype: str, prompts: list[list[int]], reference: list[
         seconds += time.perf_counter() - started
         outputs.append(result.tokens)
     tokens = sum(map(len, outputs))
-    forward = target.compiled.describe() if target.compiled is not None else "eager (dynamic KV cache)"
-    return {"dtype": str(target.dtype).replace("torch.", ""), "forward": forward,
+    return {"dtype": str(target.dtype).replace("torch.", ""), "forward": target.describe_forward(),
             "plain_tokens_per_s": tokens_per_s(tokens, seconds), "plain_s": seconds, "new_tokens": tokens,
             "prompts": len(prompts),
             "same_outputs_as_run": sum(a == b for a, b in zip(outputs, reference)) / len(prompts)}

@@ -183,6 +183,10 @@ class Target:
         hidden = [captured[i % self.num_layers][0] for i in hidden_layers]
         return TargetOutput(logits=out.logits[0].float(), hidden=hidden)
 
+    def describe_forward(self) -> str:
+        """The forward plain and speculative decoding run, as a report names it."""
+        return self.compiled.describe() if self.compiled is not None else "eager (dynamic KV cache)"
+
     def tree_fits(self, parents: list[int], cache: DynamicCache | StaticKV) -> bool:
         """Whether a tree verify after `cache` computes every row as exactly as a chain verify would: False only
         where the compiled CPU target (whose rows equal plain decoding's bit for bit, models/row_attention.py) would
