@@ -32,14 +32,17 @@ def main(folder: str) -> None:
     for _, _, _, s, _ in table:
         fastest[s["batch_size"]] = max(fastest.get(s["batch_size"], 0.0), s["plain_tokens_per_s"])
     print("| run | dtype | forward | batch | plain tok/s | SD tok/s | SD / plain | SD / fastest plain at this batch "
-          "| τ | α1 α2 α3 | lossless | not near-tie |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| τ | α1 α2 α3 | steps without drafts | lossless | not near-tie |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, dtype, forward, s, _ in table:
         alphas = " ".join(f"{a:.2f}" if a is not None else "-" for a in (s.get("acceptance_by_position") or [])[:3])
         vs_fastest = s["sd_tokens_per_s"] / fastest[s["batch_size"]]
+        split = s.get("sd_time_split") or {}     # batch 1 and reports before DraftGate: none
+        undrafted = f"{split['undrafted_steps']} / {split['steps']}" if "undrafted_steps" in split else "-"
         print(f"| {name} | {dtype} | {forward} | {s['batch_size']} | {s['plain_tokens_per_s']:.1f} "
               f"| {s['sd_tokens_per_s']:.1f} | {s['speedup']:.3f} | {vs_fastest:.3f} "
-              f"| {s['tau']:.3f} | {alphas} | {s.get('lossless_match_rate')} | {s.get('divergences_not_near_tie')} |")
+              f"| {s['tau']:.3f} | {alphas} | {undrafted} | {s.get('lossless_match_rate')} "
+              f"| {s.get('divergences_not_near_tie')} |")
     r = table[0][4]
     print(f"\n{r['num_prompts']} prompts, {r['config']['max_new_tokens']} new tokens, drafter {r['config']['drafter']}, "
           f"k {r['config']['k']}; {r['environment']['torch_threads']} threads, {r['environment']['device_name']}, "

@@ -14,16 +14,20 @@ The single-sequence decoder's steps (eval/decoder.py), for every live row at onc
   3. accept: per row, greedy match or recursive rejection sampling, each row with its own generator (seeded
      as the single-sequence run of that prompt is), so the sampling law holds per row;
   4. keep: each row keeps its root and accepted path (compacted in place); the proposers observe their rows
-     (`observe_all`: one head forward for every row where the kind defines `observe_rows`).
+     at the start of the next step that drafts (`observe_all`: one head forward for every row where the kind
+     defines `observe_rows`), over every position kept since they last looked (`unseen_since`).
 
 Kinds with a batched form: eagle, eagle3 (propose and observe), P-EAGLE (propose: one forward drafts every
-row's block), dflash / dspark (propose: one forward for every row's block; observe: one context projection).
-PARD and small LMs still draft row by row (one forward per row and round).
+row's block), dflash / dspark (propose: one forward for every row's block; observe: one context projection),
+PARD and small LMs (models/lm_rows.py: one forward per drafting round over every row).
 
 `--k auto` with a batch: the rule's cost curve is the target's forward over `rows` rows of n tokens each,
 divided by the rows (each row's share of a step), measured at the batch size asked; each row's draft length
 is chosen against that share, then the step's width (every row pays for the widest row's, in padding) is the
 one that maximises the whole batch's expected tokens per second (`common_width`), and longer drafts are cut.
+And whether a step drafts at all is measured (`DraftGate`, eval/draft_length.py): at a batch where drafting and
+observing every row cost more than the drafts save, steps run without drafts, and every 8th drafts to measure it
+again; such a step never calls the proposers.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 
 from draftsmith.eval.decoder import (GenerationResult, StepDraft, advance, check_request, draft_depth, make_sampler,
                                      prefill, settle, take_draft)
+from draftsmith.eval.draft_length import DraftGate
 from draftsmith.models.target import Target
 from draftsmith.protocol.drafting import DraftSampler, TreeShape
 from draftsmith.protocol.proposer import DecodeState, Proposer, fork, observe_all, propose_all
@@ -52,6 +57,7 @@ class BatchTiming:
     keep_s: float = 0.0        # compacting the ragged cache
     observe_s: float = 0.0
     steps: int = 0             # batched verify steps
+    undrafted_steps: int = 0   # of them, steps --k auto ran without drafting (DraftGate)
     rows: list[int] = field(default_factory=list)    # live rows per step
     width: list[int] = field(default_factory=list)   # verify width (root + widest draft) per step
 
@@ -60,7 +66,8 @@ class BatchTiming:
                  "keep_s": self.keep_s, "observe_s": self.observe_s}
         per_step = {k.replace("_s", "_ms_per_step"): (v * 1e3 / self.steps if self.steps else None)
                     for k, v in parts.items() if k != "prefill_s"}
-        return {**parts, "other_s": total_s - sum(parts.values()), "steps": self.steps, **per_step,
+        return {**parts, "other_s": total_s - sum(parts.values()), "steps": self.steps,
+                "undrafted_steps": self.undrafted_steps, **per_step,
                 "mean_rows_per_step": sum(self.rows) / self.steps if self.steps else None,
                 "mean_verify_width": sum(self.width) / self.steps if self.steps else None}
 
@@ -73,15 +80,17 @@ class _Row:
     state: DecodeState
     result: GenerationResult
     step: StepDraft | None = None
+    unseen: bool = False        # the proposer has not observed `state` (a step without drafts, or the last step)
 
 
 @torch.inference_mode()
 def batched_generate(target: Target, proposer: Proposer, prompts: list[list[int]], *, batch_size: int, k: int = 4,
                      max_new_tokens: int = 128, sampling: Sampling = Sampling(), eos_token_ids: tuple[int, ...] = (),
                      generators: list[torch.Generator | None] | None = None, tree: TreeShape | None = None,
-                     rule=None, timing: BatchTiming | None = None) -> list[GenerationResult]:
+                     rule=None, timing: BatchTiming | None = None, draft_gate: bool = True) -> list[GenerationResult]:
     """Generate for every prompt, `batch_size` rows at a time (continuous batching); results in prompt order.
-    generators[i] is prompt i's (sampling), as the single-sequence run of that prompt would get it."""
+    generators[i] is prompt i's (sampling), as the single-sequence run of that prompt would get it. With a rule
+    (--k auto), `draft_gate` lets DraftGate run steps without drafts (False: every step drafts; bench/draft_gate.py)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, not {batch_size}")
     for prompt in prompts:
@@ -94,19 +103,33 @@ def batched_generate(target: Target, proposer: Proposer, prompts: list[list[int]
     waiting = deque(range(len(prompts)))
     rows: list[_Row | None] = []
     cache = target.new_batch_cache()
+    gate = DraftGate() if rule is not None and draft_gate else None
     while True:
         _join(target, proposer, prompts, waiting, rows, cache, results, batch_size, generators, sampling, rule, eos,
               max_new_tokens, timing)
         live = [r for r in rows if r is not None]
         if not live:
             break
+        step_started = time.perf_counter()
+        drafting, observed_s = gate is None or gate.drafts(), 0.0
+        if drafting:          # the proposers read what the target kept since they last looked (step 4, deferred)
+            behind = [row for row in live if row.unseen]
+            started = time.perf_counter()
+            observe_all([row.proposer for row in behind], [row.state for row in behind])
+            observed_s = time.perf_counter() - started
+            for row in behind:
+                row.unseen = False
+                row.result.observe_s += observed_s / len(behind)
+            timing.observe_s += observed_s
+        else:
+            timing.undrafted_steps += 1
         # 1. draft: every row at once (one drafter forward per drafting round where the kind batches)
         started = time.perf_counter()
         ready = []                                        # (row, depth); a row whose context is full drafts no step
         for row in live:
             row.step, depth = None, draft_depth(target, row.state, row.result, k, max_new_tokens, rule)
             if depth is not None:
-                ready.append((row, depth))
+                ready.append((row, depth if drafting else 0))
         drafts = propose_all([r.proposer for r, _ in ready], [r.state for r, _ in ready], [d for _, d in ready],
                              [r.sampler for r, _ in ready], tree)
         share = (time.perf_counter() - started) / max(1, len(ready))     # each row's part of the drafting
@@ -120,7 +143,7 @@ def batched_generate(target: Target, proposer: Proposer, prompts: list[list[int]
         live = rows
         if not live:
             continue
-        if rule is not None:      # --k auto: one verify width for the whole step (module docstring)
+        if rule is not None and drafting:   # --k auto: one verify width for the whole step (module docstring)
             width = common_width(rule, [r.step for r in live])
             for row in live:
                 row.step.cut(width - 1)
@@ -135,31 +158,39 @@ def batched_generate(target: Target, proposer: Proposer, prompts: list[list[int]
         timing.steps += 1
         timing.rows.append(len(live))
         timing.width.append(max(len(x) for x in inputs))
-        # 4. keep each row's root and accepted path; finished rows leave
+        # 4. keep each row's root and accepted path; finished rows leave; the proposers observe their rows at the
+        # next step that drafts (above)
         started = time.perf_counter()
         kept = []
         for row, out, (path, new) in zip(live, outs, settled):
             result = row.result
             result.verify_s += verify_s / len(live)
-            if rule is not None:
+            if rule is not None and drafting:
                 rule.update(row.step.conf, row.step.parents, path, row.step.drafted, row.step.draft_s,
                             row.step.draft_s + verify_s / len(live), len(new))
-            row.state, keep_rows = advance(row.state, new, path, out.hidden)
+            state, keep_rows = advance(row.state, new, path, out.hidden)
+            row.state, row.unseen = (unseen_since(row.state, state) if row.unseen else state), True
             kept.append(keep_rows)
         cache.keep(kept)
+        emitted, stepped = sum(len(new) for _, new in settled), len(live)
         for i, row in enumerate(rows):
             if row is not None and (row.result.stop_reason == "eos" or len(row.result.tokens) >= max_new_tokens):
                 results[row.index], rows[i] = row.result, None
         _retain(rows, cache, force=not waiting)           # a waiting prompt takes a finished row's slot
         timing.keep_s += time.perf_counter() - started
-        started = time.perf_counter()
-        present = [row for row in rows if row is not None]
-        observe_all([row.proposer for row in present], [row.state for row in present])
-        observed_s = time.perf_counter() - started
-        for row in present:
-            row.result.observe_s += observed_s / len(present)
-        timing.observe_s += observed_s
+        if gate is not None:
+            gate.record(drafting, emitted, stepped, time.perf_counter() - step_started, observed_s)
     return results
+
+
+def unseen_since(older: DecodeState, newer: DecodeState) -> DecodeState:
+    """The state after two steps that a proposer has not observed: the newer tokens, and the target's hidden
+    states of both steps' kept positions, from the first position the proposer has not seen."""
+    if newer.hidden_start != older.committed:
+        raise ValueError(f"the newer state's hidden states start at {newer.hidden_start}, the older state "
+                         f"committed {older.committed}")
+    return DecodeState(newer.tokens, newer.committed, [torch.cat([a, b]) for a, b in zip(older.hidden, newer.hidden)],
+                       older.hidden_start)
 
 
 def common_width(rule, steps: list[StepDraft]) -> int:

@@ -204,3 +204,68 @@ class DraftLengthRule:
         for n in self.chosen:
             hist[n] = hist.get(n, 0) + 1
         return dict(sorted(hist.items()))
+
+
+class DraftGate:
+    """Batched decoding with `--k auto` (eval/batched.py): does a step draft at all?
+
+    At a batch, drafting costs a step a drafter forward per round and an observe over every row whatever the
+    rule then verifies, and a verify of several tokens a row can cost the CPU nearly its width (it is
+    compute-bound at 16 rows), so drafting can lose to plain decoding however the draft is cut. The gate
+    measures both over whole steps (observe, draft, verify, keep): the tokens each row emits per second of step,
+    as running means of tokens per row and of seconds (their ratio: a step's tokens vary far more than its
+    seconds; per row, so a draining batch's smaller steps compare with full ones). The first step drafts, the
+    second does not. From then on a step drafts unless drafting measurably loses: unless its rate, plus `z`
+    standard errors of its running mean (from the spread of the steps' rates), is below plain decoding's; then
+    every `probe`-th step drafts, to measure it again. Where the two are close, steps draft (what a user asked
+    for); where drafting loses clearly (fp32 on a 2-core CPU at 4 and 16 rows: bench/results/cpu-batched-gate),
+    they do not. A step that does not draft skips the proposers altogether: they observe its positions at the
+    next step that drafts (a DecodeState spans any number of steps); that step's observe, which catches up on
+    every step since the last, counts to it as one step's share, as if the proposers had observed each step.
+    vLLM's `speculative_disable_by_batch_size` turns drafting off above a fixed batch size; the gate measures."""
+
+    def __init__(self, ema: float = 0.1, probe: int = 8, z: float = 2.0, least: int = 4):
+        self.means: dict[bool, list[float]] = {}     # drafted? -> [tokens per row, seconds, rate, rate squared]
+        self.counts = {True: 0, False: 0}
+        self.ema = ema
+        self.probe = probe
+        self.z = z
+        self.least = least                            # drafted steps measured before the gate may stop drafting
+        self.since_draft = 0                          # steps since the last that drafted
+
+    def rate(self, drafted: bool) -> float | None:
+        """Tokens per row per second of the steps that drafted (True) or did not (False); None before one ran."""
+        means = self.means.get(drafted)
+        return None if means is None else means[0] / means[1]
+
+    def error(self, drafted: bool) -> float:
+        """The standard error of that running mean: the steps' spread over the samples it holds (an EMA holds
+        about (2 - ema) / ema)."""
+        means = self.means[drafted]
+        spread = max(means[3] - means[2] ** 2, 0.0) ** 0.5
+        return spread / min(self.counts[drafted], (2 - self.ema) / self.ema) ** 0.5
+
+    def drafts(self) -> bool:
+        if True not in self.means:
+            return True
+        if False not in self.means:
+            return False
+        if self.counts[True] < self.least:
+            return True
+        loses = self.rate(True) + self.z * self.error(True) < self.rate(False)
+        return not loses or self.since_draft + 1 >= self.probe
+
+    def record(self, drafted: bool, tokens: int, rows: int, seconds: float, observe_s: float = 0.0) -> None:
+        """One step: did it draft, the tokens it emitted over its `rows` rows, its seconds, and of them the
+        seconds of its observe (which covered the steps since the last that drafted)."""
+        if drafted:
+            seconds -= observe_s * (1 - 1 / (self.since_draft + 1))
+            self.since_draft = 0
+        else:
+            self.since_draft += 1
+        per_row, seconds = tokens / max(rows, 1), max(seconds, 1e-9)
+        sample = [per_row, seconds, per_row / seconds, (per_row / seconds) ** 2]
+        means = self.means.setdefault(drafted, list(sample))
+        for i in range(4):
+            means[i] += self.ema * (sample[i] - means[i])
+        self.counts[drafted] += 1

@@ -15,7 +15,7 @@ import torch
 from draftsmith.cli import main
 from draftsmith.eval.batched import BatchTiming, batched_generate, common_width
 from draftsmith.eval.decoder import NoDraft, StepDraft, autoregressive_generate, speculative_generate
-from draftsmith.eval.draft_length import CostCurve, DraftLengthRule, measure_cost_curve
+from draftsmith.eval.draft_length import CostCurve, DraftGate, DraftLengthRule, measure_cost_curve
 from draftsmith.models.batch_cache import RaggedCache
 from draftsmith.models.block_drafter import BlockProposer
 from draftsmith.models.composite import CompositeProposer
@@ -155,9 +155,106 @@ def test_k_auto_with_a_batch_stays_lossless_and_measures_the_batched_curve(targe
     assert curve.sizes == [1, 2, 4, 8] and all(s > 0 for s in curve.seconds)
     assert curve.seconds == sorted(curve.seconds)
     rule = DraftLengthRule(CostCurve([1, 2, 4, 8], [0.010, 0.011, 0.013, 0.020]))
-    rows = batched_generate(target4, proposer, batch, batch_size=4, k=6, max_new_tokens=20, rule=rule)
+    rows = batched_generate(target4, proposer, batch, batch_size=4, k=6, max_new_tokens=20, rule=rule,
+                            draft_gate=False)       # every step drafts (the gate's own tests are below)
     assert [r.tokens for r in rows] == plain
     assert sum(rule.chosen) > 0 and len(rule.chosen) == sum(r.steps for r in rows)
+
+
+def test_the_gate_stops_drafting_only_where_drafting_measurably_loses_and_probes_every_eighth_step():
+    gate = DraftGate(ema=0.5, least=2)
+    assert gate.drafts()                                            # nothing measured: the first step drafts
+    gate.record(True, 24, 4, 0.05)                                  # 6 tokens a row in 50 ms: 120 a row per second
+    assert gate.rate(True) == pytest.approx(120.0) and not gate.drafts()   # the second measures plain decoding
+    gate.record(False, 4, 4, 0.01)                                  # 1 a row in 10 ms: 100
+    assert gate.rate(False) == pytest.approx(100.0) and gate.drafts()
+    gate.record(True, 4, 4, 0.05)        # means of tokens a row and of seconds: 3.5 / 0.05 = 70 < 100, but the
+    assert gate.rate(True) == pytest.approx(70.0)                   # two steps' rates (120, 20) spread widely:
+    assert gate.rate(True) + 2 * gate.error(True) > 100 and gate.drafts()   # not a measured loss
+    for _ in range(4):
+        gate.record(True, 8, 4, 0.05)                               # steady: 2 a row in 50 ms, 40 a row per second
+    assert gate.rate(True) + 2 * gate.error(True) < 100 and not gate.drafts()   # now drafting loses: plain steps
+    decisions = []
+    for _ in range(8):
+        drafted = gate.drafts()
+        decisions.append(drafted)
+        if not drafted:
+            gate.record(False, 2, 2, 0.0125)                        # a draining batch: 2 rows, 1 a row in 12.5 ms
+    assert decisions == [False] * 7 + [True]                        # the 8th step measures drafting again
+    assert gate.rate(False) == pytest.approx(80.0, rel=0.01)        # per row: the 2-row steps count as such
+    # the probe's observe caught up on 8 steps: it counts as one step's share (1/8 of its seconds)
+    before = list(gate.means[True])
+    gate.record(True, 40, 4, 0.11, observe_s=0.08)                  # 10 a row in 0.11 - 0.07 = 0.04 s
+    assert gate.means[True][:2] == pytest.approx([before[0] + 0.5 * (10 - before[0]),
+                                                  before[1] + 0.5 * (0.04 - before[1])])
+    assert gate.since_draft == 0
+
+
+class _ScriptedGate:
+    """Drafts at the steps a pattern says (a stand-in for DraftGate, whose choices follow wall-clock time)."""
+
+    def __init__(self, pattern):
+        self.pattern, self.step = pattern, 0
+
+    def __call__(self):
+        return self
+
+    def drafts(self) -> bool:
+        self.step += 1
+        return self.pattern(self.step - 1)
+
+    def record(self, *args, **kwargs) -> None:
+        pass
+
+
+@pytest.mark.parametrize("make", [lambda t: Eagle3Proposer(random_head(t), t.model),
+                                  lambda t: BlockProposer(block_head(DSparkHead, t), t.model),
+                                  lambda t: PEagleProposer(peagle_head(t), t.model)],
+                         ids=["eagle3", "dspark", "peagle"])
+def test_steps_without_drafts_skip_the_proposers_which_then_observe_every_position_since(target4, monkeypatch, make):
+    """Steps 1, 2, 4, 5, 7, ... run without drafts: no drafter forward, nothing proposed, and the next drafting
+    step's observe shows each row every position kept since it last looked (hidden states of all of them, in
+    order: each observe starts where the last ended). Outputs stay plain decoding's; joins and EOS as usual."""
+    import draftsmith.eval.batched as batched_module
+
+    gate = _ScriptedGate(lambda step: step % 3 == 0)
+    monkeypatch.setattr(batched_module, "DraftGate", gate)
+    seen, real = {}, batched_module.observe_all
+
+    def record(proposers, states):
+        for p, s in zip(proposers, states):
+            assert all(h.shape[0] == s.committed - s.hidden_start for h in s.hidden)
+            seen.setdefault(id(p), []).append((s.hidden_start, s.committed))
+        real(proposers, states)
+
+    monkeypatch.setattr(batched_module, "observe_all", record)
+    proposer = make(target4)
+    batch = ragged_prompts(6, seed=6)
+    plain = [autoregressive_generate(target4, p, max_new_tokens=24).tokens for p in batch]
+    rule = DraftLengthRule(CostCurve([1, 2, 4, 8], [0.010, 0.0101, 0.0102, 0.0103]))   # drafts pay
+    timing = BatchTiming()
+    rows = batched_generate(target4, proposer, batch, batch_size=4, k=4, max_new_tokens=24, rule=rule, timing=timing)
+    assert [r.tokens for r in rows] == plain
+    assert timing.undrafted_steps == sum(1 for step in range(timing.steps) if step % 3) > 0
+    proposed = [n for r in rows for n in r.proposed]
+    assert sum(n == 0 for n in proposed) >= timing.undrafted_steps and sum(proposed) > 0
+    assert len(rule.chosen) == sum(n for step, n in enumerate(timing.rows) if step % 3 == 0)   # drafting rows only
+    assert seen and all(spans[i][0] == spans[i - 1][1] for spans in seen.values() for i in range(1, len(spans)))
+    # one observe per row per drafting step (about a third of the row-steps), each catching up on the steps since
+    assert sum(len(spans) for spans in seen.values()) <= sum(timing.rows) // 2
+
+
+def test_k_auto_at_a_batch_measures_drafting_then_plain_steps_and_stays_lossless(target4):
+    """With the real gate: the first step drafts, the second runs without drafts (both rates measured), outputs
+    are plain decoding's whatever the gate chooses after."""
+    proposer = CompositeProposer([PromptLookupProposer(), Eagle3Proposer(random_head(target4), target4.model)])
+    batch = ragged_prompts(5, seed=7)
+    plain = [autoregressive_generate(target4, p, max_new_tokens=30).tokens for p in batch]
+    timing = BatchTiming()
+    rule = DraftLengthRule(CostCurve([1, 2, 4], [0.010, 0.0101, 0.0102]))     # drafts pay, by the curve
+    rows = batched_generate(target4, proposer, batch, batch_size=4, k=4, max_new_tokens=30, rule=rule, timing=timing)
+    assert [r.tokens for r in rows] == plain
+    assert all(r.proposed[0] > 0 and r.proposed[1] == 0 for r in rows[:4]) and timing.undrafted_steps >= 1
 
 
 @pytest.mark.parametrize("seconds,width", [([0.010, 0.011, 0.030, 0.031, 0.032], 2),   # steep past 2 tokens
