@@ -25,9 +25,9 @@ PARD and small LMs (models/lm_rows.py: one forward per drafting round over every
 divided by the rows (each row's share of a step), measured at the batch size asked; each row's draft length
 is chosen against that share, then the step's width (every row pays for the widest row's, in padding) is the
 one that maximises the whole batch's expected tokens per second (`common_width`), and longer drafts are cut.
-And whether a step drafts at all is measured (`DraftGate`, eval/draft_length.py): at a batch where drafting and
-observing every row cost more than the drafts save, steps run without drafts, and every 8th drafts to measure it
-again; such a step never calls the proposers.
+And whether a step drafts at all is measured (`DraftGate`, eval/draft_length.py): at a batch where drafting (its
+forwards and observes for every row, and the wider verify) measurably loses to steps without drafts, steps run
+without drafts, and every 8th drafts to measure it again; such a step never calls the proposers.
 """
 
 from __future__ import annotations

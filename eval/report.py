@@ -159,11 +159,14 @@ def _batched(rows: list | None) -> list[str]:
     split = [r for r in rows if r.get("sd_time_split")]
     if split:
         lines += ["", "Speculative decoding's time per batched step (ms): drafting (every row), the batched verify "
-                  "forward with acceptance, cache compaction, the drafters' observe; rows per step and verify width.", "",
-                  "| batch | steps | draft | verify | keep | observe | rows/step | width |", "|---|---|---|---|---|---|---|---|"]
+                  "forward with acceptance, cache compaction, the drafters' observe; rows per step and verify width; "
+                  "steps run without drafts where drafting measurably lost (--k auto).", "",
+                  "| batch | steps | without drafts | draft | verify | keep | observe | rows/step | width |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in split:
             t = r["sd_time_split"]
-            lines.append(f"| {r['batch_size']} | {t['steps']} | {_fmt(t['draft_ms_per_step'], '.1f')} "
+            lines.append(f"| {r['batch_size']} | {t['steps']} | {_fmt(t.get('undrafted_steps'))} "
+                         f"| {_fmt(t['draft_ms_per_step'], '.1f')} "
                          f"| {_fmt(t['verify_ms_per_step'], '.1f')} | {_fmt(t['keep_ms_per_step'], '.2f')} "
                          f"| {_fmt(t['observe_ms_per_step'], '.1f')} | {_fmt(t['mean_rows_per_step'], '.1f')} "
                          f"| {_fmt(t['mean_verify_width'], '.1f')} |")

@@ -333,7 +333,11 @@ def test_eval_batch_sizes_table_and_outputs(tiny_folders, tmp_path):  # noqa: F8
     assert [(o["id"], o["turn"]) for o in report["outputs"]] == [("geo", 1), ("geo", 2)]   # --turns 2: geo only
     assert [o["plain"] for o in report["outputs"]] == row["outputs"]["plain"]
     assert all(o["speculative"] == o["plain"] for o in report["outputs"])
-    assert "## Batch sizes" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "## Batch sizes" in md
+    split = row["sd_time_split"]       # --k auto: the gate's steps without drafts, in the json and the table
+    assert 1 <= split["undrafted_steps"] < split["steps"]      # its second step never drafts, its first does
+    assert f"| 2 | {split['steps']} | {split['undrafted_steps']} | " in md
 
 
 @pytest.mark.parametrize("value", ["0", "1,x", ""])
