@@ -3,8 +3,9 @@ decoding drafting every step (the decoder before the gate), on the same prompts 
 
     python bench/draft_gate.py --dtype fp32 --batch-size 4,16 --num-prompts 32 --max-new-tokens 64
 
-Same target setting, drafter and tree as the main job (prompt lookup + its head, `dynamic:8,2,3`), compiled (the
-static cache and compiled forward of `draftsmith eval --compile`), greedy. Prints per batch size and decoder:
+Same target setting, drafter and tree as the main job (prompt lookup + its head, `dynamic:8,2,3`), compiled as
+`draftsmith eval --compile` compiles (eval/harness.py `compile_target`: the static cache, the compiled forward, the
+drafter's linear layers on oneDNN), greedy. Prints per batch size and decoder:
 tokens/s over the whole pass and over its decode steps alone (without the prefills, which each prompt runs alone
 and which cost every decoder the same), the ratio to plain decoding, τ, and the steps the gate ran without drafts;
 every output is checked against the batched plain decoding's. Run it on a quiet machine.
@@ -21,7 +22,7 @@ from draftsmith.eval.batched import BatchTiming, batched_generate
 from draftsmith.eval.benchmarks import load_bench
 from draftsmith.eval.decoder import NoDraft
 from draftsmith.eval.draft_length import DraftLengthRule, measure_cost_curve
-from draftsmith.eval.harness import encode_turn, eos_ids
+from draftsmith.eval.harness import compile_target, encode_turn, eos_ids
 from draftsmith.models import load_drafter, load_target
 from draftsmith.protocol.drafting import TreeShape
 
@@ -42,7 +43,7 @@ def main() -> None:
     tree = TreeShape.parse(args.tree)
     eos, layers = eos_ids(target), tuple(proposer.hidden_layers)
     prompts = [encode_turn(target, item.turns[:1], []) for item in load_bench("mt_bench", args.num_prompts, 1)]
-    target.compile(max(256, -(-(max(map(len, prompts)) + tree.depth + 2) // 64) * 64))
+    compile_target(target, proposer, max(map(len, prompts)) + args.max_new_tokens, tree.depth)   # as eval does
     print(f"{args.target} {target.dtype}, compiled; {args.drafter}, tree {args.tree}; {len(prompts)} MT-bench prompts "
           f"x {args.max_new_tokens} new tokens; {torch.get_num_threads()} threads")
     print("| batch | decoder | tok/s | decode tok/s | over plain | decode over plain | τ | steps without drafts |")

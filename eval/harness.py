@@ -151,6 +151,14 @@ def timed_pair(plain, speculative, device, plain_first: bool):
 COST_CURVE_SLOTS = 256
 """The least static cache --compile sizes: measure_cost_curve's 128 cached tokens and 64 new ones fit."""
 
+def compile_target(target: Target, proposer, longest: int, depth: int) -> None:
+    """--compile: a static cache for the longest sequence a turn reaches and a draft of `depth` after it (at least
+    COST_CURVE_SLOTS, in whole 64s; models/compiled_target.py), and the drafter's linear layers on the target's
+    kernel where it is oneDNN (Target.pack_drafter)."""
+    target.compile(max(COST_CURVE_SLOTS, -(-(longest + depth + 2) // 64) * 64))
+    target.pack_drafter(proposer)
+
+
 FLOOR_PROMPTS = 4
 """Prompts the null-drafter floor is measured on (the first ones of the run)."""
 
@@ -261,9 +269,8 @@ class Runner:
         # every prompt is checked before the first runs: a late too-long prompt must not waste the others
         longest = check_prompt_lengths(items, lambda turns, answers: encode_turn(self.target, turns, answers),
                                        self.target.max_length, self.cfg.max_new_tokens)
-        if self.cfg.compile:   # a static cache for the longest turn and a draft after it (models/compiled_target.py)
-            self.target.compile(max(COST_CURVE_SLOTS, -(-(longest + self.cfg.depth + 2) // 64) * 64))
-            self.target.pack_drafter(self.proposer)    # its linear layers on the target's kernel, where oneDNN
+        if self.cfg.compile:
+            compile_target(self.target, self.proposer, longest, self.cfg.depth)
             if self.cfg.k == "auto":    # the draft-length rule's cost curve is the compiled forward's
                 self.rule = DraftLengthRule(measure_cost_curve(self.target,
                                                                hidden_layers=tuple(self.proposer.hidden_layers)))
