@@ -7,7 +7,8 @@ Same target setting, drafter and tree as the main job (prompt lookup + its head,
 `draftsmith eval --compile` compiles (eval/harness.py `compile_target`: the static cache, the compiled forward, the
 drafter's linear layers on oneDNN), greedy. Prints per batch size and decoder:
 tokens/s over the whole pass and over its decode steps alone (without the prefills, which each prompt runs alone
-and which cost every decoder the same), the ratio to plain decoding, τ, and the steps the gate ran without drafts;
+and which cost every decoder the same), the ratio to plain decoding, τ, the steps the gate ran without drafts and
+the milliseconds a step spent drafting, observing and verifying (BatchTiming; a step without drafts drafts nothing);
 every output is checked against the batched plain decoding's. Run it on a quiet machine.
 """
 
@@ -46,8 +47,9 @@ def main() -> None:
     compile_target(target, proposer, max(map(len, prompts)) + args.max_new_tokens, tree.depth)   # as eval does
     print(f"{args.target} {target.dtype}, compiled; {args.drafter}, tree {args.tree}; {len(prompts)} MT-bench prompts "
           f"x {args.max_new_tokens} new tokens; {torch.get_num_threads()} threads")
-    print("| batch | decoder | tok/s | decode tok/s | over plain | decode over plain | τ | steps without drafts |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| batch | decoder | tok/s | decode tok/s | over plain | decode over plain | τ | steps without drafts "
+          "| draft ms/step | observe ms/step | verify ms/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for size in (int(b) for b in args.batch_size.split(",")):
         curve = measure_cost_curve(target, hidden_layers=layers, rows=size)
 
@@ -82,9 +84,11 @@ def main() -> None:
             base.setdefault("dec", tokens / decode)
             same = sum(o.tokens == ref for o, ref in zip(passes[0][0], reference))
             undrafted = sum(t.undrafted_steps for _, _, t in passes)
+            per_step = [sum(getattr(t, part) for _, _, t in passes) * 1e3 / max(1, steps)
+                        for part in ("draft_s", "observe_s", "verify_s")]
             print(f"| {size} | {name} | {tokens / seconds:.1f} | {tokens / decode:.1f} | "
                   f"{tokens / seconds / base['tok']:.3f} | {tokens / decode / base['dec']:.3f} | {tau:.3f} | "
-                  f"{undrafted} / {steps} |" + ("" if same == len(reference) else
+                  f"{undrafted} / {steps} | " + " | ".join(f"{ms:.1f}" for ms in per_step) + " |" + ("" if same == len(reference) else
                                                f" outputs equal to batched plain decoding's: {same}/{len(reference)}"))
 
 

@@ -9,7 +9,8 @@ neutral: the value is the cumulative draft probability and every node is worth i
 from one primitive of the proposer, `expand(nodes, tokens, parents) -> logits [len(nodes), V]`:
 the drafter reads the given nodes (each after its own ancestors) and returns the draft logits that
 follow each. Proposers differ only in that primitive; the shapes of drafts live here. `grow_rows` builds
-the drafts of several sequences in lockstep, one `expand_rows` call (one drafter forward) per round.
+the drafts of several sequences in lockstep, one `expand_rows` call (one drafter forward) per round, and a tree
+ranks the children of every row's nodes with one softmax and one topk per round (`rank`).
 """
 
 from __future__ import annotations
@@ -158,11 +159,12 @@ def grow_draft(expand: Expand, root_logits: torch.Tensor, k: int, sampler: Draft
                tree: TreeShape | None = None, accept: Accept | None = None) -> Draft:
     """A draft of depth <= k from the logits after the root and the proposer's `expand`; `accept`: the
     drafter's predicted acceptance per node (Draft.accept), None without a confidence head."""
-    steps = grow_steps(root_logits, k, sampler, tree, accept)
+    width = _width(tree)
+    steps = grow_steps(rank([sampler], [root_logits[None]], width)[0] if k >= 1 else None, k, sampler, tree, accept)
     try:
         request = next(steps)
         while True:
-            request = steps.send(expand(*request))
+            request = steps.send(rank([sampler], [expand(*request)], width)[0])
     except StopIteration as done:
         return done.value
 
@@ -171,14 +173,17 @@ def grow_rows(expand_rows: ExpandRows, roots: list[torch.Tensor], ks: list[int],
               tree: TreeShape | None = None, accepts: list[Accept | None] | None = None) -> list[Draft]:
     """grow_draft for several sequences in lockstep (batched decoding): each round, ONE call
     `expand_rows({row: (nodes, tokens, parents)})` answers every row still drafting with its logits, so a
-    drafter can read all their nodes in one forward. Row r's draft is the one grow_draft would build from
-    the same logits."""
+    drafter can read all their nodes in one forward, and a tree ranks every row's answers at once (`rank`).
+    Row r's draft is the one grow_draft would build from the same logits."""
     accepts = accepts or [None] * len(roots)
-    steps = [grow_steps(roots[r], ks[r], samplers[r], tree, accepts[r]) for r in range(len(roots))]
+    width = _width(tree)
+    drafting = [r for r in range(len(roots)) if ks[r] >= 1]
+    ranked = dict(zip(drafting, rank([samplers[r] for r in drafting], [roots[r][None] for r in drafting], width)))
+    steps = [grow_steps(ranked.get(r), ks[r], samplers[r], tree, accepts[r]) for r in range(len(roots))]
     drafts: list[Draft | None] = [None] * len(roots)
     requests: dict[int, Request] = {}
 
-    def advance(r: int, answer: torch.Tensor | None) -> None:
+    def advance(r: int, answer: Ranked | None) -> None:
         try:
             requests[r] = next(steps[r]) if answer is None else steps[r].send(answer)
         except StopIteration as done:
@@ -188,31 +193,72 @@ def grow_rows(expand_rows: ExpandRows, roots: list[torch.Tensor], ks: list[int],
         advance(r, None)
     while requests:
         answers = expand_rows(dict(requests))
-        for r in list(requests):
-            del requests[r]
-            advance(r, answers[r])
+        order = list(requests)
+        requests.clear()
+        for r, answer in zip(order, rank([samplers[r] for r in order], [answers[r] for r in order], width)):
+            advance(r, answer)
     return drafts
 
 
-def grow_steps(root_logits: torch.Tensor, k: int, sampler: DraftSampler, tree: TreeShape | None = None,
-               accept: Accept | None = None) -> Generator[Request, torch.Tensor, Draft]:
+@dataclass
+class Ranked:
+    """The draft logits after some nodes ([n, V]: an expand answer, or the root's [1, V]) and each node's `width`
+    most likely tokens under the draft law, best first: chains read `logits`, trees `top(j)`."""
+
+    logits: torch.Tensor
+    ids: list[list[int]]
+    probs: list[list[float]]
+
+    def top(self, j: int) -> list[tuple[int, float]]:
+        """Node j's most likely children (token, probability), those of probability 0 left out."""
+        return [(t, p) for t, p in zip(self.ids[j], self.probs[j]) if p > 0]
+
+
+def rank(samplers: list[DraftSampler], blocks: list[torch.Tensor], width: int) -> list[Ranked]:
+    """Rank the tokens of each block of draft logits: ONE law and ONE topk over every block at once where the
+    samplers share a law (a batched round's rows do: one Sampling), else block by block; width 0 (a chain, which
+    samples from the logits itself) ranks nothing. A block's ranks are those it gets alone: softmax and topk work
+    row by row."""
+    if width < 1 or not blocks:
+        return [Ranked(b, [[] for _ in range(len(b))], [[] for _ in range(len(b))]) for b in blocks]
+    if any(s.sampling != samplers[0].sampling for s in samplers[1:]):
+        return [rank([s], [b], width)[0] for s, b in zip(samplers, blocks)]
+    law = samplers[0].law(blocks[0] if len(blocks) == 1 else torch.cat(blocks))
+    probs, ids = law.topk(min(width, law.shape[-1]))
+    probs, ids = probs.tolist(), ids.tolist()
+    out, start = [], 0
+    for b in blocks:
+        out.append(Ranked(b, ids[start:start + len(b)], probs[start:start + len(b)]))
+        start += len(b)
+    return out
+
+
+def _width(tree: TreeShape | None) -> int:
+    """How many children of a node a tree may keep (a chain samples its one child from the logits: 0)."""
+    return 0 if tree is None else tree.topk
+
+
+def grow_steps(root: Ranked | None, k: int, sampler: DraftSampler, tree: TreeShape | None = None,
+               accept: Accept | None = None) -> Generator[Request, Ranked, Draft]:
     """The tree builder as a coroutine: it yields each expand request (nodes, tokens, parents), is sent
-    the logits that follow those nodes, and returns the draft (grow_draft and grow_rows drive it)."""
+    the logits that follow those nodes, ranked (`rank`), and returns the draft (grow_draft and grow_rows
+    drive it). `root`: the logits after the root, ranked (None where k < 1: nothing is drafted)."""
     if k < 1:
         return Draft([])
     if tree is None:
-        return (yield from _chain(root_logits, k, sampler, accept))
+        return (yield from _chain(root, k, sampler, accept))
     if tree.kind == "static":
-        return (yield from _static(root_logits, k, sampler, tree, accept))
-    return (yield from _dynamic(root_logits, k, sampler, tree, accept))
+        return (yield from _static(root, k, sampler, tree, accept))
+    return (yield from _dynamic(root, k, sampler, tree, accept))
 
 
 def _accept(accept: Accept | None, tokens: list[int], parent: int, depth: int) -> float | None:
     return None if accept is None else accept(None if parent < 0 else tokens[parent], depth)
 
 
-def _chain(logits: torch.Tensor, k: int, sampler: DraftSampler, accept: Accept | None) -> Generator[Request, torch.Tensor, Draft]:
+def _chain(root: Ranked, k: int, sampler: DraftSampler, accept: Accept | None) -> Generator[Request, Ranked, Draft]:
     tokens, qs, conf, parents, acc = [], [], [], [], []
+    logits = root.logits[0]
     value = 1.0
     for i in range(k):
         token, q = sampler(logits)
@@ -230,7 +276,7 @@ def _chain(logits: torch.Tensor, k: int, sampler: DraftSampler, accept: Accept |
         # one more node, the next is not drafted (its draft forward would be wasted)
         if i + 1 >= k or not sampler.worth(value, i + 1):
             break
-        logits = (yield [i], tokens, parents)[0]
+        logits = (yield [i], tokens, parents).logits[0]
     return Draft(tokens, None if qs[0] is None else torch.stack(qs), None, conf, None if accept is None else acc)
 
 
@@ -267,14 +313,8 @@ def best_first(tokens, parents, conf, values, keep: int, accept: list | None = N
     return subset(tokens, parents, conf, best_first_order(parents, values, keep), accept)
 
 
-def _top(sampler: DraftSampler, logits: torch.Tensor, width: int):
-    law = sampler.law(logits)
-    probs, ids = law.topk(min(width, law.shape[-1]))
-    return [(int(t), float(p)) for t, p in zip(ids, probs) if p > 0]
-
-
-def _dynamic(root_logits, k: int, sampler: DraftSampler, tree: TreeShape,
-             accept: Accept | None = None) -> Generator[Request, torch.Tensor, Draft]:
+def _dynamic(root: Ranked, k: int, sampler: DraftSampler, tree: TreeShape,
+             accept: Accept | None = None) -> Generator[Request, Ranked, Draft]:
     """EAGLE-2 (Li et al. 2406.16858): expand the `topk` frontier nodes of highest cumulative value,
     `topk` children each, for up to `depth` levels; verify the best `nodes` of all drafted."""
     tokens, parents, conf, values, depth_of, acc = [], [], [], [], [], []
@@ -295,24 +335,24 @@ def _dynamic(root_logits, k: int, sampler: DraftSampler, tree: TreeShape,
                 new.append(len(tokens) - 1)
         return new
 
-    level = add([(-1, _top(sampler, root_logits, tree.topk))])
+    level = add([(-1, root.top(0))])
     for _ in range(min(tree.depth, k) - 1):
         frontier = sorted(level, key=lambda i: -values[i])[: tree.topk]
         frontier = [i for i in frontier if sampler.worth(values[i], len(tokens))]
         if not frontier:
             break
-        logits = yield frontier, tokens, parents
-        level = add([(i, _top(sampler, logits[j], tree.topk)) for j, i in enumerate(frontier)])
+        answer = yield frontier, tokens, parents
+        level = add([(i, answer.top(j)) for j, i in enumerate(frontier)])
     return best_first(tokens, parents, conf, values, tree.nodes, None if accept is None else acc)
 
 
-def _static(root_logits, k: int, sampler: DraftSampler, tree: TreeShape,
-            accept: Accept | None = None) -> Generator[Request, torch.Tensor, Draft]:
+def _static(root: Ranked, k: int, sampler: DraftSampler, tree: TreeShape,
+            accept: Accept | None = None) -> Generator[Request, Ranked, Draft]:
     """A fixed tree of rank paths (Medusa's `medusa_choices`): path (r1, .., rd) is the r_d-th most
     likely child of path (r1, .., r_{d-1}), the root's when d = 1."""
     tokens, parents, conf, values, acc = [], [], [], [], []
     node_of: dict[tuple[int, ...], int] = {}
-    tops = {(): _top(sampler, root_logits, tree.topk)}
+    tops = {(): root.top(0)}
     for depth in range(1, min(tree.depth, k) + 1):
         paths = [p for p in tree.paths if len(p) == depth and p[:-1] in tops]
         for p in paths:
@@ -330,7 +370,7 @@ def _static(root_logits, k: int, sampler: DraftSampler, tree: TreeShape,
         grow = [p for p in paths if p in node_of and any(len(c) == depth + 1 and c[:-1] == p for c in tree.paths)]
         if not grow or depth == min(tree.depth, k):
             break
-        logits = yield [node_of[p] for p in grow], tokens, parents
+        answer = yield [node_of[p] for p in grow], tokens, parents
         for j, p in enumerate(grow):
-            tops[p] = _top(sampler, logits[j], tree.topk)
+            tops[p] = answer.top(j)
     return best_first(tokens, parents, conf, values, len(tokens), None if accept is None else acc)

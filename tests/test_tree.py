@@ -364,8 +364,15 @@ def test_grow_rows_builds_each_rows_draft_in_one_call_per_round(spec, tmp_path):
             out.append(torch.randn(vocab, generator=g))
         return torch.stack(out)
 
+    laws = []
+
+    class Counting(DraftSampler):        # counts the draft-law computations (softmax over the vocabulary)
+        def law(self, logits):
+            laws.append(logits.shape[0] if logits.dim() > 1 else 1)
+            return super().law(logits)
+
     ks, roots = [3, 1, 0, 2], [torch.randn(vocab, generator=torch.Generator().manual_seed(r)) for r in range(4)]
-    samplers = [DraftSampler(Sampling()) for _ in ks]
+    samplers = [Counting(Sampling()) for _ in ks]
     calls = []
 
     def expand_rows(requests):
@@ -373,7 +380,31 @@ def test_grow_rows_builds_each_rows_draft_in_one_call_per_round(spec, tmp_path):
         return {r: logits_after(r, *req) for r, req in requests.items()}
 
     drafts = grow_rows(expand_rows, roots, ks, samplers, tree)
+    if tree is not None:     # a tree ranks every row's nodes of a round with ONE law (and one topk): not per node
+        assert len(laws) == len(calls) + 1 and laws[0] == 3
+    laws.clear()
     alone = [grow_draft(lambda *req, r=r: logits_after(r, *req), roots[r], ks[r], samplers[r], tree) for r in range(4)]
     assert [(d.tokens, d.parents, d.conf) for d in drafts] == [(d.tokens, d.parents, d.conf) for d in alone]
     assert drafts[2].tokens == [] and all(d.tokens for i, d in enumerate(drafts) if i != 2)
     assert len(calls) == max(ks) - 1 and calls[0] == [0, 3]      # rounds, not rows: depth 3 needs two expansions
+
+
+def test_rank_ranks_each_block_as_alone_and_samplers_of_different_laws_apart():
+    """protocol/drafting.py rank: one law and topk over several blocks gives each block the ranks it gets alone;
+    blocks whose samplers draw from different laws (greedy, a temperature) are ranked apart, each by its own."""
+    from draftsmith.protocol.drafting import DraftSampler, rank
+
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(n, 50, generator=g) for n in (1, 3, 2)]
+    blocks[1][0, :4] = 7.0                                       # ties among the top tokens
+    greedy, warm = DraftSampler(Sampling()), DraftSampler(Sampling(temperature=0.7, top_k=5))
+    for samplers in ([greedy] * 3, [greedy, warm, greedy]):
+        together = rank(samplers, blocks, 4)
+        alone = [rank([s], [b], 4)[0] for s, b in zip(samplers, blocks)]
+        assert [(r.ids, r.probs) for r in together] == [(r.ids, r.probs) for r in alone]
+        for s, b, r in zip(samplers, blocks, together):
+            probs, ids = s.law(b).topk(4)
+            assert r.ids == ids.tolist() and r.probs == probs.tolist() and r.logits is b
+    hot = rank([warm], blocks[:1], 8)[0]
+    assert len(hot.top(0)) == 5 and len(hot.ids[0]) == 8         # top_k=5: tokens of probability 0 left out
+    assert rank([greedy], blocks[:1], 0)[0].ids == [[]]          # a chain ranks nothing
