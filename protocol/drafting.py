@@ -216,12 +216,12 @@ class Ranked:
 
 def rank(samplers: list[DraftSampler], blocks: list[torch.Tensor], width: int) -> list[Ranked]:
     """Rank the tokens of each block of draft logits: ONE law and ONE topk over every block at once where the
-    samplers share a law (a batched round's rows do: one Sampling), else block by block; width 0 (a chain, which
-    samples from the logits itself) ranks nothing. A block's ranks are those it gets alone: softmax and topk work
-    row by row."""
+    samplers share a law (a batched round's rows do: one Sampling, one sampler class), else block by block; width 0
+    (a chain, which samples from the logits itself) ranks nothing. A block's ranks are those it gets alone: softmax
+    and topk work row by row."""
     if width < 1 or not blocks:
         return [Ranked(b, [[] for _ in range(len(b))], [[] for _ in range(len(b))]) for b in blocks]
-    if any(s.sampling != samplers[0].sampling for s in samplers[1:]):
+    if any(s.sampling != samplers[0].sampling or type(s) is not type(samplers[0]) for s in samplers[1:]):
         return [rank([s], [b], width)[0] for s, b in zip(samplers, blocks)]
     law = samplers[0].law(blocks[0] if len(blocks) == 1 else torch.cat(blocks))
     probs, ids = law.topk(min(width, law.shape[-1]))

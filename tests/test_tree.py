@@ -405,6 +405,12 @@ def test_rank_ranks_each_block_as_alone_and_samplers_of_different_laws_apart():
         for s, b, r in zip(samplers, blocks, together):
             probs, ids = s.law(b).topk(4)
             assert r.ids == ids.tolist() and r.probs == probs.tolist() and r.logits is b
+    class Other(DraftSampler):                                   # a sampler class of its own law
+        def law(self, logits):
+            return super().law(-logits)
+
+    mixed = rank([greedy, Other(Sampling()), greedy], blocks, 4)
+    assert mixed[1].ids == Other(Sampling()).law(blocks[1]).topk(4).indices.tolist() != rank([greedy], blocks[1:2], 4)[0].ids
     hot = rank([warm], blocks[:1], 8)[0]
     assert len(hot.top(0)) == 5 and len(hot.ids[0]) == 8         # top_k=5: tokens of probability 0 left out
     assert rank([greedy], blocks[:1], 0)[0].ids == [[]]          # a chain ranks nothing
