@@ -86,10 +86,11 @@ def main() -> None:
             undrafted = sum(t.undrafted_steps for _, _, t in passes)
             per_step = [sum(getattr(t, part) for _, _, t in passes) * 1e3 / max(1, steps)
                         for part in ("draft_s", "observe_s", "verify_s")]
+            differ = ("" if same == len(reference)
+                      else f" outputs equal to batched plain decoding's: {same}/{len(reference)}")
             print(f"| {size} | {name} | {tokens / seconds:.1f} | {tokens / decode:.1f} | "
                   f"{tokens / seconds / base['tok']:.3f} | {tokens / decode / base['dec']:.3f} | {tau:.3f} | "
-                  f"{undrafted} / {steps} | " + " | ".join(f"{ms:.1f}" for ms in per_step) + " |" + ("" if same == len(reference) else
-                                               f" outputs equal to batched plain decoding's: {same}/{len(reference)}"))
+                  f"{undrafted} / {steps} | {' | '.join(f'{ms:.1f}' for ms in per_step)} |{differ}")
 
 
 if __name__ == "__main__":

@@ -219,9 +219,10 @@ class DraftGate:
     standard errors of its running mean (from the spread of the steps' rates), is below plain decoding's; then
     every `probe`-th step drafts, to measure it again. Where the two are close, steps draft (what a user asked
     for); where drafting loses clearly, they do not (measured effect, flat on the 2-core CPU:
-    bench/results/cpu-batched-gate). A step that does not draft skips the proposers altogether: they observe its positions at the
-    next step that drafts (a DecodeState spans any number of steps); that step's observe, which catches up on
-    every step since the last, counts to it as one step's share, as if the proposers had observed each step.
+    bench/results/cpu-batched-gate). A step that does not draft skips the proposers altogether: they observe its
+    positions at the next step that drafts (a DecodeState spans any number of steps); that step's observe, which
+    catches up on every step since the last, counts to it as one step's share, as if the proposers had observed
+    each step.
     vLLM's `speculative_disable_by_batch_size` turns drafting off above a fixed batch size; the gate measures."""
 
     def __init__(self, ema: float = 0.1, probe: int = 8, z: float = 2.0, least: int = 4):

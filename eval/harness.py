@@ -151,6 +151,7 @@ def timed_pair(plain, speculative, device, plain_first: bool):
 COST_CURVE_SLOTS = 256
 """The least static cache --compile sizes: measure_cost_curve's 128 cached tokens and 64 new ones fit."""
 
+
 def compile_target(target: Target, proposer, longest: int, depth: int) -> None:
     """--compile: a static cache for the longest sequence a turn reaches and a draft of `depth` after it (at least
     COST_CURVE_SLOTS, in whole 64s; models/compiled_target.py), and the drafter's linear layers on the target's

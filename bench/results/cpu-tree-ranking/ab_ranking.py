@@ -11,6 +11,7 @@ tokens/s (prefills excluded) of each variant.
 """
 import importlib.util
 import sys
+import time
 
 import torch
 
@@ -21,7 +22,6 @@ from draftsmith.eval.benchmarks import load_bench
 from draftsmith.eval.harness import compile_target, encode_turn, eos_ids
 from draftsmith.models import load_drafter, load_target
 from draftsmith.protocol.drafting import TreeShape
-import time
 
 spec = importlib.util.spec_from_file_location("draftsmith.protocol.old_drafting", sys.argv[2])
 old = importlib.util.module_from_spec(spec)
@@ -58,6 +58,7 @@ for size in (1, 4, 16):
     for name, runs in res.items():
         draft = sum(t.draft_s for _, t, _ in runs) / sum(t.steps for _, t, _ in runs) * 1e3
         tokens = sum(len(o.tokens) for o in runs[0][0])
-        line.append(f"{name}: draft {draft:.2f} ms/step, decode {tokens * len(runs) / sum(s for *_, s in runs):.1f} tok/s")
+        decode = tokens * len(runs) / sum(s for *_, s in runs)
+        line.append(f"{name}: draft {draft:.2f} ms/step, decode {decode:.1f} tok/s")
     print(f"{dtype} batch {size}: " + "; ".join(line) + f"; steps {res['old'][0][1].steps}; outputs equal: {same}",
           flush=True)
