@@ -6,8 +6,10 @@ For each MT-bench prompt, plain decoding runs `--tokens` single-token forwards t
 every logit row; then, at each of those positions, from plain decoding's own cache:
 - chains: a verify of plain decoding's next w tokens (w = 2, 3, 4, 6, 9): row j must equal plain decoding's logits
   at position + j;
-- trees: [root, a wrong first token, the right one, its right child] with the right token as the root's SECOND child:
-  its rows must equal plain decoding's (a tree's off-chain rows, placed by models/compiled_target.py `tree_slots`).
+- trees: [root, r wrong first tokens, the right one, its right child] with the right token as the root's (r+1)-th
+  child (r = 1, 2, 3: the second, third and fourth child, which a tree puts r lanes further, models/compiled_target.py
+  `tree_slots`): the rows of the right token and of its child must equal plain decoding's (the root's row is a
+  chain's and counted with the chains).
 It prints how many rows differ and by how much at most, with the row-invariant attention (`rows`, what --compile
 runs on a CPU) and with transformers' sdpa (`sdpa`), each in its own compiled target. A row that differs is where a
 greedy near-tie can flip: the cause of bf16 divergences from plain decoding.
@@ -24,6 +26,8 @@ from draftsmith.eval.harness import encode_turn
 from draftsmith.models.target import load_target
 
 CHAINS = (2, 3, 4, 6, 9)
+SIBLINGS = (1, 2, 3)
+"""The right token's rank among the root's children in the trees counted: 1 the second child, ..."""
 
 
 def count(target, prompt: list[int], tokens: int) -> dict:
@@ -36,7 +40,8 @@ def count(target, prompt: list[int], tokens: int) -> dict:
         plain.append(int(plain_logits[-1].argmax()))
     cache = target.new_cache()
     target.forward(prompt, cache, last_only=True)
-    found = {"chain_rows": 0, "chain_differ": 0, "chain_max": 0.0, "tree_rows": 0, "tree_differ": 0, "tree_max": 0.0}
+    kinds = ["chain"] + [f"child{r + 1}" for r in SIBLINGS]
+    found = {f"{kind}_{what}": 0 for kind in kinds for what in ("rows", "differ")} | {f"{k}_max": 0.0 for k in kinds}
 
     def check(kind: str, row: torch.Tensor, ref: torch.Tensor) -> None:
         found[f"{kind}_rows"] += 1
@@ -51,11 +56,14 @@ def count(target, prompt: list[int], tokens: int) -> dict:
             target.rollback(cache, length)
             for j in range(w):
                 check("chain", out[j], plain_logits[i + j + 1])
-        wrong = (plain[i + 1] + 1) % target.vocab_size
-        out = target.forward([plain[i], wrong, plain[i + 1], plain[i + 2]], cache, parents=[-1, -1, 1]).logits
-        target.rollback(cache, length)
-        for j, ref in ((0, plain_logits[i + 1]), (2, plain_logits[i + 2]), (3, plain_logits[i + 3])):
-            check("tree", out[j], ref)
+        for r in SIBLINGS:
+            wrong = [(plain[i + 1] + 1 + x) % target.vocab_size for x in range(r)]
+            out = target.forward([plain[i]] + wrong + [plain[i + 1], plain[i + 2]], cache,
+                                 parents=[-1] * (r + 1) + [r]).logits
+            target.rollback(cache, length)
+            check("chain", out[0], plain_logits[i + 1])         # the root: a chain's first row
+            for j, ref in ((r + 1, plain_logits[i + 2]), (r + 2, plain_logits[i + 3])):
+                check(f"child{r + 1}", out[j], ref)
         target.forward([plain[i]], cache)           # plain decoding's step: the cache moves on as plain's
     return found
 
@@ -82,8 +90,11 @@ def main(argv=None) -> None:
         raise SystemExit(f"no prompt {missing} in {args.bench}: give ids it has (its report's prompts[].id)")
     prompts = [encode_turn(target, items[w].turns[:1], []) for w in wanted]
     print(f"{args.target} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads; prompts {wanted}")
-    print("| attention | chain rows differing | max | tree rows differing | max |")
-    print("|---|---|---|---|---|")
+    kinds = ["chain"] + [f"child{r + 1}" for r in SIBLINGS]
+    print("| attention | chain rows differing (max) | "
+          + " | ".join(f"tree rows through the {r + 1}{'nd' if r == 1 else 'rd' if r == 2 else 'th'} child (max)"
+                       for r in SIBLINGS) + " |")
+    print("|---|---|" + "---|" * len(SIBLINGS))
     for attention in args.attention.split(","):
         torch._dynamo.reset()
         target.compile(max(map(len, prompts)) + args.tokens + 16, row_invariant=attention == "rows")
@@ -91,8 +102,8 @@ def main(argv=None) -> None:
         for prompt in prompts:
             for k, v in count(target, prompt, args.tokens).items():
                 total[k] = max(total.get(k, 0), v) if k.endswith("max") else total.get(k, 0) + v
-        print(f"| {attention} | {total['chain_differ']} / {total['chain_rows']} | {total['chain_max']:.3g} | "
-              f"{total['tree_differ']} / {total['tree_rows']} | {total['tree_max']:.3g} |", flush=True)
+        print(f"| {attention} | " + " | ".join(f"{total[k + '_differ']} / {total[k + '_rows']} ({total[k + '_max']:.3g})"
+                                              for k in kinds) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ compiles one graph for width 1 and one for all wider inputs; with oneDNN no forw
 - `CompiledForward`: the model with its final norm applied outside the decoder, so every layer's output before
   the norm comes back (the taps drafters read, the last layer's included), compiled once for all drafters. On a CPU
   the batch-1 forward attends with models/row_attention.py: with the oneDNN kernel every row of a chain verify then
-  gets plain decoding's logits bit for bit, fp32 and bf16; a tree's too, its nodes placed by `tree_slots` (batched
-  rows up to rounding, models/static_rows.py).
+  gets plain decoding's logits bit for bit, fp32 and bf16; a tree's off-chain rows, placed by `tree_slots`, up to
+  rounding (bench/results/cpu-tree-exactness; batched rows up to rounding too, models/static_rows.py).
 A run falls back to eager with a warning where torch.compile is unavailable (no C++ compiler, an old torch).
 """
 
@@ -53,7 +53,9 @@ def tree_slots(parents: list[int], past: int, slots: int) -> list[int] | None:
     after another, a tree's second child (and its subtree) sits at other slots: its row attends the same keys, but
     the CPU attention sums a row's scores and values lane by lane (slot mod 16 on AVX-512) and the terms then group
     otherwise (measured on SmolLM2 bf16: 23 of 160 off-chain rows differed from plain decoding's by up to 0.57 on a
-    logit; with the node LANES slots further, 0 of 160; 8 slots further, 4). So node i sits at past + depth +
+    logit; with the node LANES slots further, 0 of 160; 8 slots further, 4). Fewer, not none: on more prompts and
+    with third and fourth children, 4 of 1,530 bf16 off-chain rows and 214 of 1,530 fp32 ones (by ~1e-4) still differ
+    (bench/results/cpu-tree-exactness; no lane width made them exact). So node i sits at past + depth +
     LANES * j, where j is the smallest lane index not taken at its depth and no smaller than its parent's (a
     path's slots increase, as plain decoding's do); a chain is j = 0 throughout: past, past + 1, .... A node whose
     slot would fall in another KEY_BLOCK than its plain-decoding slot, or past the cache, makes the layout None."""

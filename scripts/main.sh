@@ -12,8 +12,9 @@
 # (1.28x vs 1.23x for chains in one profile: bench/results/cpu-main-ceiling). The target runs
 # compiled (--compile: a static KV cache and an inductor graph, 1-2 min to build once; its linear layers on the
 # kernel measured faster on this CPU, models/cpu_linear.py) in bf16, plain and speculative decoding alike: on a CPU
-# every verified row then has plain decoding's logits bit for bit (models/row_attention.py, compiled_target.py's
-# tree_slots), so bf16 speculative decoding is exactly lossless, and on an AMD EPYC (AVX512-BF16) bf16 is the fastest
+# every row of a verified chain then has plain decoding's logits bit for bit (models/row_attention.py) and a tree's
+# off-chain rows up to rounding (bench/results/cpu-tree-exactness): lossless up to near-ties, every divergence audited
+# in the report; and on an AMD EPYC (AVX512-BF16) bf16 is the fastest
 # plain decoding (a forward 26 ms vs fp32's 37). --plain-dtypes fp32 times fp32 plain decoding of the same prompts in
 # the same run: the report names the fastest plain decoding and the speedup over it (on a CPU without native bf16,
 # pass --dtype fp32 --plain-dtypes bf16 after the script's name).
