@@ -20,7 +20,7 @@ OUT="${OUT:-bench/results/cpu-batched-decoding}"
 HEAD="${HEAD:-runs/eagle3-cpu-quick/speculators}"
 DTYPES="${DTYPES:-fp32 bf16}"
 PATHS="${PATHS:-eager compiled}"    # eager, or --compile; batch sizes 1, 4 and 16 each
-TREE="${TREE:-dynamic:8,2,3}"       # the main job's tree (scripts/main.sh); TREE=none for chains
+TREE="${TREE:-dynamic:8,2,3}"       # the main job's tree when the batched tables were measured; TREE=none for chains
 [ -d "$HEAD" ] || { echo "no drafter at $HEAD: run bash scripts/main.sh first (or set HEAD=)" >&2; exit 2; }
 mkdir -p "$OUT"
 run() {   # NAME ARGS...
