@@ -4,8 +4,8 @@ decoding drafting every step (the decoder before the gate), on the same prompts 
     python bench/draft_gate.py --dtype fp32 --batch-size 4,16 --num-prompts 32 --max-new-tokens 64
 
 Same target setting and drafter as the main job (prompt lookup + its head; the tree it had, `dynamic:8,2,3`),
-compiled as `draftsmith eval --compile` compiles (eval/harness.py `compile_target`: the static cache, the compiled forward, the
-drafter's linear layers on oneDNN), greedy. Prints per batch size and decoder:
+compiled as `draftsmith eval --compile` compiles (eval/harness.py `compile_target`: the static cache, the compiled
+forward, the drafter's linear layers on oneDNN), greedy. Prints per batch size and decoder:
 tokens/s over the whole pass and over its decode steps alone (without the prefills, which each prompt runs alone
 and which cost every decoder the same), the ratio to plain decoding, τ, the steps the gate ran without drafts and
 the milliseconds a step spent drafting, observing and verifying (BatchTiming; a step without drafts drafts nothing);

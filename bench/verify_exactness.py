@@ -102,8 +102,8 @@ def main(argv=None) -> None:
         for prompt in prompts:
             for k, v in count(target, prompt, args.tokens).items():
                 total[k] = max(total.get(k, 0), v) if k.endswith("max") else total.get(k, 0) + v
-        print(f"| {attention} | " + " | ".join(f"{total[k + '_differ']} / {total[k + '_rows']} ({total[k + '_max']:.3g})"
-                                              for k in kinds) + " |", flush=True)
+        cells = [f"{total[k + '_differ']} / {total[k + '_rows']} ({total[k + '_max']:.3g})" for k in kinds]
+        print(f"| {attention} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

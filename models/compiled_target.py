@@ -45,9 +45,9 @@ SPARE_LANES = 4
 
 
 def tree_slots(parents: list[int], past: int, slots: int) -> list[int] | None:
-    """The cache slots of a tree verify's rows [root, node 0, ...] after `past` committed tokens such that every
-    row's attention sums its terms as plain decoding's would, or None where they do not fit in `slots` (the last
-    slot is kept for a padded row).
+    """The cache slots of a tree verify's rows [root, node 0, ...] after `past` committed tokens such that a row's
+    attention sums its terms as plain decoding's would (most rows: see below), or None where they do not fit in
+    `slots` (the last slot is kept for a padded row).
 
     Plain decoding reads a node at depth d at slot past + d, after its ancestors at past .. past + d - 1. Packed one
     after another, a tree's second child (and its subtree) sits at other slots: its row attends the same keys, but

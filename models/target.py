@@ -190,9 +190,10 @@ class Target:
     def tree_fits(self, parents: list[int], cache: DynamicCache | StaticKV) -> bool:
         """Whether a tree verify after `cache` spreads its nodes where their rows round as plain decoding's (all but a
         few: bench/results/cpu-tree-exactness): False only where the compiled CPU target (whose chain rows equal plain
-        decoding's bit for bit, models/row_attention.py) would have to pack the tree's nodes (`StaticKV.place`: near a 512-slot block of the attention's keys, or past
-        the spare slots); the decoder then verifies the tree's first chain. A cache whose layers place nothing (a
-        sliding-window model's, written by transformers) verifies its trees packed, as before."""
+        decoding's bit for bit, models/row_attention.py) would have to pack the tree's nodes (`StaticKV.place`: near a
+        512-slot block of the attention's keys, or past the spare slots); the decoder then verifies the tree's first
+        chain. A cache whose layers place nothing (a sliding-window model's, written by transformers) verifies its
+        trees packed, as before."""
         if not isinstance(cache, StaticKV) or not self.compiled.row_attention or not cache.placed_anywhere:
             return True
         return cache.spreads(parents)
