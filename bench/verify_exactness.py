@@ -28,6 +28,8 @@ from draftsmith.models.target import load_target
 CHAINS = (2, 3, 4, 6, 9)
 SIBLINGS = (1, 2, 3)
 """The right token's rank among the root's children in the trees counted: 1 the second child, ..."""
+KINDS = ("chain",) + tuple(f"child{r + 1}" for r in SIBLINGS)
+"""The rows counted: chains (and roots), and the rows through each SIBLINGS child."""
 
 
 def count(target, prompt: list[int], tokens: int) -> dict:
@@ -40,8 +42,7 @@ def count(target, prompt: list[int], tokens: int) -> dict:
         plain.append(int(plain_logits[-1].argmax()))
     cache = target.new_cache()
     target.forward(prompt, cache, last_only=True)
-    kinds = ["chain"] + [f"child{r + 1}" for r in SIBLINGS]
-    found = {f"{kind}_{what}": 0 for kind in kinds for what in ("rows", "differ")} | {f"{k}_max": 0.0 for k in kinds}
+    found = {f"{kind}_{what}": 0 for kind in KINDS for what in ("rows", "differ")} | {f"{k}_max": 0.0 for k in KINDS}
 
     def check(kind: str, row: torch.Tensor, ref: torch.Tensor) -> None:
         found[f"{kind}_rows"] += 1
@@ -90,10 +91,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"no prompt {missing} in {args.bench}: give ids it has (its report's prompts[].id)")
     prompts = [encode_turn(target, items[w].turns[:1], []) for w in wanted]
     print(f"{args.target} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads; prompts {wanted}")
-    kinds = ["chain"] + [f"child{r + 1}" for r in SIBLINGS]
     print("| attention | chain rows differing (max) | "
-          + " | ".join(f"tree rows through the {r + 1}{'nd' if r == 1 else 'rd' if r == 2 else 'th'} child (max)"
-                       for r in SIBLINGS) + " |")
+          + " | ".join(f"tree rows through child {r + 1} (max)" for r in SIBLINGS) + " |")
     print("|---|---|" + "---|" * len(SIBLINGS))
     for attention in args.attention.split(","):
         torch._dynamo.reset()
@@ -102,7 +101,7 @@ def main(argv=None) -> None:
         for prompt in prompts:
             for k, v in count(target, prompt, args.tokens).items():
                 total[k] = max(total.get(k, 0), v) if k.endswith("max") else total.get(k, 0) + v
-        cells = [f"{total[k + '_differ']} / {total[k + '_rows']} ({total[k + '_max']:.3g})" for k in kinds]
+        cells = [f"{total[k + '_differ']} / {total[k + '_rows']} ({total[k + '_max']:.3g})" for k in KINDS]
         print(f"| {attention} | " + " | ".join(cells) + " |", flush=True)
 
 
