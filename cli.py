@@ -45,7 +45,8 @@ def add_eval_parser(sub) -> None:
                    help="run the target through a static KV cache and a torch.compile'd forward (inductor, weights "
                         "frozen and prepacked), plain and speculative decoding alike, at every --batch-size; on a CPU "
                         "every row of a verified chain then has plain decoding's logits bit for bit, fp32 and bf16 "
-                        "(a tree's off-chain rows up to rounding); compiling costs 1-3 minutes on a CPU, once per run")
+                        "(a tree's rows too in fp32; in bf16 its off-chain rows up to rounding); compiling costs 1-3 "
+                        "minutes on a CPU, once per run")
     p.add_argument("--plain-dtypes", type=_dtype_list, default=(),
                    help="also time plain decoding of the same prompts with the target in these precisions (e.g. "
                         "fp32 when --dtype bf16): the report names the fastest plain decoding and the speedup over it")

@@ -9,7 +9,8 @@ every logit row; then, at each of those positions, from plain decoding's own cac
 - trees: [root, r wrong first tokens, the right one, its right child] with the right token as the root's (r+1)-th
   child (r = 1, 2, 3: the second, third and fourth child, which a tree puts r lanes further, models/compiled_target.py
   `tree_slots`): the rows of the right token and of its child must equal plain decoding's (the root's row is a
-  chain's and counted with the chains).
+  chain's and counted with the chains). A tree the compiled cache cannot place so whole (Target.placeable: the
+  decoder verifies the nodes that fit) is counted as refused.
 It prints how many rows differ and by how much at most, with the row-invariant attention (`rows`, what --compile
 runs on a CPU) and with transformers' sdpa (`sdpa`), each in its own compiled target. A row that differs is where a
 greedy near-tie can flip: the cause of bf16 divergences from plain decoding.
@@ -42,7 +43,8 @@ def count(target, prompt: list[int], tokens: int) -> dict:
         plain.append(int(plain_logits[-1].argmax()))
     cache = target.new_cache()
     target.forward(prompt, cache, last_only=True)
-    found = {f"{kind}_{what}": 0 for kind in KINDS for what in ("rows", "differ")} | {f"{k}_max": 0.0 for k in KINDS}
+    found = {f"{kind}_{what}": 0 for kind in KINDS for what in ("rows", "differ", "refused")} | {
+        f"{k}_max": 0.0 for k in KINDS}
 
     def check(kind: str, row: torch.Tensor, ref: torch.Tensor) -> None:
         found[f"{kind}_rows"] += 1
@@ -59,8 +61,11 @@ def count(target, prompt: list[int], tokens: int) -> dict:
                 check("chain", out[j], plain_logits[i + j + 1])
         for r in SIBLINGS:
             wrong = [(plain[i + 1] + 1 + x) % target.vocab_size for x in range(r)]
-            out = target.forward([plain[i]] + wrong + [plain[i + 1], plain[i + 2]], cache,
-                                 parents=[-1] * (r + 1) + [r]).logits
+            parents = [-1] * (r + 1) + [r]
+            if len(target.placeable(parents, cache)) < len(parents):   # the decoder verifies the nodes that fit
+                found[f"child{r + 1}_refused"] += 1
+                continue
+            out = target.forward([plain[i]] + wrong + [plain[i + 1], plain[i + 2]], cache, parents=parents).logits
             target.rollback(cache, length)
             check("chain", out[0], plain_logits[i + 1])         # the root: a chain's first row
             for j, ref in ((r + 1, plain_logits[i + 2]), (r + 2, plain_logits[i + 3])):
@@ -101,7 +106,8 @@ def main(argv=None) -> None:
         for prompt in prompts:
             for k, v in count(target, prompt, args.tokens).items():
                 total[k] = max(total.get(k, 0), v) if k.endswith("max") else total.get(k, 0) + v
-        cells = [f"{total[k + '_differ']} / {total[k + '_rows']} ({total[k + '_max']:.3g})" for k in KINDS]
+        cells = [f"{total[k + '_differ']} / {total[k + '_rows']} ({total[k + '_max']:.3g})"
+                 + (f", {total[k + '_refused']} trees refused" if k != "chain" else "") for k in KINDS]
         print(f"| {attention} | " + " | ".join(cells) + " |", flush=True)
 
 

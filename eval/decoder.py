@@ -30,7 +30,7 @@ from draftsmith.models.target import Target
 from draftsmith.protocol.drafting import Draft, DraftSampler, TreeShape
 from draftsmith.protocol.proposer import DecodeState, Proposer, Sampler, takes_tree
 from draftsmith.protocol.sampling import Sampling, warp
-from draftsmith.protocol.tree import chain_parents, children, is_chain
+from draftsmith.protocol.tree import is_chain
 
 
 class NoDraft:
@@ -101,13 +101,11 @@ class StepDraft:
         self.conf = None if self.conf is None else self.conf[:n]
         self.accept = None if self.accept is None else self.accept[:n]
 
-    def keep_first_chain(self) -> None:
-        """Keep the root's first child, its first child, and so on: a chain (Target.tree_fits)."""
-        kids, nodes, row = children(self.parents), [], 0
-        while kids[row]:
-            nodes.append(kids[row][0])
-            row = nodes[-1] + 1
-        self.tokens, self.parents = [self.tokens[i] for i in nodes], chain_parents(len(nodes))
+    def keep(self, nodes: list[int]) -> None:
+        """Keep these nodes (ascending, each with its parent), renumbered in order (Target.placeable)."""
+        index = {old: new for new, old in enumerate(nodes)}
+        self.tokens = [self.tokens[i] for i in nodes]
+        self.parents = [-1 if self.parents[i] < 0 else index[self.parents[i]] for i in nodes]
         self.q = None if self.q is None else self.q[nodes]
         self.conf = None if self.conf is None else [self.conf[i] for i in nodes]
         self.accept = None if self.accept is None else [self.accept[i] for i in nodes]
@@ -233,8 +231,10 @@ def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[in
         step = draft_step(target, proposer, state, result, k, max_new_tokens, sampler, rule, tree)
         if step is None:
             break
-        if not step.chain and not target.tree_fits(step.parents, cache):
-            step.keep_first_chain()        # verified exactly, where the whole tree would not be
+        if not step.chain:
+            placed = target.placeable(step.parents, cache)
+            if len(placed) < len(step.parents):
+                step.keep(placed)          # verified exactly, where the whole tree would not be
         # 2. verify: one forward over the last token and the draft nodes
         verify_start = time.perf_counter()
         out = target.forward([state.tokens[-1]] + step.tokens, cache, layers,

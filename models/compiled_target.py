@@ -14,8 +14,8 @@ compiles one graph for width 1 and one for all wider inputs; with oneDNN no forw
 - `CompiledForward`: the model with its final norm applied outside the decoder, so every layer's output before
   the norm comes back (the taps drafters read, the last layer's included), compiled once for all drafters. On a CPU
   the batch-1 forward attends with models/row_attention.py: with the oneDNN kernel every row of a chain verify then
-  gets plain decoding's logits bit for bit, fp32 and bf16; a tree's off-chain rows, placed by `tree_slots`, up to
-  rounding (bench/results/cpu-tree-exactness; batched rows up to rounding too, models/static_rows.py).
+  gets plain decoding's logits bit for bit, fp32 and bf16; a tree's off-chain rows, placed by `tree_slots`, too in
+  fp32, up to rounding in bf16 (bench/results/cpu-exact-fp32-trees; batched rows up to rounding, models/static_rows.py).
 A run falls back to eager with a warning where torch.compile is unavailable (no C++ compiler, an old torch).
 """
 
@@ -31,7 +31,7 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
 from draftsmith.errors import DraftsmithError
-from draftsmith.models import cpu_linear, row_attention
+from draftsmith.models import cpu_linear, row_attention, slot_sums
 from draftsmith.models.slot_layer import SlotLayer
 from draftsmith.protocol.tree import depths, is_chain
 
@@ -44,36 +44,56 @@ SPARE_LANES = 4
 """Slots kept past max_length for trees' off-chain nodes: a depth may hold SPARE_LANES + 1 nodes at aligned slots."""
 
 
-def tree_slots(parents: list[int], past: int, slots: int) -> list[int] | None:
-    """The cache slots of a tree verify's rows [root, node 0, ...] after `past` committed tokens such that a row's
-    attention sums its terms as plain decoding's would (most rows: see below), or None where they do not fit in
-    `slots` (the last slot is kept for a padded row).
+def tree_slots(parents: list[int], past: int, slots: int, apart: frozenset[int] = frozenset()) -> list[int] | None:
+    """The cache slots of a tree verify's rows [root, node 0, ...] after `past` committed tokens such that each row's
+    attention sums its terms as plain decoding's would, or None where a node cannot sit so (`node_slots`)."""
+    placed = node_slots(parents, past, slots, apart)
+    return None if None in placed else [past] + placed
+
+
+def placeable(parents: list[int], past: int, slots: int, apart: frozenset[int] = frozenset()) -> list[int]:
+    """The nodes of a tree that `node_slots` can place (each with its ancestors; of a node's children, a first few):
+    the tree a verify computes as plain decoding would."""
+    return [i for i, slot in enumerate(node_slots(parents, past, slots, apart)) if slot is not None]
+
+
+def node_slots(parents: list[int], past: int, slots: int, apart: frozenset[int] = frozenset()) -> list[int | None]:
+    """Each node's cache slot in a tree verify after `past` committed tokens, or None for a node that cannot sit where
+    its row sums as plain decoding's (and for its descendants). The last of `slots` is kept for a padded row; `apart`:
+    the slots x whose key the attention sums otherwise at x + LANES (models/slot_sums.py, measured for this cache).
 
     Plain decoding reads a node at depth d at slot past + d, after its ancestors at past .. past + d - 1. Packed one
     after another, a tree's second child (and its subtree) sits at other slots: its row attends the same keys, but
     the CPU attention sums a row's scores and values lane by lane (slot mod 16 on AVX-512) and the terms then group
     otherwise (measured on SmolLM2 bf16: 23 of 160 off-chain rows differed from plain decoding's by up to 0.57 on a
-    logit; with the node LANES slots further, 0 of 160; 8 slots further, 4). Fewer, not none: on more prompts and
-    with third and fourth children, 4 of 1,530 bf16 off-chain rows and 214 of 1,530 fp32 ones (by ~1e-4) still differ
-    (bench/results/cpu-tree-exactness; no lane width made them exact). So node i sits at past + depth +
+    logit; with the node LANES slots further, 0 of 160; 8 slots further, 4). So node i sits at past + depth +
     LANES * j, where j is the smallest lane index not taken at its depth and no smaller than its parent's (a
     path's slots increase, as plain decoding's do); a chain is j = 0 throughout: past, past + 1, .... A node whose
-    slot would fall in another KEY_BLOCK than its plain-decoding slot, or past the cache, makes the layout None."""
+    slot would fall in another KEY_BLOCK than its plain-decoding slot, across a move `apart` marks (the matrix
+    library's blocks: fp32 off-chain rows then bit for bit, bench/results/cpu-exact-fp32-trees), or past the cache,
+    gets None and takes no lane: a later sibling would take a lane as far or further, and gets None too, so a node
+    keeps a first few of its children. bf16 rows still round apart now and then (bench/results/cpu-exact-fp32-trees:
+    oneDNN's bf16 product groups keys otherwise, not mapped)."""
     levels = depths(parents)
-    lane = [0]
+    lane = {-1: 0}
     taken: dict[int, set[int]] = {}
-    out = [past]
+    out: list[int | None] = []
     for i, parent in enumerate(parents):
-        j = lane[parent + 1]
+        if parent >= 0 and out[parent] is None:
+            out.append(None)
+            continue
+        j = lane[parent]
         used = taken.setdefault(levels[i], set())
         while j in used:
             j += 1
-        used.add(j)
-        lane.append(j)
         plain = past + levels[i]
         slot = plain + LANES * j
-        if slot >= slots - 1 or slot // KEY_BLOCK != plain // KEY_BLOCK:
-            return None
+        if slot >= slots - 1 or slot // KEY_BLOCK != plain // KEY_BLOCK or not apart.isdisjoint(
+                range(plain, slot, LANES)):
+            out.append(None)
+            continue
+        used.add(j)
+        lane[i] = j
         out.append(slot)
     return out
 
@@ -88,6 +108,8 @@ class StaticKV:
         self.placed_anywhere = all(type(layer) is StaticLayer for layer in self.cache.layers)
         if self.placed_anywhere:   # plain full-attention layers: each token written at the slot `place` gives it
             self.cache.layers = [SlotLayer(self.slots) for _ in self.cache.layers]
+        self.apart = slot_sums.for_model(model, self.slots, LANES) if self.placed_anywhere and \
+            self.device.type == "cpu" else frozenset()
         self.max_length = max_length
         self.length = 0
         self.placed: list[int] = []
@@ -96,8 +118,9 @@ class StaticKV:
     @staticmethod
     def slots_for(max_length: int) -> int:
         """max_length, one spare slot (a padded single-token forward writes a row there) and SPARE_LANES lanes of
-        spares for trees (`tree_slots`)."""
-        return max_length + 1 + LANES * SPARE_LANES
+        spares for trees (`tree_slots`), rounded up to whole lanes: the attention sums a last part-lane of keys apart
+        (one scalar at a time, with another exp)."""
+        return -(-(max_length + 1 + LANES * SPARE_LANES) // LANES) * LANES
 
     def get_seq_length(self) -> int:
         return self.length
@@ -109,14 +132,15 @@ class StaticKV:
         """Commit the next forward's rows ([root, node 0, ...] with `parents`; a chain's parents for plain decoding
         and chains) and return their slots: consecutive after the committed ones for a chain; a tree's nodes at
         `tree_slots` where they fit (else consecutive, its off-chain rows then plain decoding's up to rounding: the
-        decoder verifies such a tree's first chain instead, Target.tree_fits).
+        decoder verifies only the nodes that fit, Target.placeable).
         `pad` more rows (copies of the last, never committed) are written to the slot after the highest."""
         n, past = len(parents) + 1, self.length
         if past + n > self.max_length:
             raise DraftsmithError("The compiled target's static cache is full", past + n,
                                   f"It holds {self.max_length} tokens: give a larger --max-new-tokens budget "
                                   "to size it, or run without --compile")
-        placed = None if is_chain(parents) or not self.placed_anywhere else tree_slots(parents, past, self.slots)
+        placed = None if is_chain(parents) or not self.placed_anywhere else tree_slots(parents, past, self.slots,
+                                                                                       self.apart)
         self.placed = placed or list(range(past, past + n))
         self.length = past + n
         if self.placed_anywhere:
@@ -125,11 +149,12 @@ class StaticKV:
                 layer.write_at = write_at
         return self.placed
 
-    def spreads(self, parents: list[int]) -> bool:
-        """Whether `place` would put these rows where each is summed as plain decoding sums it (a chain always; a
-        tree never where the layers place nothing)."""
-        return is_chain(parents) or (self.placed_anywhere and
-                                     tree_slots(parents, self.length, self.slots) is not None)
+    def placeable(self, parents: list[int]) -> list[int]:
+        """The nodes `place` would put where each row is summed as plain decoding sums it (`placeable` above); a
+        chain's all, and all where the layers place nothing (a tree then packed, its off-chain rows up to rounding)."""
+        if is_chain(parents) or not self.placed_anywhere:
+            return list(range(len(parents)))
+        return placeable(parents, self.length, self.slots, self.apart)
 
     @torch.inference_mode()
     def rollback(self, length: int) -> None:

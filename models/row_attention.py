@@ -19,10 +19,11 @@ two rows wide, models/cpu_linear.py); a batched forward of several rows (the pad
 models/static_rows.py); a forward without a mask (transformers skips it for a plain causal prefill). Both size
 checks cost no graph: dynamo builds one-row and one-query graphs of their own anyway.
 
-A tree verify's off-chain rows come closer, not all the way, by where its nodes sit in the cache (models/
-compiled_target.py `tree_slots`): packed one after another, a second child and its subtree would attend their
-ancestors at other cache slots than plain decoding, and the attention's sum over slots would group its terms otherwise;
-spread, a few still round apart (bench/results/cpu-tree-exactness). Installed on CPU targets only (`install`).
+A tree verify's off-chain rows come as close by where its nodes sit in the cache (models/compiled_target.py
+`tree_slots`): packed one after another, a second child and its subtree would attend their ancestors at other cache
+slots than plain decoding, and the attention's sum over slots would group its terms otherwise; spread, and kept within
+the matrix library's blocks of keys (models/slot_sums.py), every fp32 row is plain decoding's bit for bit, while in bf16
+a few still round apart (bench/results/cpu-exact-fp32-trees). Installed on CPU targets only (`install`).
 """
 
 from __future__ import annotations

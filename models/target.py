@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -187,16 +188,16 @@ class Target:
         """The forward plain and speculative decoding run, as a report names it."""
         return self.compiled.describe() if self.compiled is not None else "eager (dynamic KV cache)"
 
-    def tree_fits(self, parents: list[int], cache: DynamicCache | StaticKV) -> bool:
-        """Whether a tree verify after `cache` spreads its nodes where their rows round as plain decoding's (all but a
-        few: bench/results/cpu-tree-exactness): False only where the compiled CPU target (whose chain rows equal plain
-        decoding's bit for bit, models/row_attention.py) would have to pack the tree's nodes (`StaticKV.place`: near a
-        512-slot block of the attention's keys, or past the spare slots); the decoder then verifies the tree's first
-        chain. A cache whose layers place nothing (a sliding-window model's, written by transformers) verifies its
-        trees packed, as before."""
-        if not isinstance(cache, StaticKV) or not self.compiled.row_attention or not cache.placed_anywhere:
-            return True
-        return cache.spreads(parents)
+    def placeable(self, parents: list[int], cache: DynamicCache | StaticKV) -> list[int]:
+        """The nodes of a tree a verify after `cache` places where their rows round as plain decoding's (all in fp32,
+        all but a few in bf16: bench/results/cpu-exact-fp32-trees): every node, but on the compiled CPU target (whose
+        chain rows equal plain decoding's bit for bit, models/row_attention.py) not those that would cross a block of
+        the attention's keys (models/slot_sums.py) or pass the spare slots, nor their descendants (StaticKV.place);
+        the decoder verifies the rest. A cache whose layers place nothing (a sliding-window model's, written by
+        transformers) verifies its trees packed, as before."""
+        if not isinstance(cache, StaticKV) or not self.compiled.row_attention:
+            return list(range(len(parents)))
+        return cache.placeable(parents)
 
     @torch.inference_mode()
     def forward_rows(self, inputs: list[list[int]], cache: RaggedCache | StaticRows,
@@ -457,6 +458,30 @@ def _reachable_hub_id(spec: str) -> str:
                               f"Asset names: {', '.join(sorted(assets.TARGETS))} (hub: {type(err).__name__})") from None
 
 
+def _drop_gguf_flag(config_file: Path) -> None:
+    """A folder converted before this draftsmith kept the GGUF's quantization_config: transformers then flags the
+    plain weights as GGUF-quantized and warns on every load that bf16 computes slowly. Drop it (the cache's own file,
+    rewritten whole)."""
+    raw = json.loads(config_file.read_text())
+    if (raw.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return
+    del raw["quantization_config"]
+    with tempfile.NamedTemporaryFile("w", dir=config_file.parent, prefix=".config-", delete=False) as tmp:
+        tmp.write(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    Path(tmp.name).replace(config_file)
+
+
+def _dequantized() -> dict:
+    """`from_pretrained` arguments that unpack a GGUF's weights into plain tensors: transformers 5.2x keeps them
+    packed in its own GGUF layers where the `kernels` package finds a matmul kernel, and a plain model cannot take
+    packed weights over. Older transformers always unpack (and have no GgufConfig)."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def gguf_to_folder(gguf: Path) -> Path:
     """Dequantise a GGUF checkpoint once into a plain safetensors folder under the cache.
 
@@ -468,11 +493,20 @@ def gguf_to_folder(gguf: Path) -> Path:
     key = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_root() / "targets" / f"{gguf.stem}-{key}"
     if (out / "config.json").exists():
+        _drop_gguf_flag(out / "config.json")
         return out
     print(f"[draftsmith] converting {gguf.name} to safetensors once (cached at {out})", flush=True)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                  **_dequantized())
     plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict(), strict=False)
+    if hasattr(plain.config, "quantization_config"):   # the weights saved are plain: no GGUF flag on later loads
+        del plain.config.quantization_config
+    missing = [k for k in plain.load_state_dict(loaded.state_dict(), strict=False).missing_keys
+               if not (plain.config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing:
+        raise DraftsmithError("The GGUF's weights did not convert into a plain model", f"{len(missing)} unset, e.g. "
+                              f"{missing[:3]}", "Report this with your transformers version; a transformers "
+                              "folder (save_pretrained) of the same model loads as --target meanwhile")
     plain.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,9 @@
 # on the Intel host before: bench/results/cpu-main-ceiling). The target runs
 # compiled (--compile: a static KV cache and an inductor graph, 1-2 min to build once; its linear layers on the
 # kernel measured faster on this CPU, models/cpu_linear.py) in bf16, plain and speculative decoding alike: on a CPU
-# every row of a verified chain then has plain decoding's logits bit for bit (models/row_attention.py) and a tree's
-# off-chain rows up to rounding (bench/results/cpu-tree-exactness): lossless up to near-ties, every divergence audited
+# every row of a verified chain then has plain decoding's logits bit for bit (models/row_attention.py) and, in bf16,
+# a tree's off-chain rows up to rounding (bench/results/cpu-tree-exactness; in fp32 bit for bit too:
+# bench/results/cpu-exact-fp32-trees): lossless up to near-ties, every divergence audited
 # in the report; and on an AMD EPYC (AVX512-BF16) bf16 is the fastest
 # plain decoding (a forward 26 ms vs fp32's 37). --plain-dtypes fp32 times fp32 plain decoding of the same prompts in
 # the same run: the report names the fastest plain decoding and the speedup over it (on a CPU without native bf16,

@@ -362,3 +362,58 @@ def test_draft_sizes_beyond_what_a_step_can_hold_are_refused(root, tmp_path, cap
     assert main(eval_args(root, tmp_path / "out", **flags)) == 2
     clear_error(capsys, seen)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_whose_weights_do_not_convert_is_refused_and_no_folder_is_left(tmp_path, monkeypatch):
+    """models/target.py `gguf_to_folder`: weights transformers loaded in a form the plain model cannot take (packed
+    GGUF layers) left the plain model's own random weights behind without a word (load_state_dict(strict=False));
+    now the conversion is refused and nothing is cached. It asks transformers to unpack the weights."""
+    from draftsmith.errors import DraftsmithError
+    from draftsmith.models import target as target_module
+
+    monkeypatch.setenv("DRAFTSMITH_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    asked = []
+
+    class Packed(torch.nn.Module):        # stands in for a model whose linears stayed GGUF-packed
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_llama(0)
+            self.config = self.inner.config
+
+        def state_dict(self, *a, **k):
+            return {k: v for k, v in self.inner.state_dict().items() if "q_proj" not in k}
+
+    monkeypatch.setattr(target_module.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: asked.append(k) or Packed())
+    with pytest.raises(DraftsmithError, match="did not convert") as err:
+        target_module.gguf_to_folder(tmp_path / "m.gguf")
+    assert "q_proj" in str(err.value)
+    assert not list((tmp_path / "cache").rglob("config.json"))
+    if hasattr(__import__("transformers"), "GgufConfig"):
+        assert asked[0]["quantization_config"].dequantize is True
+
+
+def test_a_cached_target_folder_loses_the_gguf_flag_of_an_older_conversion(tmp_path, monkeypatch):
+    """A folder converted before kept the GGUF's quantization_config (transformers then warns on every load that
+    bf16 runs slowly, and flags plain weights as quantized): the next resolve drops it, and only it."""
+    import hashlib
+
+    from draftsmith.models import target as target_module
+
+    monkeypatch.setenv("DRAFTSMITH_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    stat = gguf.resolve().stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = tmp_path / "cache" / "targets" / f"m-{key}"
+    folder.mkdir(parents=True)
+    flagged = {"model_type": "llama", "quantization_config": {"quant_method": "gguf", "dequantize": False}}
+    (folder / "config.json").write_text(json.dumps(flagged))
+    assert target_module.gguf_to_folder(gguf) == folder
+    assert json.loads((folder / "config.json").read_text()) == {"model_type": "llama"}
+    other = {"model_type": "llama", "quantization_config": {"quant_method": "bitsandbytes"}}
+    (folder / "config.json").write_text(json.dumps(other))
+    target_module.gguf_to_folder(gguf)
+    assert json.loads((folder / "config.json").read_text()) == other
+    assert [p.name for p in folder.iterdir()] == ["config.json"]
