@@ -5,8 +5,8 @@ A tree verify writes an off-chain node a whole number of lanes past its plain-de
 new slot as it would at the old one. torch's CPU flash attention (aten's FlashAttentionKernel.cpp) computes a block
 of up to 512 keys at a time (compiled_target.KEY_BLOCK): scores, their softmax sum lane by lane, then P @ V through
 the platform's matrix library, whose own blocking of the key dimension is neither documented nor fixed: on the
-project CPU (AMD EPYC, torch 2.13) MKL's fp32 product sums keys in blocks of 192 from each 512-key block, or halves
-the block when it is under 384 keys (a 288-slot cache: two of 144), and a key moved across such a boundary is summed
+project CPU (AMD EPYC, torch 2.13) MKL's fp32 product sums keys in halves of a 200-300 slot cache (288 slots: two of
+144) and in blocks of 192 from each 512-key block of a larger one, and a key moved across such a boundary is summed
 in another group (SmolLM2 fp32: 214 of 1,530 off-chain rows differed from plain decoding's by ~1e-4, every one across
 a boundary; bench/results/cpu-exact-fp32-trees).
 
