@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from draftsmith import assets
 from draftsmith.errors import DraftsmithError
+from draftsmith.folders import sha256_of
 from draftsmith.models.batch_cache import RaggedCache
 from draftsmith.models import cpu_linear
 from draftsmith.models.compiled_target import CompiledForward, StaticKV
@@ -458,17 +459,36 @@ def _reachable_hub_id(spec: str) -> str:
                               f"Asset names: {', '.join(sorted(assets.TARGETS))} (hub: {type(err).__name__})") from None
 
 
-def _drop_gguf_flag(config_file: Path) -> None:
-    """A folder converted before this draftsmith kept the GGUF's quantization_config: transformers then flags the
-    plain weights as GGUF-quantized and warns on every load that bf16 computes slowly. Drop it (the cache's own file,
-    rewritten whole)."""
-    raw = json.loads(config_file.read_text())
-    if (raw.get("quantization_config") or {}).get("quant_method") != "gguf":
-        return
-    del raw["quantization_config"]
-    with tempfile.NamedTemporaryFile("w", dir=config_file.parent, prefix=".config-", delete=False) as tmp:
-        tmp.write(json.dumps(raw, indent=2, sort_keys=True) + "\n")
-    Path(tmp.name).replace(config_file)
+CONVERSION = 2
+"""The version of what `gguf_to_folder` writes, part of the cache key: 2 unpacks the weights and drops the GGUF's
+quantization_config (1, before, kept it and was keyed by the file's path and mtime, so each install converted again)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _content_key(path: str, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(f"{sha256_of(Path(path))}:{CONVERSION}".encode()).hexdigest()[:16]
+
+
+def cache_folder(gguf: Path) -> Path:
+    """Where `gguf_to_folder` keeps a GGUF's conversion: named by the file's content (sha256, hashed once per
+    process and file version: 0.1-0.3 s for SmolLM2's 98 MB) and CONVERSION, so a reinstall of the same asset (at
+    another path, with a new mtime) finds the folder converted before."""
+    gguf = Path(gguf).resolve()
+    stat = gguf.stat()
+    return cache_root() / "targets" / f"{gguf.stem}-{_content_key(str(gguf), stat.st_size, stat.st_mtime_ns)}"
+
+
+def _name_other_conversions(out: Path) -> None:
+    """Before a conversion: name the cached conversions of other files of the same name (an older draftsmith's,
+    keyed otherwise, or another version of the file) and their size; they are the user's to delete, not draftsmith's."""
+    stem = out.name.rsplit("-", 1)[0]
+    others = sorted(p for p in out.parent.iterdir() if p != out and p.is_dir()
+                    and re.fullmatch(rf"{re.escape(stem)}-[0-9a-f]{{16}}", p.name)) if out.parent.is_dir() else []
+    if others:
+        size = sum(f.stat().st_size for p in others for f in p.rglob("*") if f.is_file())
+        print(f"[draftsmith] {out.parent} also holds {len(others)} conversion(s) of other {stem}.gguf files "
+              f"({size / 2**20:.0f} MiB: {', '.join(p.name for p in others)}), from an older draftsmith or another "
+              "version of the file: delete those no longer used to free the space", flush=True)
 
 
 def _dequantized() -> dict:
@@ -488,14 +508,12 @@ def gguf_to_folder(gguf: Path) -> Path:
     transformers refuses `save_pretrained` on a GGUF-loaded model (it is flagged quantized), so the
     weights are copied into a fresh `from_config` model first.
     """
-    gguf = Path(gguf).resolve()
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_root() / "targets" / f"{gguf.stem}-{key}"
+    out = cache_folder(gguf)
     if (out / "config.json").exists():
-        _drop_gguf_flag(out / "config.json")
         return out
-    print(f"[draftsmith] converting {gguf.name} to safetensors once (cached at {out})", flush=True)
+    print(f"[draftsmith] converting {Path(gguf).name} to safetensors once (cached at {out})", flush=True)
+    _name_other_conversions(out)
+    gguf = Path(gguf).resolve()
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
                                                   **_dequantized())
     plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)

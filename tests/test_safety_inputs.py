@@ -394,26 +394,31 @@ def test_a_gguf_whose_weights_do_not_convert_is_refused_and_no_folder_is_left(tm
         assert asked[0]["quantization_config"].dequantize is True
 
 
-def test_a_cached_target_folder_loses_the_gguf_flag_of_an_older_conversion(tmp_path, monkeypatch):
-    """A folder converted before kept the GGUF's quantization_config (transformers then warns on every load that
-    bf16 runs slowly, and flags plain weights as quantized): the next resolve drops it, and only it."""
-    import hashlib
-
+def test_a_converted_target_is_found_by_its_content_after_a_reinstall(tmp_path, monkeypatch, capsys):
+    """The conversion cache was keyed by the GGUF's path and mtime, so every fresh install of the asset package (a
+    new venv, a new mtime) converted the same 98 MB file again into another 538 MB folder. Now the key is the file's
+    content: the same bytes elsewhere find the folder; other bytes of the same name convert, naming the folder left."""
     from draftsmith.models import target as target_module
 
     monkeypatch.setenv("DRAFTSMITH_CACHE", str(tmp_path / "cache"))
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF")
-    stat = gguf.resolve().stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = tmp_path / "cache" / "targets" / f"m-{key}"
+    first, again, other = (tmp_path / d / "m.gguf" for d in ("venv1", "venv2", "venv3"))
+    for path, data in ((first, b"GGUF one"), (again, b"GGUF one"), (other, b"GGUF two")):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    os.utime(again, ns=(1, 1))
+    folder = target_module.cache_folder(first)
+    assert folder.parent == tmp_path / "cache" / "targets" and folder.name.startswith("m-")
     folder.mkdir(parents=True)
-    flagged = {"model_type": "llama", "quantization_config": {"quant_method": "gguf", "dequantize": False}}
-    (folder / "config.json").write_text(json.dumps(flagged))
-    assert target_module.gguf_to_folder(gguf) == folder
-    assert json.loads((folder / "config.json").read_text()) == {"model_type": "llama"}
-    other = {"model_type": "llama", "quantization_config": {"quant_method": "bitsandbytes"}}
-    (folder / "config.json").write_text(json.dumps(other))
-    target_module.gguf_to_folder(gguf)
-    assert json.loads((folder / "config.json").read_text()) == other
-    assert [p.name for p in folder.iterdir()] == ["config.json"]
+    (folder / "config.json").write_text("{}")
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(target_module.AutoModelForCausalLM, "from_pretrained", no_conversion)
+    assert target_module.gguf_to_folder(again) == folder
+    assert target_module.cache_folder(other) != folder
+    with pytest.raises(AssertionError, match="converted again"):
+        target_module.gguf_to_folder(other)
+    said = capsys.readouterr().out
+    assert "also holds 1 conversion(s) of other m.gguf files" in said and folder.name in said
+    assert (folder / "config.json").exists()
