@@ -35,7 +35,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA) | native (bf16 where the device "
+                   "computes it natively: CUDA, a CPU with AVX512-BF16 or AMX; else fp32) | fp32 | bf16 | fp16")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--no-hf-assisted", action="store_true", help="skip transformers' assisted generation")
     p.add_argument("--batch-size", type=_batch_sizes, default=(1,),

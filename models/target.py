@@ -13,6 +13,7 @@ import inspect
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,14 +63,30 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 """The precisions a target loads in, by name (`auto` aside)."""
 
 
+def native_bf16(device: str) -> bool:
+    """Does `device` compute bf16 natively: a CUDA GPU with bf16, or a CPU whose oneDNN has bf16 kernels (AVX512-BF16,
+    AMX; torch's own test, the trainer's too)? Elsewhere (an AVX2 CPU) bf16 is emulated: a forward over several
+    tokens costs several times fp32's, and its products over one row and several do not round alike, so speculative
+    decoding loses plain decoding's outputs (bench/results/cpu-avx2)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """`auto` means bf16 on CUDA and fp32 on CPU (fp32 keeps CPU greedy equality exact)."""
+    """`auto` means bf16 on CUDA and fp32 on CPU (fp32 keeps CPU greedy equality exact); `native` bf16 where the
+    device computes it natively (`native_bf16`), else fp32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if dtype == "native":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     if dtype not in DTYPES:
-        raise DraftsmithError("Unknown dtype", dtype, f"Use one of: auto, {', '.join(DTYPES)}")
+        raise DraftsmithError("Unknown dtype", dtype, f"Use one of: auto, native, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -394,6 +411,10 @@ def load_target(spec: str, dtype: str | torch.dtype | None = "auto", device: str
     """Load a frozen target from an asset name, a transformers folder, a GGUF file or a hub id."""
     device = check_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if torch_dtype == torch.bfloat16 and not str(device).startswith("cuda") and not native_bf16(device):
+        print("[draftsmith] bf16 is emulated on this CPU (oneDNN has no bf16 kernels here: no AVX512-BF16 or AMX): a "
+              "forward over several tokens costs several times fp32's, and speculative decoding does not keep plain "
+              "decoding's exact outputs in it. --dtype native (or fp32) loads fp32 here.", file=sys.stderr, flush=True)
     folder, name = resolve_model_folder(spec)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(folder)

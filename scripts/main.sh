@@ -17,9 +17,10 @@
 # a tree's off-chain rows up to rounding (bench/results/cpu-tree-exactness; in fp32 bit for bit too:
 # bench/results/cpu-exact-fp32-trees): lossless up to near-ties, every divergence audited
 # in the report; and on an AMD EPYC (AVX512-BF16) bf16 is the fastest
-# plain decoding (a forward 26 ms vs fp32's 37). --plain-dtypes fp32 times fp32 plain decoding of the same prompts in
-# the same run: the report names the fastest plain decoding and the speedup over it (on a CPU without native bf16,
-# pass --dtype fp32 --plain-dtypes bf16 after the script's name).
+# plain decoding (a forward 26 ms vs fp32's 37). --dtype native is bf16 where the CPU computes it natively
+# (AVX512-BF16, AMX) and fp32 elsewhere: on an AVX2 CPU bf16 is emulated, a verify costs several times fp32's and
+# loses plain decoding's outputs (bench/results/cpu-avx2). --plain-dtypes fp32,bf16 times plain decoding of the same
+# prompts in the other precision too: the report names the fastest plain decoding and the speedup over it.
 # Extra arguments go to `draftsmith eval` (e.g. --num-prompts 80). A finished run is reused: pass
 # DRAFTSMITH_RETRAIN=1 to train again.
 set -euo pipefail
@@ -36,5 +37,5 @@ if [ -n "${DRAFTSMITH_RETRAIN:-}" ] || [ ! -f "$RUN/summary.json" ]; then
 fi
 draftsmith export "$RUN" --format speculators --out "$RUN/speculators" --overwrite
 draftsmith eval --target smollm2-135m-instruct --drafter "prompt-lookup+$RUN/speculators" --bench mt_bench \
-  --num-prompts 20 --max-new-tokens 128 --k auto --tree dynamic:8,4,6 --temperature 0 --dtype bf16 --plain-dtypes fp32 --compile --out "$RUN/eval" \
+  --num-prompts 20 --max-new-tokens 128 --k auto --tree dynamic:8,4,6 --temperature 0 --dtype native --plain-dtypes fp32,bf16 --compile --out "$RUN/eval" \
   --overwrite "$@"

@@ -92,6 +92,31 @@ def test_plain_decoding_in_other_precisions_names_the_fastest(tiny_folders, tmp_
     assert "## Plain decoding in each precision" in md and "| speedup_over_fastest_plain |" in md
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_dtype_native_is_bf16_only_where_the_cpu_computes_it(tiny_folders, tmp_path, monkeypatch, capsys, native):
+    """--dtype native (scripts/main.sh's): bf16 where the CPU has oneDNN bf16 kernels, else fp32 -- on an AVX2 CPU
+    bf16 is emulated, a verify costs several times fp32's and speculative decoding lost plain decoding's outputs
+    on 7 of 10 prompts (bench/results/cpu-avx2). --plain-dtypes fp32,bf16 then times the other precision only. An
+    explicit bf16 on such a CPU loads, with a warning that says so and what to pass."""
+    from draftsmith.models import target as target_module
+    from draftsmith.train import trainer
+
+    monkeypatch.setattr(target_module, "native_bf16", lambda device: native)
+    monkeypatch.setattr(trainer, "native_bf16", lambda device: native)
+    out = tmp_path / "report"
+    assert run(["--target", tiny_folders / "target", "--drafter", "prompt-lookup", "--bench",
+                tiny_folders / "bench.jsonl", "--max-new-tokens", 4, "--dtype", "native", "--device", "cpu",
+                "--plain-dtypes", "fp32,bf16", "--no-hf-assisted", "--out", out]) == 0
+    rows = json.loads((out / "report.json").read_text())["plain_by_dtype"]
+    own, other = ("bfloat16", "float32") if native else ("float32", "bfloat16")
+    assert [r["dtype"] for r in rows] == [own, other] and rows[0]["this_run"]
+    emulated = "bf16 is emulated on this CPU"
+    assert (emulated in capsys.readouterr().err) is not native     # the fp32 run's bf16 plain decoding warns
+    target_module.load_target(str(tiny_folders / "target"), "bf16", "cpu")
+    assert (emulated in capsys.readouterr().err) is not native
+    assert trainer.resolve_mixed_precision("auto", "cpu") == ("bf16" if native else "no")
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--bench", "nope"], "Unknown benchmark|unknown bench"),
     (["--drafter", "no-such-drafter"], "Unknown drafter"),

@@ -29,6 +29,7 @@ from draftsmith.distill.objective import Objective
 from draftsmith.errors import DraftsmithError
 from draftsmith.folders import disk_full_error
 from draftsmith.models.lora import count_parameters
+from draftsmith.models.target import native_bf16
 from draftsmith.train import state as training_state
 from draftsmith.train.checkpoints import file_digests, is_complete, list_checkpoints, read_meta, remove_checkpoint
 from draftsmith.train.data import BatchSchedule, collate
@@ -72,10 +73,7 @@ def resolve_mixed_precision(name: str, device: str) -> str:
         return name
     if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    try:
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
-    except (AttributeError, RuntimeError):
-        return "no"
+    return "bf16" if native_bf16(device) else "no"
 
 
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
