@@ -65,9 +65,9 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 def native_bf16(device: str) -> bool:
     """Does `device` compute bf16 natively: a CUDA GPU with bf16, or a CPU whose oneDNN has bf16 kernels (AVX512-BF16,
-    AMX; torch's own test, the trainer's too)? Elsewhere (an AVX2 CPU) bf16 is emulated: a forward over several
-    tokens costs several times fp32's, and its products over one row and several do not round alike, so speculative
-    decoding loses plain decoding's outputs (bench/results/cpu-avx2)."""
+    AMX; torch's own test, the trainer's too)? Elsewhere (an AVX2 CPU) bf16 is emulated: on an AVX2 AMD EPYC a compiled
+    bf16 forward over 8 tokens cost 1.6x fp32's (16: 2.3x) and bf16 speculative decoding kept plain decoding's
+    outputs on 3 of 10 prompts (bench/results/cpu-avx2)."""
     if str(device).startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
@@ -413,8 +413,9 @@ def load_target(spec: str, dtype: str | torch.dtype | None = "auto", device: str
     torch_dtype = resolve_dtype(dtype, device)
     if torch_dtype == torch.bfloat16 and not str(device).startswith("cuda") and not native_bf16(device):
         print("[draftsmith] bf16 is emulated on this CPU (oneDNN has no bf16 kernels here: no AVX512-BF16 or AMX): a "
-              "forward over several tokens costs several times fp32's, and speculative decoding does not keep plain "
-              "decoding's exact outputs in it. --dtype native (or fp32) loads fp32 here.", file=sys.stderr, flush=True)
+              "verify over several tokens costs more than in fp32, and on such a CPU bf16 speculative decoding lost "
+              "plain decoding's outputs on 7 of 10 prompts (bench/results/cpu-avx2). --dtype native (or fp32) loads "
+              "fp32 here.", file=sys.stderr, flush=True)
     folder, name = resolve_model_folder(spec)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
