@@ -95,7 +95,7 @@ def test_plain_decoding_in_other_precisions_names_the_fastest(tiny_folders, tmp_
 @pytest.mark.parametrize("native", [True, False])
 def test_dtype_native_is_bf16_only_where_the_cpu_computes_it(tiny_folders, tmp_path, monkeypatch, capsys, native):
     """--dtype native (scripts/main.sh's): bf16 where the CPU has oneDNN bf16 kernels, else fp32 -- on an AVX2 CPU
-    bf16 is emulated, a verify costs several times fp32's and speculative decoding lost plain decoding's outputs
+    bf16 is emulated, an 8-token verify costs 1.6x fp32's and speculative decoding lost plain decoding's outputs
     on 7 of 10 prompts (bench/results/cpu-avx2). --plain-dtypes fp32,bf16 then times the other precision only. An
     explicit bf16 on such a CPU loads, with a warning that says so and what to pass."""
     from draftsmith.models import target as target_module
