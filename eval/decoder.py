@@ -60,6 +60,9 @@ class GenerationResult:
     predicted: list[tuple[int, float, bool]] = field(default_factory=list)
     draft_s: float = 0.0                                 # seconds in propose()
     verify_s: float = 0.0                                # seconds in the target's verify forwards
+    # draft nodes left unverified because the target could not place their rows where they sum as plain
+    # decoding's (Target.placeable: the compiled CPU target's static cache); 0 elsewhere
+    unplaced: int = 0
     observe_s: float = 0.0                               # seconds in observe() after each step
     prefill_s: float = 0.0                               # seconds reading the prompt (first token, first observe)
     stop_reason: str = "max_new_tokens"
@@ -234,6 +237,7 @@ def speculative_generate(target: Target, proposer: Proposer, prompt_ids: list[in
         if not step.chain:
             placed = target.placeable(step.parents, cache)
             if len(placed) < len(step.parents):
+                result.unplaced += len(step.parents) - len(placed)
                 step.keep(placed)          # verified exactly, where the whole tree would not be
         # 2. verify: one forward over the last token and the draft nodes
         verify_start = time.perf_counter()

@@ -348,7 +348,8 @@ class Runner:
             records.append(PromptRecord(
                 id=item.id, turn=turn + 1, prompt_tokens=len(prompt), ar_tokens=ar.tokens, ar_s=ar_s,
                 sd_tokens=sd.tokens, sd_s=sd_s, proposed=sd.proposed, accepted=sd.accepted, emitted=sd.emitted,
-                depth=sd.depth, draft_s=sd.draft_s, verify_s=sd.verify_s, predicted=sd.predicted,
+                depth=sd.depth, draft_s=sd.draft_s, verify_s=sd.verify_s, unplaced=sd.unplaced,
+                predicted=sd.predicted,
                 hf_tokens=hf, hf_s=hf_s, timing_order=order,
                 divergence=_divergence(t, prompt, ar.tokens, sd.tokens) if greedy else None,
                 hf_divergence=_divergence(t, prompt, ar.tokens, hf) if greedy and hf is not None else None,

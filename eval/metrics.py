@@ -33,6 +33,7 @@ class PromptRecord:
     depth: list[int] | None = None         # longest drafted path per step (= proposed for chains)
     draft_s: float = 0.0                   # seconds drafting, and in the target's verify forwards
     verify_s: float = 0.0
+    unplaced: int = 0                      # draft nodes left out to keep every verified row exact (GenerationResult)
     timing_order: str = "ar,sd"            # which decoder ran first (eval/harness.py alternates it per prompt)
     # (depth, predicted, accepted) per verified node whose parent was accepted, when the drafter predicts its
     # own acceptance (a confidence head: GenerationResult.predicted); empty otherwise
@@ -106,6 +107,7 @@ def summarize(records: list[PromptRecord], k: int, greedy: bool) -> dict:
         "draft_ms_per_step": _ratio(sum(r.draft_s for r in records) * 1e3, steps),
         "verify_ms_per_step": _ratio(sum(r.verify_s for r in records) * 1e3, steps),
         "nodes_per_step": acceptance["nodes_per_step"],
+        "unplaced_nodes_per_step": _ratio(sum(r.unplaced for r in records), steps),
         "hf_assisted_tokens_per_s": hf_tps,
         "hf_assisted_speedup": speedup(ar_tokens, ar_s, hf_tokens, hf_s) if hf_tps else None,
         "lossless_match_rate": (sum(r.sd_tokens == r.ar_tokens for r in records) / len(records)

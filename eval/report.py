@@ -61,7 +61,8 @@ def markdown(report: dict) -> str:
         lines[3:3] = [f"**Interrupted: {i['prompts_done']} of {i['prompts_planned']} prompts{sizes} ran; "
                       "every figure covers those.**", ""]
     keys = ["tau", "tau_per_request_mean", "acceptance_rate", "steps", "new_tokens", "ar_tokens_per_s",
-            "sd_tokens_per_s", "speedup", "nodes_per_step", "draft_ms_per_step", "verify_ms_per_step",
+            "sd_tokens_per_s", "speedup", "nodes_per_step", "unplaced_nodes_per_step", "draft_ms_per_step",
+            "verify_ms_per_step",
             "hf_assisted_tokens_per_s", "hf_assisted_speedup",
             "lossless_match_rate", "hf_assisted_match_rate", "divergences_not_near_tie"]
     keys += ["confidence_abs_gap"] if report.get("confidence_abs_gap") is not None else []

@@ -456,6 +456,8 @@ def test_reliability_table_from_hand_made_predictions():
     assert report["confidence_calibrated"] is True
     plain = summarize([record([]), record([])], 2, greedy=True)
     assert plain["confidence_reliability"] is None and plain["confidence_abs_gap"] is None
+    assert plain["unplaced_nodes_per_step"] == 0.0
+    assert summarize([record([], unplaced=3), record([], unplaced=1)], 2, greedy=True)["unplaced_nodes_per_step"] == 1.0
     rule = DraftLengthRule(FLAT)
     assert acceptance_source(None, [record(first)]) == "fixed k"
     assert acceptance_source(rule, [record([]), record(second)]) == "confidence head"

@@ -342,7 +342,14 @@ def test_where_a_tree_cannot_be_spread_whole_the_decoder_verifies_the_nodes_that
     fast = compiled("mm")
     verified = []
     forward = fast.forward
-    monkeypatch.setattr(fast, "placeable", lambda parents, cache: [i for i, p in enumerate(parents) if i < 2 and p < 0])
+    left_out = []
+
+    def first_two_roots(parents, cache):
+        kept = [i for i, p in enumerate(parents) if i < 2 and p < 0]
+        left_out.append(len(parents) - len(kept))
+        return kept
+
+    monkeypatch.setattr(fast, "placeable", first_two_roots)
     monkeypatch.setattr(fast, "forward", lambda ids, cache, *a, parents=None, **kw:
                         verified.append(parents) or forward(ids, cache, *a, parents=parents, **kw))
     ctx = prompts(1, length=8, seed=3)[0]
@@ -350,6 +357,7 @@ def test_where_a_tree_cannot_be_spread_whole_the_decoder_verifies_the_nodes_that
     out = speculative_generate(fast, proposer, ctx, k=4, max_new_tokens=12, tree=TreeShape.parse("dynamic:4,3,10"))
     trees = [p for p in verified if p is not None]
     assert len(verified) > 1 and trees and all(p in ([-1, -1], [-1]) for p in trees)   # the first two root children
+    assert out.unplaced == sum(left_out) > 0              # the report's unplaced_nodes_per_step counts them
     assert out.tokens == autoregressive_generate(fast, ctx, max_new_tokens=12).tokens
 
 
