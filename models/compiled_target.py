@@ -36,8 +36,16 @@ from draftsmith.models.slot_layer import SlotLayer
 from draftsmith.protocol.tree import depths, is_chain
 
 
-LANES = 16
-"""A tree node's slot is its plain-decoding slot plus a multiple of LANES (see `tree_slots`)."""
+def vector_lanes() -> int:
+    """fp32 lanes of the vector type aten's CPU kernels run on this machine: 8 on AVX2, 16 on AVX-512; 16 where not
+    known (a multiple of the usual 8). The attention sums a row's exps lane by lane in this width (`node_slots`)."""
+    return 8 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
+
+
+LANES = vector_lanes()
+"""A tree node's slot is its plain-decoding slot plus a multiple of LANES (see `tree_slots`): the narrower the lane,
+the fewer moves cross a boundary of the matrix library's blocks (models/slot_sums.py), and the fewer nodes are left out
+(on the AVX2 EPYC of 2026-12-07, 8 lanes instead of 16: bench/results/cpu-avx2)."""
 KEY_BLOCK = 512
 """torch's CPU flash attention sums a query's keys in blocks of this many slots, merging the blocks' sums."""
 SPARE_LANES = 4
@@ -64,9 +72,9 @@ def node_slots(parents: list[int], past: int, slots: int, apart: frozenset[int] 
 
     Plain decoding reads a node at depth d at slot past + d, after its ancestors at past .. past + d - 1. Packed one
     after another, a tree's second child (and its subtree) sits at other slots: its row attends the same keys, but
-    the CPU attention sums a row's scores and values lane by lane (slot mod 16 on AVX-512) and the terms then group
-    otherwise (measured on SmolLM2 bf16: 23 of 160 off-chain rows differed from plain decoding's by up to 0.57 on a
-    logit; with the node LANES slots further, 0 of 160; 8 slots further, 4). So node i sits at past + depth +
+    the CPU attention sums a row's scores and values lane by lane (slot mod 16 on AVX-512, 8 on AVX2) and the terms
+    group otherwise (measured on SmolLM2 bf16, AVX-512: 23 of 160 off-chain rows differed from plain decoding's by up
+    to 0.57 on a logit; with the node 16 slots further, 0 of 160; 8 slots further, 4). So node i sits at past + depth +
     LANES * j, where j is the smallest lane index not taken at its depth and no smaller than its parent's (a
     path's slots increase, as plain decoding's do); a chain is j = 0 throughout: past, past + 1, .... A node whose
     slot would fall in another KEY_BLOCK than its plain-decoding slot, across a move `apart` marks (the matrix

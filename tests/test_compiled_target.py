@@ -296,6 +296,14 @@ def test_tree_slots_put_each_node_at_its_plain_slot_plus_whole_lanes():
     assert compiled_target.tree_slots([-1, 0], 10, slots, apart=frozenset({11})) == [10, 11, 12]   # a chain never moves
 
 
+def test_lanes_are_the_cpus_vector_width(monkeypatch):
+    """A node moves by the fp32 lanes aten's vectors hold on this CPU: 8 on AVX2 (half the moves across a matrix
+    library's block boundary that 16 would make, so fewer nodes left out), 16 on AVX-512 and where not known."""
+    for capability, lanes in (("AVX2", 8), ("AVX512", 16), ("DEFAULT", 16)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert compiled_target.vector_lanes() == lanes
+
+
 def test_the_cache_places_a_tree_spread_where_it_fits_and_packed_where_not():
     """StaticKV.place: a chain and plain decoding consecutive; a tree at `tree_slots`, its pad row after its last
     slot; a tree past the spare slots packed one after another (rows then up to rounding); `keep` reads the slots."""
