@@ -47,8 +47,8 @@ def precision_row(runner, dtype: str, prompts: list[list[int]], reference: list[
 
 
 def fastest_plain(report: dict, rows: list[dict]) -> None:
-    """Add the table's own row (the run's plain decoding), the fastest plain decoding and the speculative decoder's
-    speedup over it to `report`."""
+    """Add the table's own row (the run's plain decoding), the fastest plain decoding, the speculative decoder's
+    speedup over it and the τ at which it would break even to `report`."""
     own = {"dtype": report["baseline"]["dtype"], "forward": report["baseline"]["forward"],
            "plain_tokens_per_s": report["ar_tokens_per_s"], "this_run": True}
     table = [own] + rows
@@ -58,3 +58,6 @@ def fastest_plain(report: dict, rows: list[dict]) -> None:
     sd = report.get("sd_tokens_per_s")
     report["speedup_over_fastest_plain"] = sd / fastest["plain_tokens_per_s"] if sd and fastest["plain_tokens_per_s"] \
         else None
+    over, tau = report["speedup_over_fastest_plain"], report.get("tau")
+    # the τ at which this run's steps, at their measured cost, would emit tokens as fast as the fastest plain decoding
+    report["break_even_tau"] = tau / over if over and tau else None

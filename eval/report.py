@@ -93,7 +93,7 @@ def markdown(report: dict) -> str:
                   "|---|" + "---|" * len(curve["tokens"]),
                   "| ms | " + " | ".join(f"{ms:.1f}" for ms in curve["ms"]) + " |", ""]
     lines += _batched(report.get("batched"))
-    lines += _precisions(report.get("plain_by_dtype"), report.get("sd_tokens_per_s"))
+    lines += _precisions(report)
     reliability = report.get("confidence_reliability")
     if reliability:
         lines += ["## Confidence head reliability", "",
@@ -125,8 +125,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _precisions(rows: list | None, sd_tokens_per_s: float | None) -> list[str]:
-    """Plain decoding in each precision asked (--plain-dtypes), the run's own first (eval/precision_eval.py)."""
+def _precisions(report: dict) -> list[str]:
+    """Plain decoding in each precision asked (--plain-dtypes), the run's own first (eval/precision_eval.py), and
+    what speculative decoding would need to beat the fastest of them."""
+    rows, sd_tokens_per_s = report.get("plain_by_dtype"), report.get("sd_tokens_per_s")
     if not rows:
         return []
     lines = ["## Plain decoding in each precision", "",
@@ -139,7 +141,15 @@ def _precisions(rows: list | None, sd_tokens_per_s: float | None) -> list[str]:
         same = "(this run)" if r.get("this_run") else _fmt(r.get("same_outputs_as_run"))
         lines.append(f"| {r['dtype']} | {r['forward']} | {_fmt(r['plain_tokens_per_s'], '.1f')} | {_fmt(over, '.3f')} "
                      f"| {same} |")
-    return lines + [""]
+    lines.append("")
+    over, even, best = report.get("speedup_over_fastest_plain"), report.get("break_even_tau"), report["fastest_plain"]
+    if over and even:
+        cost = f"at this run's cost per step it breaks even at τ {even:.2f} (τ {report['tau']:.2f})"
+        lines += [f"**Speculative decoding is slower than {best['dtype']} plain decoding here** ({over:.3f}x): {cost}. "
+                  f"Raise acceptance (a longer-trained drafter) or cheapen a step, or decode plainly in {best['dtype']}."
+                  if over < 1 else f"Speculative decoding is {over:.3f}x the fastest plain decoding ({best['dtype']}): "
+                  f"{cost}.", ""]
+    return lines
 
 
 def _batched(rows: list | None) -> list[str]:

@@ -90,6 +90,11 @@ def test_plain_decoding_in_other_precisions_names_the_fastest(tiny_folders, tmp_
     assert report["speedup_over_fastest_plain"] <= report["speedup"] + 1e-9
     md = (out / "report.md").read_text()
     assert "## Plain decoding in each precision" in md and "| speedup_over_fastest_plain |" in md
+    over = report["speedup_over_fastest_plain"]
+    assert report["break_even_tau"] == pytest.approx(report["tau"] / over)
+    verdict = f"slower than {fastest['dtype']} plain decoding here** ({over:.3f}x)" if over < 1 else \
+        f"Speculative decoding is {over:.3f}x the fastest plain decoding ({fastest['dtype']})"
+    assert verdict in md and f"breaks even at τ {report['break_even_tau']:.2f}" in md
 
 
 @pytest.mark.parametrize("native", [True, False])
