@@ -337,9 +337,10 @@ def test_where_a_tree_cannot_be_spread_whole_the_decoder_verifies_the_nodes_that
     cache = target.new_cache()
     cache.length = 100
     assert target.placeable(tree, cache) == list(range(6))
-    cache.length = 500                                                      # 501 + 16 is past slot 511
+    block, lanes = compiled_target.KEY_BLOCK, compiled_target.LANES
+    cache.length = block - lanes + 4                                        # depth 1 one lane on: past slot 511
     assert target.placeable(tree, cache) == [0, 3, 5] and target.placeable([-1, 0], cache) == [0, 1]
-    cache.length = 480                                                      # 481 + 32 is past slot 511: one lane
+    cache.length = block - 2 * lanes                                        # two lanes on: past slot 511; one fits
     assert target.placeable(tree, cache) == [0, 1, 3, 4, 5]
     cache.length, cache.apart = 100, frozenset({102})                       # node 4 (depth 2, lane 1) moves apart
     assert target.placeable(tree, cache) == [0, 1, 2, 3, 5]
