@@ -4,10 +4,12 @@ A speculative step runs the head once to observe the accepted rows (fuse + decod
 round (decoder layer + draft LM head, the logits mapped to the target's vocabulary). Each part is timed alone,
 hot (called again and again, its weights in the CPU's caches) and cold (after a sweep over as many bytes as the
 target's weights, which is what the target's verify forward does between two head calls), in the head's dtype
-and in bf16. `floor` is the part's weight bytes at the bandwidth the sweep itself reached: a cold call near its
+and in bf16, on the head's own `nn.Linear` layers or (`--kernel onednn`) packed for oneDNN as `draftsmith eval --compile`
+packs a drafter when the target's layers run oneDNN (models/cpu_linear.py). `floor` is the part's weight bytes at the bandwidth the sweep itself reached: a cold call near its
 floor is bound by reading its weights; far above it, by the per-op work of a small forward.
 
     python bench/head_cost.py --drafter runs/eagle3-cpu-quick/speculators --rows 1,2,3
+    python bench/head_cost.py --drafter runs/eagle3-cpu-quick/speculators --rows 1,2,4 --dtypes fp32 --kernel onednn
 
 Run it on a quiet machine (two torch processes on 2 cores slow each other several times over).
 """
@@ -19,7 +21,7 @@ import time
 
 import torch
 
-from draftsmith.models import load_drafter, load_target
+from draftsmith.models import cpu_linear, load_drafter, load_target
 from draftsmith.models.row_batch import Feed
 
 CONTEXT = 100
@@ -30,12 +32,14 @@ def weight_bytes(*modules) -> int:
     return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
 
-def proposer_in(spec: str, target, dtype: torch.dtype):
+def proposer_in(spec: str, target, dtype: torch.dtype, kernel: str = "mm"):
     p = load_drafter(spec, target)
     if not hasattr(p, "head"):
         raise SystemExit(f"{spec} is not an EAGLE-style head (no .head): this bench times EAGLE / EAGLE-3 heads")
     p.head.to(dtype)
     p.dtype = dtype
+    if kernel == "onednn":
+        cpu_linear.pack_drafter(p, {id(w) for w in target.model.parameters()})
     return p
 
 
@@ -84,10 +88,14 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,3", help="rows a decoder-layer call reads (observe: the accepted ones)")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--reps", type=int, default=31)
+    ap.add_argument("--kernel", default="mm", choices=("mm", "onednn"),
+                    help="the head's linear layers as loaded (mm) or packed for oneDNN, as --compile decodes with them")
     args = ap.parse_args()
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     names = args.dtypes.split(",")
     rows = [r for r in args.rows.split(",") if r]
+    if args.kernel == "onednn" and not cpu_linear.onednn_available():
+        raise SystemExit("head_cost: --kernel onednn needs a CPU torch built with oneDNN; use --kernel mm")
     if set(names) - set(dtypes) or not all(r.isdigit() and int(r) > 0 for r in rows):
         raise SystemExit(f"head_cost: --dtypes takes fp32 and/or bf16 (seen {args.dtypes!r}) and --rows positive "
                          f"integers (seen {args.rows!r}); e.g. --dtypes fp32,bf16 --rows 1,2,3")
@@ -101,11 +109,12 @@ def main() -> None:
             sweep.sum()
         bandwidth = 5 * sweep.numel() * 4 / (time.perf_counter() - start)
     print(f"target weights {weight_bytes(target.model) / 2**20:.0f} MiB; a sweep over them reads {bandwidth / 1e9:.1f} "
-          f"GB/s; torch threads {torch.get_num_threads()}, torch {torch.__version__}\n")
+          f"GB/s; torch threads {torch.get_num_threads()}, torch {torch.__version__}; the head's linear layers on "
+          f"{args.kernel}\n")
     print("| dtype | part | weights MiB | hot ms | cold ms | floor ms (weights at the sweep's GB/s) |")
     print("|---|---|---|---|---|---|")
     for name in names:
-        p = proposer_in(args.drafter, target, dtypes[name])
+        p = proposer_in(args.drafter, target, dtypes[name], args.kernel)
         taps = len(p.hidden_layers)
         seen = set()
         for rows in map(int, rows):
