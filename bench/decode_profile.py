@@ -15,7 +15,10 @@ speedup of `--goal` (default 1.4).
         --k 1,2,3,4,6,8,auto --tree "none;dynamic:4,4,16" --num-prompts 8 --max-new-tokens 96
 
 `--dtype bf16` and `--compile` (the target through eval's static cache and compiled forward) profile the fast
-paths the same way. Run it on a quiet machine (DESIGN.md: two torch processes on 2 cores slow each other 5-10x).
+paths the same way. `--plain-dtype bf16` (beside `--dtype fp32`, say) also times plain decoding of the same prompts
+with the target in that precision, per prompt beside the rest, and gives each setting's speedup, and its free-drafting
+bound, over the faster of the two plain decodings (what `draftsmith eval --plain-dtypes` calls the fastest plain).
+Run it on a quiet machine (DESIGN.md: two torch processes on 2 cores slow each other 5-10x).
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ def main() -> None:
     ap.add_argument("--linear-kernel", default="auto", choices=("auto", "mm", "onednn"),
                     help="with --compile: the target's linear layers' kernel (auto: the faster here, models/cpu_linear.py)")
     ap.add_argument("--goal", type=float, default=1.4, help="the speedup whose required tau the table gives")
+    ap.add_argument("--plain-dtype", default=None,
+                    help="also time plain decoding with the target in this precision (e.g. bf16 beside --dtype fp32)")
     args = ap.parse_args()
     ks = args.k.split(",")
     trees = args.tree.split(";")
@@ -91,6 +96,14 @@ def main() -> None:
           ", ".join(f"{n}: {s * 1e3:.1f}" for n, s in zip(curve.sizes, curve.seconds)), flush=True)
     limits = dict(max_new_tokens=args.max_new_tokens, eos_token_ids=eos)
     autoregressive_generate(target, prompts[0], max_new_tokens=8)          # warm-up
+    alt = None
+    if args.plain_dtype:               # the same target in another precision, plain decoding only
+        alt = load_target(args.target, args.plain_dtype)
+        if args.compile:
+            alt.compile(target.static_length)
+        print(f"plain decoding also in {alt.dtype}: {alt.describe_forward()}", flush=True)
+        autoregressive_generate(alt, prompts[0], max_new_tokens=8)         # warm-up: its graphs
+    alt_s, alt_tokens = 0.0, 0
     ar_s, ar_tokens, ar_out = 0.0, 0, []
     runs = []
     for spec in args.drafter:
@@ -115,6 +128,10 @@ def main() -> None:
         ar = autoregressive_generate(target, prompt, **limits)
         ar_s += time.perf_counter() - start
         ar_tokens += len(ar.tokens)
+        if alt is not None:
+            start = time.perf_counter()
+            alt_tokens += len(autoregressive_generate(alt, prompt, **limits).tokens)
+            alt_s += time.perf_counter() - start
         for r in runs:
             before = r["forwards"][0]
             start = time.perf_counter()
@@ -157,6 +174,19 @@ def main() -> None:
               f"| {r['calls'] / steps:.2f} | {tps:.1f} | {tps / ar_tps:.2f}x | {per['verify']:.1f} | {per['draft']:.1f} "
               f"| {per['observe']:.1f} | {other:.1f} | {per['prefill']:.1f} | {free:.2f}x | {needed:.2f} "
               f"| {r['lossless']}/{len(prompts)} |", flush=True)
+    if alt is not None:               # against the faster plain decoding of the two precisions
+        alt_tps = alt_tokens / alt_s
+        fastest = max(ar_tps, alt_tps)
+        name = str(alt.dtype if alt_tps > ar_tps else target.dtype).replace("torch.", "")
+        print(f"\nplain decoding in {str(alt.dtype).replace('torch.', '')}: {alt_tps:.1f} tok/s; the fastest plain: "
+              f"{name}, {fastest:.1f} tok/s\n")
+        print("| drafter | setting | SD tok/s | over the fastest plain | free drafting over it |")
+        print("|---|---|---|---|---|")
+        for r in runs:
+            tps = r["tokens"] / r["s"]
+            free = r["tokens"] / (r["s"] - r["draft"] - r["observe"])
+            print(f"| {r['drafter']} | {r['name']} | {tps:.1f} | {tps / fastest:.2f}x | {free / fastest:.2f}x |",
+                  flush=True)
     for r in runs:     # a drafter that predicts its own acceptance (a confidence head): how well, per position
         if r["predicted"]:
             cells = [f"pos {row['position']}: predicted {row['predicted']:.3f} measured {row['measured']:.3f} "

@@ -4,9 +4,10 @@ A speculative step runs the head once to observe the accepted rows (fuse + decod
 round (decoder layer + draft LM head, the logits mapped to the target's vocabulary). Each part is timed alone,
 hot (called again and again, its weights in the CPU's caches) and cold (after a sweep over as many bytes as the
 target's weights, which is what the target's verify forward does between two head calls), in the head's dtype
-and in bf16, on the head's own `nn.Linear` layers or (`--kernel onednn`) packed for oneDNN as `draftsmith eval --compile`
-packs a drafter when the target's layers run oneDNN (models/cpu_linear.py). `floor` is the part's weight bytes at the bandwidth the sweep itself reached: a cold call near its
-floor is bound by reading its weights; far above it, by the per-op work of a small forward.
+and in bf16, on the head's own `nn.Linear` layers or (`--kernel onednn`) packed for oneDNN, as `draftsmith eval
+--compile` packs a drafter when the target's layers run oneDNN (models/cpu_linear.py). `floor` is the part's weight
+bytes at the bandwidth the sweep itself reached: a cold call near its floor is bound by reading its weights; far above
+it, by the per-op work of a small forward.
 
     python bench/head_cost.py --drafter runs/eagle3-cpu-quick/speculators --rows 1,2,3
     python bench/head_cost.py --drafter runs/eagle3-cpu-quick/speculators --rows 1,2,4 --dtypes fp32 --kernel onednn
