@@ -35,7 +35,9 @@ from draftsmith.eval.draft_length import DraftLengthRule, measure_cost_curve
 from draftsmith.eval.harness import encode_turn, eos_ids
 from draftsmith.eval.metrics import reliability_by_position
 from draftsmith.metric_modules.acceptance.acceptance_figures import acceptance_figures
+from draftsmith.errors import DraftsmithError
 from draftsmith.models import load_drafter, load_target
+from draftsmith.models.target import resolve_dtype
 from draftsmith.protocol.proposer import held_modules
 from draftsmith.protocol.drafting import TreeShape
 
@@ -80,6 +82,11 @@ def main() -> None:
     ap.add_argument("--plain-dtype", default=None,
                     help="also time plain decoding with the target in this precision (e.g. bf16 beside --dtype fp32)")
     args = ap.parse_args()
+    for flag, dtype in (("--dtype", args.dtype), ("--plain-dtype", args.plain_dtype)):
+        try:                           # before minutes of loading and compiling
+            resolve_dtype(dtype, "cpu")
+        except DraftsmithError as e:
+            ap.error(f"{flag}: {e}")
     ks = args.k.split(",")
     trees = args.tree.split(";")
 
@@ -167,7 +174,8 @@ def main() -> None:
         tps = r["tokens"] / r["s"]
         alphas = acceptance_figures(r["accepted"], r["proposed"], r["depths"], k=4)["acceptance_by_position"]
         alpha = "/".join("-" if a is None else f"{a:.2f}" for a in alphas[:4])
-        free = r["tokens"] / (r["s"] - r["draft"] - r["observe"]) / ar_tps
+        r["free_tps"] = r["tokens"] / (r["s"] - r["draft"] - r["observe"])    # tok/s were drafting free
+        free = r["free_tps"] / ar_tps
         # (τ' × steps + the prefills' first tokens) / s = goal × AR tok/s, at the same steps and seconds
         needed = (args.goal * ar_tps * r["s"] - (r["tokens"] - r["emitted"])) / steps
         print(f"| {r['drafter']} | {r['name']} | {r['emitted'] / steps:.3f} | {alpha} | {r['nodes'] / steps:.2f} "
@@ -184,9 +192,8 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for r in runs:
             tps = r["tokens"] / r["s"]
-            free = r["tokens"] / (r["s"] - r["draft"] - r["observe"])
-            print(f"| {r['drafter']} | {r['name']} | {tps:.1f} | {tps / fastest:.2f}x | {free / fastest:.2f}x |",
-                  flush=True)
+            print(f"| {r['drafter']} | {r['name']} | {tps:.1f} | {tps / fastest:.2f}x "
+                  f"| {r['free_tps'] / fastest:.2f}x |", flush=True)
     for r in runs:     # a drafter that predicts its own acceptance (a confidence head): how well, per position
         if r["predicted"]:
             cells = [f"pos {row['position']}: predicted {row['predicted']:.3f} measured {row['measured']:.3f} "
