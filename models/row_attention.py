@@ -58,6 +58,8 @@ def install(model: torch.nn.Module) -> bool:
     as sdpa's). Returns whether it was installed."""
     if AttentionInterface is None:
         return False
+    if getattr(model.config, "_attn_implementation", None) == NAME:   # a second compile of the same model
+        return True
     if getattr(model.config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
         return False
     AttentionInterface.register(NAME, row_invariant_sdpa)

@@ -474,6 +474,19 @@ def _tree_rows(target, ctx, seq, start, tree, parents):
     return target.forward(tree, cache, (1,), parents=parents)
 
 
+def test_a_second_compile_of_the_same_model_keeps_the_row_invariant_attention():
+    """bench/target_cost_curves.py compiles one model once per path: the second compile found the attention installed
+    already, took it for not-sdpa and put sdpa back, so the second curve timed sdpa's attention."""
+    model = sticky_target(3.0).model
+    first = compiled_target.CompiledForward(model, "mm")
+    second = compiled_target.CompiledForward(model, "mm")
+    assert first.row_attention and second.row_attention
+    assert model.config._attn_implementation == row_attention.NAME
+    assert "row-invariant attention" in second.describe()
+    compiled_target.CompiledForward(model, "mm", row_invariant=False)       # a `-sdpa` path: sdpa again
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_the_row_invariant_attention_pads_every_query_block_to_four_rows():
     """The contract models/row_attention.py relies on, checked on the kernel itself: with three extra query rows, a
     row's output is the same bits whatever the number of queries (2-64), masks and grouped heads as the target's; a
