@@ -1,3 +1,5 @@
+"""Throwaway probe (not part of draftsmith): the compiled SmolLM2 target (oneDNN) with and without inductor's C++ wrapper,
+both compiled in one process, then two interleaved rounds of the cost curve. Run from the repository root."""
 import time, torch, sys
 import torch._inductor.config as ic
 from draftsmith.models.target import load_target

@@ -1,3 +1,5 @@
+"""Throwaway probe (not part of draftsmith): torch.profiler over ten compiled SmolLM2 forwards of N tokens with inductor's
+kernel profile on. `python prof2.py onednn 2` from the repository root."""
 import time, torch, sys
 import torch._inductor.config as ic
 ic.cpp.enable_kernel_profile = True
