@@ -185,8 +185,9 @@ def main() -> None:
     if alt is not None:               # against the faster plain decoding of the two precisions
         alt_tps = alt_tokens / alt_s
         fastest = max(ar_tps, alt_tps)
-        name = str(alt.dtype if alt_tps > ar_tps else target.dtype).replace("torch.", "")
-        print(f"\nplain decoding in {str(alt.dtype).replace('torch.', '')}: {alt_tps:.1f} tok/s; the fastest plain: "
+        alt_name, own_name = (str(t.dtype).replace("torch.", "") for t in (alt, target))
+        name = alt_name if alt_tps > ar_tps else own_name
+        print(f"\nplain decoding in {alt_name}: {alt_tps:.1f} tok/s; the fastest plain: "
               f"{name}, {fastest:.1f} tok/s\n")
         print("| drafter | setting | SD tok/s | over the fastest plain | free drafting over it |")
         print("|---|---|---|---|---|")
