@@ -2,8 +2,9 @@
 
 Measured on the project CPU (bench/target_cost_curves.py): SmolLM2-135M's eager forward is bound by per-op
 overhead and by its matrix kernels, not by arithmetic. torch.compile removes the overhead; the linear layers run the
-kernel measured faster on this CPU (models/cpu_linear.py): oneDNN with the weights frozen into the graph and
-prepacked once (inductor's `freezing`), or `mm` on the weights as they are. The forward needs a static cache (fixed
+kernel measured faster on this CPU (models/cpu_linear.py): oneDNN with each weight packed once for it, or `mm` on
+the weights as they are. Either way the weights are inputs of the graph, so inductor caches it: a later run on the
+same model shape compiles in a fraction of the first's time. The forward needs a static cache (fixed
 addresses, so the graph never sees a growing tensor) and explicit masks (every width one graph shape: `dynamic=True`
 compiles one graph for width 1 and one for all wider inputs; with oneDNN no forward is narrower than 2 rows).
 
@@ -23,10 +24,13 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
+import time
 import warnings
 
 import torch
-import torch._inductor.config
+import torch._dynamo.config
+from torch._dynamo.utils import counters
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
@@ -121,7 +125,6 @@ class StaticKV:
         self.max_length = max_length
         self.length = 0
         self.placed: list[int] = []
-        self._unmarked = False
 
     @staticmethod
     def slots_for(max_length: int) -> int:
@@ -187,20 +190,6 @@ class StaticKV:
         self.length = start + len(rows)
         self.sync()
 
-    def unmark_static(self) -> None:
-        """Keep the cache out of inductor's freezing (the oneDNN kernel): transformers marks its tensors as static
-        addresses (for CUDA graphs) when it fills them, and freezing folds static inputs into the graph as
-        constants: the graph would write to and read a frozen copy of the cache. Once every layer holds its
-        tensors (transformers allocates them at a layer's first write) there is nothing left to unmark."""
-        if self._unmarked:
-            return
-        self._unmarked = all(getattr(layer, "is_initialized", False) for layer in self.cache.layers)
-        for layer in self.cache.layers:
-            for name in ("keys", "values", "cumulative_length"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor) and hasattr(t, "_dynamo_static_input_type"):
-                    del t._dynamo_static_input_type
-
     def sync(self) -> None:
         """transformers' StaticLayer writes the next keys at its own running length: keep it equal to ours (after a
         rollback, a keep, or a padded forward that wrote one row more than it committed)."""
@@ -242,11 +231,16 @@ class CompiledForward:
     """The static-cache forward, compiled on first use (module docstring). One module and one set of graphs serve
     every drafter: a forward returns every layer's output (the decoder computes them anyway) and the caller keeps
     the taps it wants. On a CPU the linear layers run the kernel measured faster there (models/cpu_linear.py);
-    with oneDNN the weights are frozen into the graph and no forward is narrower than `min_width` rows."""
+    with oneDNN the model's linear layers are packed for it (in place, the eager forward too) and no forward is
+    narrower than `min_width` rows."""
 
     def __init__(self, model: torch.nn.Module, linear_kernel: str = "auto", row_invariant: bool = True):
-        self.module = _Tapped(model)
+        cpu_linear.unpack(model)                 # compiled before: measure and choose on the plain layers
         self.kernel = cpu_linear.choose(model, linear_kernel)
+        if self.kernel.name == "onednn":
+            cpu_linear.lower_to_onednn()
+            cpu_linear.pack(model)
+        self.module = _Tapped(model)
         self.min_width = self.kernel.min_width
         on_cpu = next(model.parameters()).device.type == "cpu"
         self.row_attention = on_cpu and row_invariant and row_attention.install(model)
@@ -263,10 +257,17 @@ class CompiledForward:
         if ids.shape[1] > 1:
             _dynamic_width(ids, positions, mask, cache, extra)
         try:
-            # freezing is read from inductor's config when a graph is built: torch.compile(options={"freezing":
-            # True}) leaves the weights as graph inputs (torch 2.13), so it is set here, around every call
-            with torch._inductor.config.patch(freezing=self.kernel.frozen):
-                return self.compiled(ids, positions, mask, cache, False, extra)
+            # specialize_float: a float attribute of the model (nn.Embedding's norm_type) would be traced as a
+            # symbol, then specialised by a restart of the whole trace (70 of 100 s of a cached SmolLM2 compile)
+            graphs, started = counters["stats"]["unique_graphs"], time.perf_counter()
+            with torch._dynamo.config.patch(specialize_float=True):
+                out = self.compiled(ids, positions, mask, cache, False, extra)
+            if counters["stats"]["unique_graphs"] != graphs:
+                width = "one token" if ids.shape[1] == 1 else "any width"
+                print(f"[draftsmith] compiled the target's forward for {width} in {time.perf_counter() - started:.0f}"
+                      " s (a later run on this model, dtype and torch loads the graph from inductor's cache, in a "
+                      "fraction of that)", file=sys.stderr, flush=True)
+            return out
         except Exception as e:   # inductor needs a C++ toolchain: say so once and run eager
             if not _is_compile_error(e):
                 raise

@@ -263,8 +263,6 @@ class Target:
             positions += positions[-1:] * pad
         attend = attention_inputs(self.model, see, positions)
         extra = _cache_position(self.model, past, n + pad)
-        if self.compiled.kernel.frozen:
-            cache.unmark_static()
         logits, hidden = self.compiled(ids, attend["position_ids"], attend["attention_mask"], cache.cache, last_only,
                                        extra)
         if pad:

@@ -1,8 +1,11 @@
 """--compile (models/compiled_target.py): the static cache and the compiled forward decode what eager decodes."""
 
+import re
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
 
 from draftsmith.errors import DraftsmithError
 from draftsmith.eval.batched import batched_generate
@@ -114,16 +117,37 @@ def test_a_failed_compile_warns_and_runs_eager(monkeypatch):
 
 
 @pytest.mark.skipif("onednn" not in KERNELS, reason="this torch has no oneDNN")
-def test_onednn_weights_are_frozen_and_prepacked():
-    """torch.compile(options={"freezing": True}) left the weights as graph inputs, run by `mm`; the kernel chosen
-    is now the one the graph runs."""
-    counters["inductor"].clear()
+def test_onednn_weights_are_packed_into_the_layers_and_the_graph_is_cached(capsys):
+    """oneDNN's packed weights are the layers' buffers, inputs of the graph, which calls oneDNN's packed linear on
+    them directly (not the custom op's Python body); not frozen into it as constants, the graph is written to
+    inductor's cache, and a second target of the same shape loads it and decodes the same."""
     target = compiled("onednn")
+    assert not any(type(m) is torch.nn.Linear for m in target.model.modules())
+    linears = 7 * target.num_layers + 1                             # q k v o gate up down a layer, the LM head
+    assert sum(type(m) is cpu_linear.PackedLinear for m in target.model.modules()) == linears
     p = prompts(1, length=10)[0]
-    assert autoregressive_generate(target, p, max_new_tokens=6).tokens == \
-        autoregressive_generate(sticky_target(3.0), p, max_new_tokens=6).tokens
-    assert target.compiled.fallback is None
-    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > 0
+    out, code = run_and_get_code(autoregressive_generate, target, p, max_new_tokens=6)    # compiles afresh
+    plain = autoregressive_generate(sticky_target(3.0), p, max_new_tokens=6).tokens
+    assert out.tokens == plain and target.compiled.fallback is None
+    code = "\n".join(code)
+    assert len(re.findall(r"= torch\.ops\.mkldnn\._linear_pointwise\.default\(", code)) == linears
+    assert not re.search(r"torch\.ops\.draftsmith\.onednn_linear\.default\(", code)
+    autoregressive_generate(compiled("onednn"), p, max_new_tokens=6)           # written to the cache (or there)
+    counters["inductor"].clear()
+    again = compiled("onednn")
+    assert autoregressive_generate(again, p, max_new_tokens=6).tokens == plain
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1 and counters["inductor"]["fxgraph_cache_bypass"] == 0
+    assert "[draftsmith] compiled the target's forward for any width in" in capsys.readouterr().err
+
+
+def test_a_second_compile_with_mm_puts_the_plain_linear_layers_back():
+    target = sticky_target(3.0)
+    linears = [m for m in target.model.modules() if type(m) is torch.nn.Linear]
+    if cpu_linear.onednn_available():
+        target.compile(64, linear_kernel="onednn")
+        assert not any(type(m) is torch.nn.Linear for m in target.model.modules())
+    target.compile(64, linear_kernel="mm")
+    assert [m for m in target.model.modules() if type(m) is torch.nn.Linear] == linears
 
 
 def test_a_single_token_forward_commits_one_slot_and_returns_one_row(pair):
@@ -158,7 +182,7 @@ def test_the_kernel_is_measured_and_the_faster_one_is_used(monkeypatch):
     monkeypatch.setattr(cpu_linear, "onednn_available", lambda: True)
     monkeypatch.setattr(cpu_linear, "measure", lambda m, reps=3: {"mm": 2.0, "onednn": 1.0})
     chosen = cpu_linear.choose(model)
-    assert (chosen.name, chosen.min_width, chosen.frozen) == ("onednn", 2, True)
+    assert (chosen.name, chosen.min_width) == ("onednn", 2)
     assert "onednn 1.0 ms" in chosen.describe()
     monkeypatch.setattr(cpu_linear, "measure", lambda m, reps=3: {"mm": 1.0, "onednn": 2.0})
     assert (cpu_linear.choose(model).name, cpu_linear.choose(model).min_width) == ("mm", 1)
@@ -173,8 +197,8 @@ def test_the_kernel_is_measured_and_the_faster_one_is_used(monkeypatch):
 
 @pytest.mark.skipif("onednn" not in KERNELS, reason="this torch has no oneDNN")
 def test_a_drafter_runs_the_target_kernel_and_decoding_stays_lossless():
-    """With the oneDNN kernel the drafter's own linear layers are packed for it, the target's are left to its
-    graph; with mm nothing is packed."""
+    """With the oneDNN kernel the drafter's own linear layers are packed for it (the target's, by its compile);
+    with mm nothing is packed."""
     target = compiled("onednn")
     head = random_head(target)
     plain_proposer = Eagle3Proposer(random_head(target), target.model)
@@ -182,7 +206,7 @@ def test_a_drafter_runs_the_target_kernel_and_decoding_stays_lossless():
     proposer = Eagle3Proposer(head, target.model)
     assert target.pack_drafter(proposer) == sum(isinstance(m, torch.nn.Linear) for m in random_head(target).modules())
     assert isinstance(head.lm_head, cpu_linear.PackedLinear)
-    assert all(type(m) is not cpu_linear.PackedLinear for m in target.model.modules())
+    assert not any(type(m) is torch.nn.Linear for m in target.model.modules())     # the target's packed by compile
     for p in prompts(3, length=10, seed=4):
         plain = autoregressive_generate(target, p, max_new_tokens=20)
         a = speculative_generate(target, plain_proposer, p, k=4, max_new_tokens=20)
