@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -181,7 +182,7 @@ def packable(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def pack(module: torch.nn.Module, skip: set[int] = frozenset()) -> int:
+def pack(module: torch.nn.Module, skip: Collection[int] = ()) -> int:
     """Swap every nn.Linear in `module` whose dtype oneDNN packs here for a PackedLinear, except those whose weight
     is in `skip` (by id). Returns how many were swapped."""
     swapped = 0
