@@ -186,11 +186,10 @@ def pack(module: torch.nn.Module, skip: Collection[int] = ()) -> int:
     """Swap every nn.Linear in `module` whose dtype oneDNN packs here for a PackedLinear, except those whose weight
     is in `skip` (by id). Returns how many were swapped."""
     swapped = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear and id(child.weight) not in skip and packable(child.weight.dtype):
-                setattr(parent, name, PackedLinear(child))
-                swapped += 1
+    for parent, name, child in _children(module):
+        if type(child) is torch.nn.Linear and id(child.weight) not in skip and packable(child.weight.dtype):
+            setattr(parent, name, PackedLinear(child))
+            swapped += 1
     return swapped
 
 
@@ -198,12 +197,16 @@ def unpack(module: torch.nn.Module) -> int:
     """Put back the nn.Linear each PackedLinear in `module` replaced (a target compiled again with `mm`). Returns
     how many."""
     restored = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is PackedLinear:
-                setattr(parent, name, child.linear[0])
-                restored += 1
+    for parent, name, child in _children(module):
+        if type(child) is PackedLinear:
+            setattr(parent, name, child.linear[0])
+            restored += 1
     return restored
+
+
+def _children(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(parent, name, child) for every submodule of `module`, listed before any is swapped."""
+    return [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()]
 
 
 def pack_drafter(proposer, skip: set[int]) -> int:
