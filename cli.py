@@ -44,8 +44,8 @@ def add_eval_parser(sub) -> None:
                         "and speculative, and table tokens/s, ratio, tau and losslessness per batch size")
     p.add_argument("--compile", action="store_true",
                    help="run the target through a static KV cache and a torch.compile'd forward (inductor; on a CPU "
-                        "the linear layers on the kernel measured faster there, oneDNN's with each weight packed once "
-                        "or mm), plain and speculative decoding alike, at every --batch-size; on a CPU every row of a "
+                        "the linear layers on the kernel measured fastest there: draftsmith's row kernel, built on "
+                        "first use, oneDNN's with each weight packed once, or mm), plain and speculative decoding alike, at every --batch-size; on a CPU every row of a "
                         "verified chain then has plain decoding's logits bit for bit, fp32 and bf16 (a tree's rows "
                         "too in fp32; in bf16 its off-chain rows up to rounding); compiling costs 2-3 minutes on a "
                         "CPU the first time, well under one once inductor's cache holds the graph (a later run on "

@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--tree", default="none", help="comma-separated list is ambiguous with dynamic:a,b,c: use ';'")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--compile", action="store_true", help="the target through --compile's static cache and graph")
-    ap.add_argument("--linear-kernel", default="auto", choices=("auto", "mm", "onednn"),
+    ap.add_argument("--linear-kernel", default="auto", choices=("auto", "mm", "onednn", "rows"),
                     help="with --compile: the target's linear layers' kernel (auto: the faster here, models/cpu_linear.py)")
     ap.add_argument("--goal", type=float, default=1.4, help="the speedup whose required tau the table gives")
     ap.add_argument("--plain-dtype", default=None,
@@ -117,7 +117,7 @@ def main() -> None:
         proposer = load_drafter(spec, target)
         packed = target.pack_drafter(proposer)
         if packed:
-            print(f"{spec}: {packed} linear layers on oneDNN, as the target's")
+            print(f"{spec}: {packed} linear layers on {target.compiled.kernel.name}, as the target's")
         forwards = count_drafter_forwards(proposer, target)
         for name, k, tree in settings(ks, trees):
             rule = DraftLengthRule(curve) if k == "auto" else None

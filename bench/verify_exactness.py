@@ -1,6 +1,6 @@
 """Does a verify forward compute each row as plain decoding does, bit for bit? Counted on the real target.
 
-    python -m draftsmith.bench.verify_exactness --dtype bf16 --prompts 81,90 --tokens 60
+    python -m draftsmith.bench.verify_exactness --dtype bf16 --prompts 81,90 --tokens 60 [--linear-kernel rows]
 
 For each MT-bench prompt, plain decoding runs `--tokens` single-token forwards through the compiled target and keeps
 every logit row; then, at each of those positions, from plain decoding's own cache:
@@ -82,6 +82,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", default="81,90", help="prompt ids of --bench")
     p.add_argument("--tokens", type=int, default=60)
     p.add_argument("--attention", default="rows,sdpa")
+    p.add_argument("--linear-kernel", default="auto", help="auto (the fastest here), mm, onednn or rows: "
+                   "models/cpu_linear.py")
     args = p.parse_args(argv)
     unknown = set(args.attention.split(",")) - {"rows", "sdpa"}
     if unknown:
@@ -101,7 +103,9 @@ def main(argv=None) -> None:
     print("|---|---|" + "---|" * len(SIBLINGS))
     for attention in args.attention.split(","):
         torch._dynamo.reset()
-        target.compile(max(map(len, prompts)) + args.tokens + 16, row_invariant=attention == "rows")
+        target.compile(max(map(len, prompts)) + args.tokens + 16, linear_kernel=args.linear_kernel,
+                       row_invariant=attention == "rows")
+        print(f"({attention}: {target.compiled.describe()})", flush=True)
         total: dict = {}
         for prompt in prompts:
             for k, v in count(target, prompt, args.tokens).items():

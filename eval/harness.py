@@ -155,7 +155,7 @@ COST_CURVE_SLOTS = 256
 def compile_target(target: Target, proposer, longest: int, depth: int) -> None:
     """--compile: a static cache for the longest sequence a turn reaches and a draft of `depth` after it (at least
     COST_CURVE_SLOTS, in whole 64s; models/compiled_target.py), and the drafter's linear layers on the target's
-    kernel where it is oneDNN (Target.pack_drafter)."""
+    kernel where it is oneDNN's or draftsmith's row kernel (Target.pack_drafter)."""
     target.compile(max(COST_CURVE_SLOTS, -(-(longest + depth + 2) // 64) * 64))
     target.pack_drafter(proposer)
 

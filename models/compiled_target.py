@@ -230,16 +230,17 @@ one more per prompt shape."""
 class CompiledForward:
     """The static-cache forward, compiled on first use (module docstring). One module and one set of graphs serve
     every drafter: a forward returns every layer's output (the decoder computes them anyway) and the caller keeps
-    the taps it wants. On a CPU the linear layers run the kernel measured faster there (models/cpu_linear.py);
-    with oneDNN the model's linear layers are packed for it (in place, the eager forward too) and no forward is
-    narrower than `min_width` rows."""
+    the taps it wants. On a CPU the linear layers run the kernel measured fastest there (models/cpu_linear.py):
+    with oneDNN or draftsmith's row kernel the model's linear layers are swapped for the kernel's (in place, the
+    eager forward too) and no forward is narrower than `min_width` rows."""
 
     def __init__(self, model: torch.nn.Module, linear_kernel: str = "auto", row_invariant: bool = True):
         cpu_linear.unpack(model)                 # compiled before: measure and choose on the plain layers
         self.kernel = cpu_linear.choose(model, linear_kernel)
         if self.kernel.name == "onednn":
             cpu_linear.lower_to_onednn()
-            cpu_linear.pack(model)
+        if self.kernel.name in cpu_linear.LAYERS:
+            cpu_linear.pack(model, kernel=self.kernel.name)
         self.module = _Tapped(model)
         self.min_width = self.kernel.min_width
         on_cpu = next(model.parameters()).device.type == "cpu"

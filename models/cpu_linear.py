@@ -1,18 +1,24 @@
 """Which matrix kernel the compiled target's linear layers run on this CPU: measured (`draftsmith eval --compile`).
 
-inductor compiles the linear layers of the dynamic-width graph one of two ways: as `mm` calls on the weights as they
-are (MKL's sgemm in fp32), or on oneDNN with each weight packed once for it (`PackedLinear`: the packed weight a
-buffer of the module, the graph calling oneDNN's packed linear on it, `onednn_linear`). Which is faster depends on the
-CPU, and by a lot: on an AMD EPYC (Zen 4) MKL's sgemm over 2-3 rows costs 2-3x one row and 3-8x oneDNN's (SmolLM2's
-49,152-row LM head over 3 rows: 34.4 ms vs 4.3, bench/linear_kernels.py), while on the Intel Xeon of earlier
-measurements MKL was the faster at 1-3 rows. `measure` times both on the model's own weight shapes at the widths
-decoding uses (plain decoding's 1, a verify's 2-8) and the faster is used.
+inductor compiles the linear layers of the dynamic-width graph one of three ways: as `mm` calls on the weights as
+they are (MKL's sgemm in fp32); on oneDNN with each weight packed once for it (`PackedLinear`: the packed weight a
+buffer of the module, the graph calling oneDNN's packed linear on it, `onednn_linear`); or on draftsmith's own
+row-invariant kernel (`rows`: models/row_kernel.py, a `RowLinear` on the weight as it is). Which is faster depends
+on the CPU, and by a lot: on an AMD EPYC (Zen 4) MKL's sgemm over 2-3 rows costs 2-3x one row and 3-8x oneDNN's
+(SmolLM2's 49,152-row LM head over 3 rows: 34.4 ms vs 4.3, bench/linear_kernels.py), while on the Intel Xeon of
+earlier measurements MKL was the faster at 1-3 rows; on the AVX2 EPYC of 2026-12-07 `rows` read SmolLM2's weights
+fastest at 1-8 rows, and in bf16, which neither oneDNN nor MKL computes natively there, streams half the bytes.
+`measure` times each kernel this CPU has on the model's own weight shapes at the widths decoding uses (plain
+decoding's 1, a verify's 2-8) and the fastest is used.
 
 oneDNN's kernel sums one row differently from two or more (for some shapes it splits the reduction when there is a
 single row), while each row of a call over 2+ rows is bit-identical whatever the number of rows. So a oneDNN target
 runs single-token forwards two rows wide (`min_width`; the second row a copy, written to a spare cache slot and never
-committed): plain decoding's rows and a verify's go through the same linear kernel. (Attention is not row-invariant
-either way: SDPA's blocking depends on the number of query rows. Lossless decoding is checked, as always.)
+committed): plain decoding's rows and a verify's go through the same linear kernel. `rows` sums every row alike from
+one row up, but its target runs single tokens two rows wide too: dynamo compiles a one-row forward as a graph of its
+own, whose fused pointwise work (the MLP's) rounds otherwise than the dynamic-width graph's (bench/results/cpu-avx2,
+"rowdot"). (Attention is not row-invariant either way: SDPA's blocking depends on the number of query rows:
+models/row_attention.py. Lossless decoding is checked, as always.)
 
 The packed weights are inputs of the graph, not constants folded into it (inductor's `freezing`, which packs them
 too): a graph with constants is never written to inductor's cache, so every run compiled SmolLM2 afresh (138-199 s
@@ -31,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from draftsmith.models import row_kernel
 from draftsmith.protocol.proposer import held_modules
 
 WIDTHS = (1, 2, 3, 4, 8)
@@ -39,8 +46,8 @@ WIDTHS = (1, 2, 3, 4, 8)
 
 @dataclass
 class LinearKernel:
-    """The kernel chosen, the narrowest forward it runs (2 for oneDNN: module docstring), and what was measured:
-    ms of one forward's linear layers per kernel, summed over WIDTHS."""
+    """The kernel chosen, the narrowest forward it runs (MIN_WIDTH), and what was measured: ms of one forward's
+    linear layers per kernel, summed over WIDTHS."""
     name: str
     min_width: int = 1
     ms: dict[str, float] = field(default_factory=dict)
@@ -56,43 +63,58 @@ def onednn_available() -> bool:
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-KERNELS = ("auto", "mm", "onednn")
+KERNELS = ("auto", "mm", "onednn", "rows")
+MIN_WIDTH = {"mm": 1, "onednn": 2, "rows": 2}
+"""The narrowest forward each kernel's target runs (module docstring)."""
+
+
+def kernels_here(dtype: torch.dtype) -> list[str]:
+    """The kernels this CPU runs for weights of `dtype`: `mm` always; oneDNN where torch has it and packs the dtype;
+    `rows` (fp32, bf16) where it builds (models/row_kernel.py)."""
+    here = ["mm"]
+    if onednn_available() and packable(dtype):
+        here.append("onednn")
+    if dtype in (torch.float32, torch.bfloat16) and row_kernel.available():
+        here.append("rows")
+    return here
 
 
 def choose(model: torch.nn.Module, kernel: str = "auto", reps: int = 3) -> LinearKernel:
-    """`kernel`, or for "auto" the faster of `mm` and oneDNN for `model`'s linear layers on this CPU (`mm` off the
-    CPU, where oneDNN is missing, or where timing it fails)."""
+    """`kernel`, or for "auto" the fastest of the kernels this CPU has for `model`'s linear layers (`mm` off the
+    CPU)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown linear kernel {kernel!r}: one of {', '.join(KERNELS)}")
     weight = next(model.parameters())
-    if weight.device.type != "cpu" or not onednn_available():
-        if kernel == "onednn":
-            raise ValueError("the oneDNN linear kernel runs on a CPU torch built with oneDNN only")
-        return LinearKernel("mm")
+    here = kernels_here(weight.dtype) if weight.device.type == "cpu" else ["mm"]
+    if kernel not in here and kernel != "auto":
+        why = {"onednn": f"oneDNN's packed linear for {weight.dtype} on this CPU torch",
+               "rows": f"draftsmith's row kernel for {weight.dtype} on a CPU where it builds "
+                       f"({row_kernel.build() or 'it built here'}; models/row_kernel.py)"}.get(kernel, "")
+        raise ValueError(f"the {kernel} linear kernel needs {why}: this run has {', '.join(here)}")
     if kernel != "auto":
-        return LinearKernel(kernel, 2 if kernel == "onednn" else 1)
-    try:
-        ms = measure(model, reps)
-    except RuntimeError:              # a oneDNN build without this dtype's packed linear: stay with mm
+        return LinearKernel(kernel, MIN_WIDTH[kernel])
+    if len(here) == 1:
         return LinearKernel("mm")
+    ms = measure(model, reps, here)
     name = min(ms, key=ms.get)
-    return LinearKernel(name, 2 if name == "onednn" else 1, ms)
+    return LinearKernel(name, MIN_WIDTH[name], ms)
 
 
-def measure(model: torch.nn.Module, reps: int = 3) -> dict[str, float]:
+def measure(model: torch.nn.Module, reps: int = 3, kernels: Collection[str] = ("mm", "onednn")) -> dict[str, float]:
     """ms of one forward's linear layers (every nn.Linear, by weight shape and count) per kernel, summed over
     WIDTHS."""
-    total = {"mm": 0.0, "onednn": 0.0}
-    for row in measure_shapes(model, reps):
+    total = dict.fromkeys(kernels, 0.0)
+    for row in measure_shapes(model, reps, kernels=kernels):
         for kernel in total:
             total[kernel] += row["count"] * row[kernel]
     return {k: round(v, 2) for k, v in total.items()}
 
 
 @torch.inference_mode()
-def measure_shapes(model: torch.nn.Module, reps: int = 3, widths=WIDTHS) -> list[dict]:
-    """Per weight shape and width: ms of one `mm` call and of one oneDNN call (a single row run two rows wide, as
-    the compiled target runs it), the median of `reps` calls after a warm-up call; `count` layers of that shape."""
+def measure_shapes(model: torch.nn.Module, reps: int = 3, widths=WIDTHS,
+                   kernels: Collection[str] = ("mm", "onednn")) -> list[dict]:
+    """Per weight shape and width: ms of one call of each kernel (a single row run as wide as the kernel's target
+    runs it, MIN_WIDTH), the median of `reps` calls after a warm-up call; `count` layers of that shape."""
     shapes = Counter()
     weights = {}
     for module in model.modules():
@@ -101,15 +123,17 @@ def measure_shapes(model: torch.nn.Module, reps: int = 3, widths=WIDTHS) -> list
             weights.setdefault(tuple(module.weight.shape), module.weight)
     rows = []
     for shape, count in shapes.items():
-        w = weights[shape]
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        w = weights[shape].detach()
+        calls = {"mm": lambda x: torch.mm(x, w.t()), "rows": lambda x: row_kernel.linear(x, w)}
+        if "onednn" in kernels:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            calls["onednn"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
         for width in widths:
-            x = torch.randn(width, shape[1], dtype=w.dtype)
-            x2 = torch.randn(max(width, 2), shape[1], dtype=w.dtype)
-            rows.append(dict(shape=shape, count=count, width=width,
-                             mm=_median_ms(lambda: torch.mm(x, w.t()), reps),
-                             onednn=_median_ms(lambda: torch.ops.mkldnn._linear_pointwise(
-                                 x2, packed, None, "none", [], ""), reps)))
+            row = dict(shape=shape, count=count, width=width)
+            for kernel in kernels:
+                x = torch.randn(max(width, MIN_WIDTH[kernel]), shape[1], dtype=w.dtype)
+                row[kernel] = _median_ms(lambda: calls[kernel](x), reps)
+            rows.append(row)
     return rows
 
 
@@ -178,27 +202,32 @@ class PackedLinear(torch.nn.Module):
 
 def packable(dtype: torch.dtype) -> bool:
     """Whether oneDNN packs weights of `dtype` here: fp32, and bf16 where the CPU computes it (AVX512-BF16, AMX;
-    without, its reorder refuses bf16 and such layers stay nn.Linear, run by `mm`)."""
+    without, its reorder refuses bf16)."""
     return dtype == torch.float32 or dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def pack(module: torch.nn.Module, skip: Collection[int] = ()) -> int:
-    """Swap every nn.Linear in `module` whose dtype oneDNN packs here for a PackedLinear, except those whose weight
-    is in `skip` (by id). Returns how many were swapped."""
+LAYERS = {"onednn": PackedLinear, "rows": row_kernel.RowLinear}
+"""The layer each kernel swaps an nn.Linear for (`pack`); `mm` keeps nn.Linear."""
+
+
+def pack(module: torch.nn.Module, skip: Collection[int] = (), kernel: str = "onednn") -> int:
+    """Swap every nn.Linear in `module` that `kernel` runs here (`kernels_here`, by weight dtype) for the kernel's
+    layer (LAYERS), except those whose weight is in `skip` (by id). Returns how many were swapped."""
     swapped = 0
     for parent, name, child in _children(module):
-        if type(child) is torch.nn.Linear and id(child.weight) not in skip and packable(child.weight.dtype):
-            setattr(parent, name, PackedLinear(child))
+        if type(child) is torch.nn.Linear and id(child.weight) not in skip \
+                and kernel in kernels_here(child.weight.dtype):
+            setattr(parent, name, LAYERS[kernel](child))
             swapped += 1
     return swapped
 
 
 def unpack(module: torch.nn.Module) -> int:
-    """Put back the nn.Linear each PackedLinear in `module` replaced (a target compiled again with `mm`). Returns
-    how many."""
+    """Put back the nn.Linear each kernel's layer in `module` replaced (a target compiled again with another
+    kernel). Returns how many."""
     restored = 0
     for parent, name, child in _children(module):
-        if type(child) is PackedLinear:
+        if type(child) in LAYERS.values():
             setattr(parent, name, child.linear[0])
             restored += 1
     return restored
@@ -209,8 +238,9 @@ def _children(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch
     return [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()]
 
 
-def pack_drafter(proposer, skip: set[int]) -> int:
-    """Pack every nn.Linear a proposer holds (its modules', and its members' for a composite), except those whose
-    weight is in `skip` (the target's parameters, by id: the target's layers are its own to pack). Returns how many
-    were swapped. The drafter runs eagerly: this gives its linear layers the kernel the target's measured faster."""
-    return sum(pack(module, skip) for module in held_modules(proposer))
+def pack_drafter(proposer, skip: set[int], kernel: str = "onednn") -> int:
+    """Swap every nn.Linear a proposer holds (its modules', and its members' for a composite) for `kernel`'s layer,
+    except those whose weight is in `skip` (the target's parameters, by id: the target's layers are its own to
+    swap). Returns how many were swapped. The drafter runs eagerly: this gives its linear layers the kernel the
+    target's measured faster."""
+    return sum(pack(module, skip, kernel) for module in held_modules(proposer))

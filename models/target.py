@@ -65,9 +65,10 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 def native_bf16(device: str) -> bool:
     """Does `device` compute bf16 natively: a CUDA GPU with bf16, or a CPU whose oneDNN has bf16 kernels (AVX512-BF16,
-    AMX; torch's own test, the trainer's too)? Elsewhere (an AVX2 CPU) bf16 is emulated: on an AVX2 AMD EPYC a compiled
-    bf16 forward over 8 tokens cost 1.6x fp32's (16: 2.3x) and bf16 speculative decoding kept plain decoding's
-    outputs on 3 of 10 prompts (bench/results/cpu-avx2)."""
+    AMX; torch's own test, the trainer's too)? Elsewhere (an AVX2 CPU) bf16 is emulated: eagerly, or compiled on MKL's
+    `mm`, a bf16 forward over 8 tokens cost 1.6x fp32's on an AVX2 AMD EPYC; compiled on draftsmith's row kernel
+    (models/row_kernel.py: bf16 weights, fp32 arithmetic) it is the fastest decoding measured there
+    (bench/results/cpu-avx2)."""
     if str(device).startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
@@ -161,12 +162,12 @@ class Target:
         self.static_length = max_length
 
     def pack_drafter(self, proposer) -> int:
-        """With --compile's oneDNN kernel (models/cpu_linear.py) a drafter's own linear layers run it too (eagerly,
-        the weights packed once; the target's own layers are left to its graph). Returns how many were packed: 0
-        with any other kernel, or eager."""
-        if self.compiled is None or self.compiled.kernel.name != "onednn":
+        """With --compile's oneDNN or row kernel (models/cpu_linear.py) a drafter's own linear layers run it too
+        (eagerly; the target's own layers are left to its graph). Returns how many were swapped: 0 with `mm`, or
+        eager."""
+        if self.compiled is None or self.compiled.kernel.name not in cpu_linear.LAYERS:
             return 0
-        return cpu_linear.pack_drafter(proposer, {id(p) for p in self.model.parameters()})
+        return cpu_linear.pack_drafter(proposer, {id(p) for p in self.model.parameters()}, self.compiled.kernel.name)
 
     def new_cache(self) -> DynamicCache | StaticKV:
         if self.compiled is not None:
@@ -410,10 +411,10 @@ def load_target(spec: str, dtype: str | torch.dtype | None = "auto", device: str
     device = check_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if torch_dtype == torch.bfloat16 and not str(device).startswith("cuda") and not native_bf16(device):
-        print("[draftsmith] bf16 is emulated on this CPU (oneDNN has no bf16 kernels here: no AVX512-BF16 or AMX): a "
-              "verify over several tokens costs more than in fp32, and on such a CPU bf16 speculative decoding lost "
-              "plain decoding's outputs on 7 of 10 prompts (bench/results/cpu-avx2). --dtype native (or fp32) loads "
-              "fp32 here.", file=sys.stderr, flush=True)
+        print("[draftsmith] bf16 is emulated on this CPU (oneDNN has no bf16 kernels here: no AVX512-BF16 or AMX): an "
+              "eager bf16 forward costs more than fp32's here; with --compile the linear layers run on draftsmith's "
+              "row kernel (bf16 weights, fp32 arithmetic), the fastest decoding measured on such a CPU "
+              "(bench/results/cpu-avx2). --dtype native (or fp32) loads fp32 here.", file=sys.stderr, flush=True)
     folder, name = resolve_model_folder(spec)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -12,15 +12,14 @@
 # 1.47x in two profiles, τ 2.03 vs 1.88: bench/results/cpu-tree-exactness; chains 1.23x vs dynamic:8,2,3's 1.28x
 # on the Intel host before: bench/results/cpu-main-ceiling). The target runs
 # compiled (--compile: a static KV cache and an inductor graph, 1-2 min to build once; its linear layers on the
-# kernel measured faster on this CPU, models/cpu_linear.py) in bf16, plain and speculative decoding alike: on a CPU
-# every row of a verified chain then has plain decoding's logits bit for bit (models/row_attention.py) and, in bf16,
-# a tree's off-chain rows up to rounding (bench/results/cpu-tree-exactness; in fp32 bit for bit too:
-# bench/results/cpu-exact-fp32-trees): lossless up to near-ties, every divergence audited
-# in the report; and on an AMD EPYC (AVX512-BF16) bf16 is the fastest
-# plain decoding (a forward 26 ms vs fp32's 37). --dtype native is bf16 where the CPU computes it natively
-# (AVX512-BF16, AMX) and fp32 elsewhere: on an AVX2 CPU bf16 is emulated, an 8-token verify costs 1.6x fp32's and
-# bf16 speculative decoding lost plain decoding's outputs on 7 of 10 prompts (bench/results/cpu-avx2). --plain-dtypes fp32,bf16 times plain decoding of the same
-# prompts in the other precision too: the report names the fastest plain decoding and the speedup over it.
+# kernel measured fastest on this CPU, models/cpu_linear.py) in bf16, plain and speculative decoding alike: on a CPU
+# every row of a verified chain then has plain decoding's logits bit for bit (models/row_attention.py) and a tree's
+# off-chain rows up to rounding (bench/results/cpu-tree-exactness, cpu-avx2): lossless up to near-ties, every
+# divergence audited in the report. bf16 is the fastest plain decoding on every CPU measured: natively on an AMD EPYC
+# with AVX512-BF16 (a forward 26 ms vs fp32's 37), and on an AVX2 EPYC through draftsmith's row kernel (bf16 weights,
+# fp32 arithmetic, models/row_kernel.py: a forward 28-32 ms vs fp32's 55-70; bench/results/cpu-avx2).
+# --plain-dtypes fp32 times plain decoding of the same prompts in fp32 too: the report names the fastest plain
+# decoding and the speedup over it.
 # Extra arguments go to `draftsmith eval` (e.g. --num-prompts 80). A finished run is reused: pass
 # DRAFTSMITH_RETRAIN=1 to train again.
 set -euo pipefail
@@ -37,5 +36,5 @@ if [ -n "${DRAFTSMITH_RETRAIN:-}" ] || [ ! -f "$RUN/summary.json" ]; then
 fi
 draftsmith export "$RUN" --format speculators --out "$RUN/speculators" --overwrite
 draftsmith eval --target smollm2-135m-instruct --drafter "prompt-lookup+$RUN/speculators" --bench mt_bench \
-  --num-prompts 20 --max-new-tokens 128 --k auto --tree dynamic:8,4,6 --temperature 0 --dtype native --plain-dtypes fp32,bf16 --compile --out "$RUN/eval" \
+  --num-prompts 20 --max-new-tokens 128 --k auto --tree dynamic:8,4,6 --temperature 0 --dtype bf16 --plain-dtypes fp32 --compile --out "$RUN/eval" \
   --overwrite "$@"

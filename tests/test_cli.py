@@ -99,10 +99,10 @@ def test_plain_decoding_in_other_precisions_names_the_fastest(tiny_folders, tmp_
 
 @pytest.mark.parametrize("native", [True, False])
 def test_dtype_native_is_bf16_only_where_the_cpu_computes_it(tiny_folders, tmp_path, monkeypatch, capsys, native):
-    """--dtype native (scripts/main.sh's): bf16 where the CPU has oneDNN bf16 kernels, else fp32 -- on an AVX2 CPU
-    bf16 is emulated, an 8-token verify costs 1.6x fp32's and speculative decoding lost plain decoding's outputs
-    on 7 of 10 prompts (bench/results/cpu-avx2). --plain-dtypes fp32,bf16 then times the other precision only. An
-    explicit bf16 on such a CPU loads, with a warning that says so and what to pass."""
+    """--dtype native: bf16 where the CPU has oneDNN bf16 kernels, else fp32 (on an AVX2 CPU bf16 is emulated: eager
+    bf16 forwards cost more than fp32's; compiled ones run draftsmith's row kernel, bench/results/cpu-avx2).
+    --plain-dtypes fp32,bf16 then times the other precision only. An explicit bf16 on such a CPU loads, with a
+    warning that says so and what --compile does with it."""
     from draftsmith.models import target as target_module
     from draftsmith.train import trainer
 
@@ -115,7 +115,8 @@ def test_dtype_native_is_bf16_only_where_the_cpu_computes_it(tiny_folders, tmp_p
     rows = json.loads((out / "report.json").read_text())["plain_by_dtype"]
     own, other = ("bfloat16", "float32") if native else ("float32", "bfloat16")
     assert [r["dtype"] for r in rows] == [own, other] and rows[0]["this_run"]
-    emulated = "bf16 is emulated on this CPU"
+    emulated = "bf16 is emulated on this CPU (oneDNN has no bf16 kernels here: no AVX512-BF16 or AMX): an eager bf16 " \
+               "forward costs more than fp32's here; with --compile the linear layers run on draftsmith's row kernel"
     assert (emulated in capsys.readouterr().err) is not native     # the fp32 run's bf16 plain decoding warns
     target_module.load_target(str(tiny_folders / "target"), "bf16", "cpu")
     assert (emulated in capsys.readouterr().err) is not native

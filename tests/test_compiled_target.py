@@ -24,7 +24,16 @@ from test_eagle3 import random_head
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch on one thread per module
 
 
-KERNELS = ["mm"] + (["onednn"] if cpu_linear.onednn_available() else [])
+KERNELS = cpu_linear.kernels_here(torch.float32)
+FAST = [k for k in ("rows", "onednn") if k in KERNELS]
+"""The row-invariant kernels this CPU runs in fp32 (draftsmith's own first, then oneDNN's)."""
+
+
+def exact_kernels(*dtypes):
+    """(kernel, dtype) for each row-invariant kernel (draftsmith's rows, oneDNN) this CPU runs in each dtype: those
+    whose verify rows are plain decoding's bit for bit (models/cpu_linear.py)."""
+    return [pytest.param(k, d, id=f"{k}-{str(d).removeprefix('torch.')}") for d in dtypes for k in ("rows", "onednn")
+            if k in cpu_linear.kernels_here(d)]
 
 
 def compiled(kernel: str, boost: float = 3.0):
@@ -143,16 +152,17 @@ def test_onednn_weights_are_packed_into_the_layers_and_the_graph_is_cached(capsy
 def test_a_second_compile_with_mm_puts_the_plain_linear_layers_back():
     target = sticky_target(3.0)
     linears = [m for m in target.model.modules() if type(m) is torch.nn.Linear]
-    if cpu_linear.onednn_available():
-        target.compile(64, linear_kernel="onednn")
-        assert not any(type(m) is torch.nn.Linear for m in target.model.modules())
+    for kernel in FAST:
+        target.compile(64, linear_kernel=kernel)
+        assert all(type(m) is cpu_linear.LAYERS[kernel] for m in target.model.modules()
+                   if isinstance(m, (torch.nn.Linear, *cpu_linear.LAYERS.values())))
     target.compile(64, linear_kernel="mm")
     assert [m for m in target.model.modules() if type(m) is torch.nn.Linear] == linears
 
 
 def test_a_single_token_forward_commits_one_slot_and_returns_one_row(pair):
-    """With oneDNN a single-token forward runs two rows wide (a copy of its row, written to the spare slot and
-    never committed); either kernel: its row is the wide forward's row, and the next forward sees the same cache."""
+    """With oneDNN or rows a single-token forward runs two rows wide (a copy of its row, written to the spare slot
+    and never committed); any kernel: its row is the wide forward's row, and the next forward sees the same cache."""
     _, target = pair
     ctx, new = prompts(1, length=9, seed=5)[0], [7, 8, 9, 10, 11]
     one, wide = target.new_cache(), target.new_cache()
@@ -174,39 +184,51 @@ def test_a_single_token_forward_commits_one_slot_and_returns_one_row(pair):
     assert full.length == 64
     assert target.compiled.fallback is None
 
-def test_the_kernel_is_measured_and_the_faster_one_is_used(monkeypatch):
+def test_the_kernel_is_measured_and_the_fastest_one_is_used(monkeypatch):
     model = sticky_target(3.0).model
-    if cpu_linear.onednn_available():
-        ms = cpu_linear.measure(model, reps=1)
-        assert set(ms) == {"mm", "onednn"} and all(v > 0 for v in ms.values())
-    monkeypatch.setattr(cpu_linear, "onednn_available", lambda: True)
-    monkeypatch.setattr(cpu_linear, "measure", lambda m, reps=3: {"mm": 2.0, "onednn": 1.0})
+    ms = cpu_linear.measure(model, reps=1, kernels=KERNELS)
+    assert set(ms) == set(KERNELS) and all(v > 0 for v in ms.values())
+    monkeypatch.setattr(cpu_linear, "kernels_here", lambda dtype: ["mm", "onednn", "rows"])
+    monkeypatch.setattr(cpu_linear, "measure", lambda m, reps, kernels: {"mm": 2.0, "onednn": 1.0, "rows": 1.5})
     chosen = cpu_linear.choose(model)
     assert (chosen.name, chosen.min_width) == ("onednn", 2)
-    assert "onednn 1.0 ms" in chosen.describe()
-    monkeypatch.setattr(cpu_linear, "measure", lambda m, reps=3: {"mm": 1.0, "onednn": 2.0})
+    assert "onednn 1.0 ms" in chosen.describe() and "rows 1.5 ms" in chosen.describe()
+    monkeypatch.setattr(cpu_linear, "measure", lambda m, reps, kernels: {"mm": 1.0, "onednn": 2.0, "rows": 3.0})
     assert (cpu_linear.choose(model).name, cpu_linear.choose(model).min_width) == ("mm", 1)
+    monkeypatch.setattr(cpu_linear, "measure", lambda m, reps, kernels: {"mm": 2.0, "onednn": 2.0, "rows": 0.5})
+    assert (cpu_linear.choose(model).name, cpu_linear.choose(model).min_width) == ("rows", 2)
     assert (cpu_linear.choose(model, "onednn").name, cpu_linear.choose(model, "onednn").ms) == ("onednn", {})
     with pytest.raises(ValueError, match="unknown linear kernel 'mkl'"):
         cpu_linear.choose(model, "mkl")
-    monkeypatch.setattr(cpu_linear, "onednn_available", lambda: False)
+    monkeypatch.setattr(cpu_linear, "kernels_here", lambda dtype: ["mm"])
     assert cpu_linear.choose(model).name == "mm"
-    with pytest.raises(ValueError, match="oneDNN"):
+    with pytest.raises(ValueError, match="the onednn linear kernel needs oneDNN's packed linear for torch.float32.*"
+                                         "this run has mm"):
         cpu_linear.choose(model, "onednn")
+    with pytest.raises(ValueError, match="the rows linear kernel needs draftsmith's row kernel"):
+        cpu_linear.choose(model, "rows")
 
 
-@pytest.mark.skipif("onednn" not in KERNELS, reason="this torch has no oneDNN")
-def test_a_drafter_runs_the_target_kernel_and_decoding_stays_lossless():
-    """With the oneDNN kernel the drafter's own linear layers are packed for it (the target's, by its compile);
-    with mm nothing is packed."""
-    target = compiled("onednn")
+def test_kernels_here_follow_the_dtype():
+    """oneDNN packs fp32 (and bf16 only where the CPU computes it); the row kernel runs fp32 and bf16, not fp16."""
+    assert cpu_linear.kernels_here(torch.float16) == ["mm"]
+    bf16 = cpu_linear.kernels_here(torch.bfloat16)
+    assert ("onednn" in bf16) == (cpu_linear.onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert ("rows" in bf16) == ("rows" in KERNELS)
+
+
+@pytest.mark.parametrize("kernel", FAST)
+def test_a_drafter_runs_the_target_kernel_and_decoding_stays_lossless(kernel):
+    """With a kernel that swaps layers (oneDNN, rows) the drafter's own linear layers run it too (the target's, by
+    its compile); with mm nothing is swapped."""
+    target = compiled(kernel)
     head = random_head(target)
     plain_proposer = Eagle3Proposer(random_head(target), target.model)
     plain_proposer.head.load_state_dict(head.state_dict())
     proposer = Eagle3Proposer(head, target.model)
     assert target.pack_drafter(proposer) == sum(isinstance(m, torch.nn.Linear) for m in random_head(target).modules())
-    assert isinstance(head.lm_head, cpu_linear.PackedLinear)
-    assert not any(type(m) is torch.nn.Linear for m in target.model.modules())     # the target's packed by compile
+    assert isinstance(head.lm_head, cpu_linear.LAYERS[kernel])
+    assert not any(type(m) is torch.nn.Linear for m in target.model.modules())     # the target's swapped by compile
     for p in prompts(3, length=10, seed=4):
         plain = autoregressive_generate(target, p, max_new_tokens=20)
         a = speculative_generate(target, plain_proposer, p, k=4, max_new_tokens=20)
@@ -215,8 +237,8 @@ def test_a_drafter_runs_the_target_kernel_and_decoding_stays_lossless():
     assert compiled("mm").pack_drafter(Eagle3Proposer(random_head(target), target.model)) == 0
 
 
-@pytest.mark.parametrize("names,kernel", [(("eagle3-chain", "lookup+eagle3"), KERNELS[-1]),
-                                          (("dspark-block",), KERNELS[-1]), (("lookup+eagle3",), "mm")],
+@pytest.mark.parametrize("names,kernel", [(("eagle3-chain", "lookup+eagle3"), (FAST or KERNELS)[0]),
+                                          (("dspark-block",), (FAST or KERNELS)[-1]), (("lookup+eagle3",), "mm")],
                          ids=lambda v: v if isinstance(v, str) else ",".join(v))
 def test_compiled_batched_decoding_equals_compiled_batch_one_per_row(kernel, names):
     """--compile --batch-size: every row through the compiled graph and a static cache of rows (models/static_rows.py)
@@ -276,15 +298,14 @@ def test_static_rows_write_each_row_at_its_own_slots_and_keep_compacts(pair):
         cache.put(0, StaticKV(fast.model, 32))
 
 
-@pytest.mark.skipif("onednn" not in KERNELS, reason="this torch has no oneDNN")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_verify_chain_computes_each_row_as_plain_decoding_does(dtype):
-    """oneDNN's linear layers and the row-invariant attention (models/row_attention.py): every row of a chain verify
-    of any width (2-40) has the bits of plain decoding's single-token forward at that position — in fp32 and in bf16,
-    where a verify used to round apart from plain decoding on near-ties."""
+@pytest.mark.parametrize("kernel,dtype", exact_kernels(torch.float32, torch.bfloat16))
+def test_a_verify_chain_computes_each_row_as_plain_decoding_does(kernel, dtype):
+    """Row-invariant linear layers (draftsmith's rows, oneDNN's) and attention (models/row_attention.py): every row
+    of a chain verify of any width (2-40) has the bits of plain decoding's single-token forward at that position — in
+    fp32 and in bf16, where a verify used to round apart from plain decoding on near-ties."""
     torch._dynamo.reset()
     target = Target(sticky_target(3.0).model.to(dtype), tokenizer=None, name="tiny-sticky")
-    target.compile(64, linear_kernel="onednn")
+    target.compile(64, linear_kernel=kernel)
     assert target.compiled.row_attention and "row-invariant attention" in target.compiled.describe()
     ctx, seq = prompts(1, length=9, seed=5)[0], prompts(1, length=12, seed=6)[0]
     cache = target.new_cache()
@@ -410,14 +431,13 @@ def test_keep_renumbers_the_kept_nodes_of_a_tree():
     assert (step.tokens, step.parents) == ([10, 12, 14], [-1, 0, 1]) and step.chain
 
 
-@pytest.mark.skipif("onednn" not in KERNELS, reason="this torch has no oneDNN")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_row_of_a_tree_verify_is_computed_as_plain_decoding_does(dtype):
+@pytest.mark.parametrize("kernel,dtype", exact_kernels(torch.float32, torch.bfloat16))
+def test_every_row_of_a_tree_verify_is_computed_as_plain_decoding_does(kernel, dtype):
     """A tree's off-chain nodes sit at `tree_slots`: on this tiny target the true path through second and third
     children gets plain decoding's logits bit for bit, fp32 and bf16 (packed one after another, such rows differed: see
     test_packed_tree_rows_differ_which_is_why_trees_are_spread). On SmolLM2 a few such rows still round apart
     (bench/results/cpu-tree-exactness): chains are bit for bit there, trees up to rounding."""
-    target, ctx, seq, singles = _plain_rows(dtype)
+    target, ctx, seq, singles = _plain_rows(dtype, kernel=kernel)
     for start in range(0, 8):
         # root, a wrong first token, a second wrong one, the true one (third child), the true path on from it
         tree = [seq[start], 5, 6, seq[start + 1], seq[start + 2], 8, seq[start + 3], seq[start + 4]]
@@ -428,7 +448,7 @@ def test_every_row_of_a_tree_verify_is_computed_as_plain_decoding_does(dtype):
             assert torch.equal(out.hidden[0][row], singles[start + j].hidden[0][0]), (dtype, start, row)
 
 
-@pytest.mark.skipif("onednn" not in KERNELS, reason="this torch has no oneDNN")
+@pytest.mark.skipif(not FAST, reason="no row-invariant linear kernel here")
 def test_packed_tree_rows_differ_which_is_why_trees_are_spread(monkeypatch):
     """The reason for `tree_slots`, kept measurable: with the nodes packed one after another (the layout before),
     the off-chain rows of these trees differ from plain decoding's (measured: 29 of 32 in fp32, by up to 6e-6; on this
@@ -444,7 +464,7 @@ def test_packed_tree_rows_differ_which_is_why_trees_are_spread(monkeypatch):
     assert differ > 0
 
 
-@pytest.mark.skipif("onednn" not in KERNELS, reason="this torch has no oneDNN")
+@pytest.mark.skipif(not FAST, reason="no row-invariant linear kernel here")
 def test_fp32_tree_rows_equal_plain_decoding_across_the_matrix_librarys_key_blocks(monkeypatch):
     """models/slot_sums.py: a 224-slot cache's keys are summed by MKL in two blocks of 112 on the project CPU; a tree
     node moved across the boundary rounds apart from plain decoding's row. With the probed moves the cache refuses
@@ -477,12 +497,12 @@ def test_fp32_tree_rows_equal_plain_decoding_across_the_matrix_librarys_key_bloc
     assert refused == 0 and differ > 0, (placed, refused, differ)
 
 
-def _plain_rows(dtype, max_length: int = 64, context: int = 9, tokens: int = 12):
-    """A tiny compiled target (oneDNN, row-invariant attention), a context, a continuation and plain decoding's
-    single-token forwards over it."""
+def _plain_rows(dtype, max_length: int = 64, context: int = 9, tokens: int = 12, kernel: str | None = None):
+    """A tiny compiled target (a row-invariant linear kernel, FAST's first unless given; row-invariant attention),
+    a context, a continuation and plain decoding's single-token forwards over it."""
     torch._dynamo.reset()
     target = Target(sticky_target(3.0).model.to(dtype), tokenizer=None, name="tiny-sticky")
-    target.compile(max_length, linear_kernel="onednn")
+    target.compile(max_length, linear_kernel=kernel or FAST[0])
     ctx, seq = prompts(1, length=context, seed=5)[0], prompts(1, length=tokens, seed=6)[0]
     cache = target.new_cache()
     target.forward(ctx, cache, last_only=True)
@@ -538,14 +558,15 @@ def test_the_row_invariant_attention_pads_every_query_block_to_four_rows():
                 assert torch.equal(out[:, 32], row32), (dtype, n)
 
 
-@pytest.mark.skipif("onednn" not in KERNELS, reason="this torch has no oneDNN")
+@pytest.mark.skipif(not exact_kernels(torch.bfloat16), reason="no row-invariant bf16 linear kernel here")
 def test_a_reduced_precision_target_runs_batched_steps_two_tokens_wide():
-    """bf16 with oneDNN: a batched step of single tokens runs two tokens wide (models/static_rows.py `row_width`: its
-    rows then round as batch 1's two-row single tokens do); fp32 keeps one token a row."""
+    """bf16 with a row-invariant kernel: a batched step of single tokens runs two tokens wide (models/static_rows.py
+    `row_width`: its rows then round as batch 1's two-row single tokens do); fp32 keeps one token a row."""
     ctx = prompts(1, length=9, seed=5)[0]
+    kernel = exact_kernels(torch.bfloat16)[0].values[0]
     for dtype, width in ((torch.bfloat16, 2), (torch.float32, 1)):
         target = Target(sticky_target(3.0).model.to(dtype), tokenizer=None, name="tiny-sticky")
-        target.compile(64, linear_kernel="onednn")
+        target.compile(64, linear_kernel=kernel)
         rows = target.new_batch_cache()
         for r in range(3):
             alone = target.new_cache()
@@ -558,14 +579,14 @@ def test_a_reduced_precision_target_runs_batched_steps_two_tokens_wide():
         assert ids.shape == (3, 3), dtype
 
 
-@pytest.mark.skipif("onednn" not in KERNELS, reason="this torch has no oneDNN")
+@pytest.mark.skipif(not FAST, reason="no row-invariant linear kernel here")
 def test_verify_exactness_counts_chain_rows_and_each_off_chain_child():
     """bench/verify_exactness.py's count: every chain row (w = 2..9) and root, and the rows through the 2nd, 3rd and 4th
     child of each tree, at each position; on this tiny target none differs from plain decoding."""
     from draftsmith.bench import verify_exactness
     torch._dynamo.reset()
     target = sticky_target(3.0)
-    target.compile(64, linear_kernel="onednn")
+    target.compile(64, linear_kernel=FAST[0])
     positions = 3
     found = verify_exactness.count(target, prompts(1, length=9, seed=5)[0], max(verify_exactness.CHAINS) + positions)
     siblings = verify_exactness.SIBLINGS
