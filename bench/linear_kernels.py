@@ -1,11 +1,14 @@
-"""The two kernels `--compile` chooses between for the target's linear layers, per weight shape and width.
+"""The kernels `--compile` chooses between for the target's linear layers, per weight shape and width.
 
     python -m draftsmith.bench.linear_kernels --target smollm2-135m-instruct --dtype fp32 --widths 1,2,3,4,8,16
 
-Prints, for every distinct nn.Linear weight shape of the target (and how many layers have it), the ms of one
-`mm` call on the weight as it is (MKL's sgemm in fp32) and of one call to oneDNN's prepacked linear (one row run
-two rows wide, as the compiled target runs it), and the whole forward's linear layers per width; then the choice
-`draftsmith eval --compile` makes on this machine (models/cpu_linear.py). Run it on a quiet machine.
+Prints, for every distinct nn.Linear weight shape of the target (and how many layers have it), the ms of one call
+of each kernel this CPU runs in that dtype (models/cpu_linear.py `kernels_here`): `mm` on the weight as it is
+(MKL's sgemm in fp32), oneDNN's prepacked linear, draftsmith's row kernel (models/row_kernel.py) — the last two with
+one row run two rows wide, as the compiled target runs them — and the whole forward's linear layers per width; then
+the choice `draftsmith eval --compile` makes on this machine. Hot: each shape's weight is called again and again
+(a forward streams every layer's weights from memory once; bench/paired_forward.py times whole forwards). Run it on
+a quiet machine.
 """
 
 from __future__ import annotations
@@ -31,20 +34,19 @@ def main(argv=None) -> None:
         widths = ()
     if not widths or min(widths) < 1:
         raise SystemExit(f"--widths takes positive integers separated by commas, e.g. 1,2,4,8; got {args.widths!r}")
-    if not cpu_linear.onednn_available():
-        raise SystemExit("this torch has no oneDNN linear: `--compile` runs mm")
     model = load_target(args.target, args.dtype, "cpu").model
+    kernels = cpu_linear.kernels_here(next(model.parameters()).dtype)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.target} {args.dtype}")
-    rows = cpu_linear.measure_shapes(model, args.reps, widths)
-    print("| weight [out, in] | layers | " + " | ".join(f"n={w} mm / onednn" for w in widths) + " |")
+    rows = cpu_linear.measure_shapes(model, args.reps, widths, kernels)
+    print("| weight [out, in] | layers | " + " | ".join(f"n={w} {' / '.join(kernels)}" for w in widths) + " |")
     print("|---|---|" + "---|" * len(widths))
     for shape in dict.fromkeys(r["shape"] for r in rows):
         cells = [r for r in rows if r["shape"] == shape]
         print(f"| {list(shape)} | {cells[0]['count']} | "
-              + " | ".join(f"{r['mm']:.3f} / {r['onednn']:.3f}" for r in cells) + " |")
-    per_width = [(sum(r["count"] * r["mm"] for r in rows if r["width"] == w),
-                  sum(r["count"] * r["onednn"] for r in rows if r["width"] == w)) for w in widths]
-    print("| one forward's linear layers | | " + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in per_width) + " |")
+              + " | ".join(" / ".join(f"{r[k]:.3f}" for k in kernels) for r in cells) + " |")
+    per_width = [[sum(r["count"] * r[k] for r in rows if r["width"] == w) for k in kernels] for w in widths]
+    print("| one forward's linear layers | | " + " | ".join(" / ".join(f"{v:.1f}" for v in cell)
+                                                         for cell in per_width) + " |")
     print("choice:", cpu_linear.choose(model, reps=args.reps).describe())
 
 

@@ -5,8 +5,8 @@
 
 Paths: `eager` (transformers' forward on a dynamic cache: what `draftsmith eval` runs by default), `compiled`
 (`--compile`: a static cache and the inductor graph, models/compiled_target.py; batched rows through
-models/static_rows.py) with its linear layers on the kernel measured faster on this CPU, or `compiled-mm` /
-`compiled-onednn` with that kernel (models/cpu_linear.py; the choice `compiled` makes, and what it measured, is
+models/static_rows.py) with its linear layers on the kernel measured fastest on this CPU, or `compiled-mm` /
+`compiled-onednn` / `compiled-rows` with that kernel (models/cpu_linear.py; the choice `compiled` makes, and what it measured, is
 printed); a `-sdpa` suffix (`compiled-onednn-sdpa`) runs transformers' sdpa attention instead of the row-invariant
 one (models/row_attention.py), to time what that costs. Rows > 1 time one batched forward over that many sequences
 of n tokens each (eval/batched.py) and print the whole forward's ms. The curve is the one `--k auto` measures
@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--target", default="smollm2-135m-instruct")
     p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--paths", default="eager,compiled")   # compiled[-mm|-onednn][-sdpa]
+    p.add_argument("--paths", default="eager,compiled")   # compiled[-mm|-onednn|-rows][-sdpa]
     p.add_argument("--rows", default="1")
     p.add_argument("--sizes", default="1,2,3,4,6,8,12,16")
     p.add_argument("--context", type=int, default=128)

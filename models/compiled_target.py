@@ -2,11 +2,12 @@
 
 Measured on the project CPU (bench/target_cost_curves.py): SmolLM2-135M's eager forward is bound by per-op
 overhead and by its matrix kernels, not by arithmetic. torch.compile removes the overhead; the linear layers run the
-kernel measured faster on this CPU (models/cpu_linear.py): oneDNN with each weight packed once for it, or `mm` on
-the weights as they are. Either way the weights are inputs of the graph, so inductor caches it: a later run on the
-same model shape compiles in a fraction of the first's time. The forward needs a static cache (fixed
-addresses, so the graph never sees a growing tensor) and explicit masks (every width one graph shape: `dynamic=True`
-compiles one graph for width 1 and one for all wider inputs; with oneDNN no forward is narrower than 2 rows).
+kernel measured fastest on this CPU (models/cpu_linear.py): draftsmith's row kernel (models/row_kernel.py), oneDNN
+with each weight packed once for it, or `mm` on the weights as they are. Either way the weights are inputs of the
+graph, so inductor caches it: a later run on the same model shape compiles in a fraction of the first's time. The
+forward needs a static cache (fixed addresses, so the graph never sees a growing tensor) and explicit masks (every
+width one graph shape: `dynamic=True` compiles one graph for width 1 and one for all wider inputs; with oneDNN or the
+row kernel no forward is narrower than 2 rows).
 
 - `StaticKV`: transformers' StaticCache sized for the run (and spare slots for trees), plus the committed length;
   its layers write each new token at the slot `place` gives it (models/slot_layer.py). Rollback moves the length
@@ -14,7 +15,8 @@ compiles one graph for width 1 and one for all wider inputs; with oneDNN no forw
   tree's accepted rows copies them into place, as the dynamic cache's `keep` does.
 - `CompiledForward`: the model with its final norm applied outside the decoder, so every layer's output before
   the norm comes back (the taps drafters read, the last layer's included), compiled once for all drafters. On a CPU
-  the batch-1 forward attends with models/row_attention.py: with the oneDNN kernel every row of a chain verify then
+  the batch-1 forward attends with models/row_attention.py: with a row-invariant linear kernel (oneDNN's, draftsmith's
+  row kernel) every row of a chain verify then
   gets plain decoding's logits bit for bit, fp32 and bf16; a tree's off-chain rows, placed by `tree_slots`, too in
   fp32, up to rounding in bf16 (bench/results/cpu-exact-fp32-trees; batched rows up to rounding, models/static_rows.py).
 A run falls back to eager with a warning where torch.compile is unavailable (no C++ compiler, an old torch).

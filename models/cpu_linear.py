@@ -88,8 +88,8 @@ def choose(model: torch.nn.Module, kernel: str = "auto", reps: int = 3) -> Linea
     here = kernels_here(weight.dtype) if weight.device.type == "cpu" else ["mm"]
     if kernel not in here and kernel != "auto":
         why = {"onednn": f"oneDNN's packed linear for {weight.dtype} on this CPU torch",
-               "rows": f"draftsmith's row kernel for {weight.dtype} on a CPU where it builds "
-                       f"({row_kernel.build() or 'it built here'}; models/row_kernel.py)"}.get(kernel, "")
+               "rows": f"draftsmith's row kernel: fp32 or bf16 weights (this model's are {weight.dtype}) on a CPU "
+                       f"where it builds ({row_kernel.build() or 'it builds here'}; models/row_kernel.py)"}[kernel]
         raise ValueError(f"the {kernel} linear kernel needs {why}: this run has {', '.join(here)}")
     if kernel != "auto":
         return LinearKernel(kernel, MIN_WIDTH[kernel])
@@ -100,9 +100,10 @@ def choose(model: torch.nn.Module, kernel: str = "auto", reps: int = 3) -> Linea
     return LinearKernel(name, MIN_WIDTH[name], ms)
 
 
-def measure(model: torch.nn.Module, reps: int = 3, kernels: Collection[str] = ("mm", "onednn")) -> dict[str, float]:
-    """ms of one forward's linear layers (every nn.Linear, by weight shape and count) per kernel, summed over
-    WIDTHS."""
+def measure(model: torch.nn.Module, reps: int = 3, kernels: Collection[str] | None = None) -> dict[str, float]:
+    """ms of one forward's linear layers (every nn.Linear, by weight shape and count) per kernel (by default those
+    this CPU runs in the model's dtype), summed over WIDTHS."""
+    kernels = kernels or kernels_here(next(model.parameters()).dtype)
     total = dict.fromkeys(kernels, 0.0)
     for row in measure_shapes(model, reps, kernels=kernels):
         for kernel in total:
@@ -112,9 +113,11 @@ def measure(model: torch.nn.Module, reps: int = 3, kernels: Collection[str] = ("
 
 @torch.inference_mode()
 def measure_shapes(model: torch.nn.Module, reps: int = 3, widths=WIDTHS,
-                   kernels: Collection[str] = ("mm", "onednn")) -> list[dict]:
-    """Per weight shape and width: ms of one call of each kernel (a single row run as wide as the kernel's target
-    runs it, MIN_WIDTH), the median of `reps` calls after a warm-up call; `count` layers of that shape."""
+                   kernels: Collection[str] | None = None) -> list[dict]:
+    """Per weight shape and width: ms of one call of each kernel (by default those this CPU runs in the model's
+    dtype; a single row run as wide as the kernel's target runs it, MIN_WIDTH), the median of `reps` calls after a
+    warm-up call; `count` layers of that shape."""
+    kernels = kernels or kernels_here(next(model.parameters()).dtype)
     shapes = Counter()
     weights = {}
     for module in model.modules():

@@ -2,7 +2,7 @@
 
 A verify forward over n tokens and plain decoding's one-token forwards must give each row the same logits, bit for
 bit, for speculative decoding to be exactly lossless in any precision. The linear layers give that (oneDNN computes
-each row of a 2+ row call alike, models/cpu_linear.py), attention did not: torch's CPU flash attention splits the
+each row of a 2+ row call alike, draftsmith's row kernel every row alike: models/cpu_linear.py), attention did not: torch's CPU flash attention splits the
 queries into blocks of 32 (of 64 from 192 queries, 256 from 768), and a block of 1-3 queries is summed differently
 from a block of 4 or more (measured: fp32 rows differ by ~1e-6; in bf16 the output's rounding then flips now and
 then, so a bf16 verify diverged from bf16 plain decoding on near-ties). Here every attention call gets three more
@@ -13,8 +13,8 @@ none (bench/target_cost_curves.py, SmolLM2, one forward of 1-8 tokens: fp32 36.6
 bf16 27.7 vs 29.0). The extra rows always number three: a branch on the width would make torch.compile build a graph
 per branch (a one-query forward, below, is a graph of its own anyway).
 
-Left as transformers' sdpa: a ONE-query forward (with oneDNN the batch-1 decoder never runs one: a single token runs
-two rows wide, models/cpu_linear.py); a batched forward of several rows (the padding would cost 18-23% of a bf16
+Left as transformers' sdpa: a ONE-query forward (with oneDNN or the row kernel the batch-1 decoder never runs one: a
+single token runs two rows wide, models/cpu_linear.py); a batched forward of several rows (the padding would cost 18-23% of a bf16
 16-row step, bench/target_cost_curves.py `compiled-onednn-sdpa`; its rows equal batch 1's up to rounding,
 models/static_rows.py); a forward without a mask (transformers skips it for a plain causal prefill). Both size
 checks cost no graph: dynamo builds one-row and one-query graphs of their own anyway.

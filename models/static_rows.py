@@ -27,9 +27,9 @@ padding would cost 18-23% of a bf16 16-row step of 3-16 tokens a row (bench/targ
 not), as in batch 1.
 
 `row_width`: in bf16 a row of a one-token-wide step (batched plain decoding) rounds differently from the same row
-in batch 1, whose single tokens run two rows wide with oneDNN (0.25 on a logit of SmolLM2; a 6-ulp divergence in
+in batch 1, whose single tokens run two rows wide with oneDNN or the row kernel (0.25 on a logit of SmolLM2; a 6-ulp divergence in
 an 80-prompt run), while 2- and 3-wide steps give every row batch 1's logits bit for bit; and in bf16 a 2-wide
-step costs what a 1-wide one does. So a reduced-precision target with oneDNN runs batched steps at least two
+step costs what a 1-wide one does. So a reduced-precision target with either runs batched steps at least two
 tokens wide (models/target.py `new_batch_cache`); fp32 keeps one (a 1-wide step costs 24% less at batch 4 and its
 outputs equalled batch 1's on 80/80 MT-bench prompts).
 """

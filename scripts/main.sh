@@ -17,7 +17,7 @@
 # off-chain rows up to rounding (bench/results/cpu-tree-exactness, cpu-avx2): lossless up to near-ties, every
 # divergence audited in the report. bf16 is the fastest plain decoding on every CPU measured: natively on an AMD EPYC
 # with AVX512-BF16 (a forward 26 ms vs fp32's 37), and on an AVX2 EPYC through draftsmith's row kernel (bf16 weights,
-# fp32 arithmetic, models/row_kernel.py: a forward 28-32 ms vs fp32's 55-70; bench/results/cpu-avx2).
+# fp32 arithmetic, models/row_kernel.py: a forward 29-30 ms at 1-2 tokens vs fp32's 50-73; bench/results/cpu-avx2).
 # --plain-dtypes fp32 times plain decoding of the same prompts in fp32 too: the report names the fastest plain
 # decoding and the speedup over it.
 # Extra arguments go to `draftsmith eval` (e.g. --num-prompts 80). A finished run is reused: pass
