@@ -68,15 +68,19 @@ MIN_WIDTH = {"mm": 1, "onednn": 2, "rows": 2}
 """The narrowest forward each kernel's target runs (module docstring)."""
 
 
+def runs(kernel: str, dtype: torch.dtype) -> bool:
+    """Whether this CPU runs `kernel` for weights of `dtype`: `mm` always; oneDNN where torch has it and packs the
+    dtype; `rows` (fp32, bf16) where it builds (models/row_kernel.py, built on the first ask)."""
+    if kernel == "onednn":
+        return onednn_available() and packable(dtype)
+    if kernel == "rows":
+        return dtype in (torch.float32, torch.bfloat16) and row_kernel.available()
+    return kernel == "mm"
+
+
 def kernels_here(dtype: torch.dtype) -> list[str]:
-    """The kernels this CPU runs for weights of `dtype`: `mm` always; oneDNN where torch has it and packs the dtype;
-    `rows` (fp32, bf16) where it builds (models/row_kernel.py)."""
-    here = ["mm"]
-    if onednn_available() and packable(dtype):
-        here.append("onednn")
-    if dtype in (torch.float32, torch.bfloat16) and row_kernel.available():
-        here.append("rows")
-    return here
+    """The kernels this CPU runs for weights of `dtype` (`runs`)."""
+    return [kernel for kernel in MIN_WIDTH if runs(kernel, dtype)]
 
 
 def choose(model: torch.nn.Module, kernel: str = "auto", reps: int = 3) -> LinearKernel:
@@ -214,12 +218,11 @@ LAYERS = {"onednn": PackedLinear, "rows": row_kernel.RowLinear}
 
 
 def pack(module: torch.nn.Module, skip: Collection[int] = (), kernel: str = "onednn") -> int:
-    """Swap every nn.Linear in `module` that `kernel` runs here (`kernels_here`, by weight dtype) for the kernel's
-    layer (LAYERS), except those whose weight is in `skip` (by id). Returns how many were swapped."""
+    """Swap every nn.Linear in `module` that `kernel` runs here (`runs`, by weight dtype) for the kernel's layer
+    (LAYERS), except those whose weight is in `skip` (by id). Returns how many were swapped."""
     swapped = 0
     for parent, name, child in _children(module):
-        if type(child) is torch.nn.Linear and id(child.weight) not in skip \
-                and kernel in kernels_here(child.weight.dtype):
+        if type(child) is torch.nn.Linear and id(child.weight) not in skip and runs(kernel, child.weight.dtype):
             setattr(parent, name, LAYERS[kernel](child))
             swapped += 1
     return swapped

@@ -3,7 +3,8 @@
 A decoding step sends 1-16 rows through each linear layer: memory-bound work, where the time is reading the weights.
 The kernel reads each weight row once per call and sums every output `y[m, n]` in one fixed order whatever the
 number of rows (the .cpp's header): a verify's rows are plain decoding's bit for bit, as lossless speculative
-decoding needs, with no second row to pad in (oneDNN's single-row kernel sums otherwise, models/cpu_linear.py).
+decoding needs, and one row sums as any other (oneDNN's single-row kernel does not; the compiled target still runs
+single tokens two rows wide, for its graph's sake: models/cpu_linear.py).
 fp32 and bf16 weights; bf16 is widened to fp32 on load, so a CPU without bf16 arithmetic (AVX2) streams half the
 bytes and computes in fp32. Measured against oneDNN and `mm` on the model's own shapes by `cpu_linear.choose`,
 like the others.

@@ -24,7 +24,9 @@ SHAPES = [(576, 576), (1536, 576), (576, 1536), (7, 13), (5, 24), (9, 3)]
 @pytest.mark.parametrize("threads", [1, 2])
 def test_every_row_is_the_same_bits_at_any_number_of_rows(dtype, threads):
     """The kernel's promise (row_linear.cpp): row m of an M-row call is the row computed alone, for any M, with and
-    without bias, on one thread or two."""
+    without bias, on one thread or two. fp32 is where a sum done in another order shows (a mutant whose one-row tile
+    added its lanes sequentially failed here in fp32; in bf16 the output's rounding hid it: 0-1 of 16,384 outputs
+    differed): bf16 runs the same summing code, and its case checks the widening and the rounding."""
     torch.manual_seed(0)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
