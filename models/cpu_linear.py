@@ -49,8 +49,11 @@ class LinearKernel:
     """The kernel chosen, the narrowest forward it runs (MIN_WIDTH), and what was measured: ms of one forward's
     linear layers per kernel, summed over WIDTHS."""
     name: str
-    min_width: int = 1
     ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def min_width(self) -> int:
+        return MIN_WIDTH[self.name]
 
     def describe(self) -> str:
         timed = ", ".join(f"{k} {v:.1f} ms" for k, v in self.ms.items())
@@ -96,12 +99,12 @@ def choose(model: torch.nn.Module, kernel: str = "auto", reps: int = 3) -> Linea
                        f"where it builds ({row_kernel.build() or 'it builds here'}; models/row_kernel.py)"}[kernel]
         raise ValueError(f"the {kernel} linear kernel needs {why}: this run has {', '.join(here)}")
     if kernel != "auto":
-        return LinearKernel(kernel, MIN_WIDTH[kernel])
+        return LinearKernel(kernel)
     if len(here) == 1:
         return LinearKernel("mm")
     ms = measure(model, reps, here)
     name = min(ms, key=ms.get)
-    return LinearKernel(name, MIN_WIDTH[name], ms)
+    return LinearKernel(name, ms)
 
 
 def measure(model: torch.nn.Module, reps: int = 3, kernels: Collection[str] | None = None) -> dict[str, float]:
