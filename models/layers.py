@@ -69,14 +69,22 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (half-split layout, as Llama in transformers). x: [B, heads, T, D]."""
-    d = x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+def rope_angles(positions: torch.Tensor, d: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, 1, T, D/2] (float32) of the rotary angles at positions [B, T], for heads of size d."""
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d)
     angles = positions.float()[..., None] * inv                         # [B, T, D/2]
-    cos, sin = angles.cos()[:, None], angles.sin()[:, None]               # [B, 1, T, D/2]
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (half-split layout, as Llama in transformers) of x [B, heads, T, D] at `rope_angles`."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding of x [B, heads, T, D] at positions [B, T]."""
+    return rotate(x, *rope_angles(positions, x.shape[-1], theta))
 
 
 class Attention(nn.Module):
@@ -98,7 +106,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        cos, sin = rope_angles(positions, c.head_dim, c.rope_theta)    # once for queries and keys
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if attend is not None:
             return self.o_proj(attend(q, k, v).transpose(1, 2).reshape(b, t, -1))
         if cache is not None:
