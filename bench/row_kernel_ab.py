@@ -75,8 +75,10 @@ def main(argv=None) -> None:
         widths = [int(w) for w in args.widths.split(",")]
         dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
     except (ValueError, KeyError):
-        raise SystemExit(f"--widths takes positive integers (got {args.widths!r}), --dtypes fp32 and/or bf16 "
-                         f"(got {args.dtypes!r}), each separated by commas") from None
+        widths, dtypes = [], []
+    if not widths or min(widths) < 1 or not set(dtypes) <= {torch.float32, torch.bfloat16}:
+        raise SystemExit(f"--widths takes positive integers (got {args.widths!r}), --dtypes fp32 and/or bf16 (the "
+                         f"kernel's; got {args.dtypes!r}), each separated by commas")
     with tempfile.TemporaryDirectory() as folder:
         ops = {"base": build(source_at(args.base), Path(folder)), "this tree": build(row_kernel.SOURCE.read_text(),
                                                                                      Path(folder))}
