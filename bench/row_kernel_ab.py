@@ -23,11 +23,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.cpp_extension import load
-from transformers import AutoConfig
 
-from draftsmith.models import row_kernel
-from draftsmith.models.layers import LayerShape
-from draftsmith.models.target import DTYPES, resolve_model_folder
+from draftsmith.models import cpu_linear, row_kernel
+from draftsmith.models.target import DTYPES, load_target
 
 
 def source_at(base: str) -> str:
@@ -53,14 +51,9 @@ def build(source: str, folder: Path):
 
 
 def layer_shapes(target: str) -> list[tuple[int, int]]:
-    """[out, in] of every linear layer of one forward: the decoder layers' and the LM head's."""
-    config = AutoConfig.from_pretrained(resolve_model_folder(target)[0])
-    c = LayerShape.from_target(config)
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    one = [(q, c.hidden_size), (kv, c.hidden_size), (kv, c.hidden_size), (c.hidden_size, q),
-           (c.intermediate_size, c.hidden_size), (c.intermediate_size, c.hidden_size),
-           (c.hidden_size, c.intermediate_size)]
-    return one * config.num_hidden_layers + [(c.vocab_size, c.hidden_size)]
+    """[out, in] of every linear layer of the target (models/cpu_linear.py `linear_weights`): one forward's."""
+    model = load_target(target, "fp32", "cpu").model
+    return [shape for shape, weights in cpu_linear.linear_weights(model).items() for _ in weights]
 
 
 def main(argv=None) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -118,6 +117,15 @@ def measure(model: torch.nn.Module, reps: int = 3, kernels: Collection[str] | No
     return {k: round(v, 2) for k, v in total.items()}
 
 
+def linear_weights(model: torch.nn.Module) -> dict[tuple[int, int], list[torch.Tensor]]:
+    """Every nn.Linear weight of `model`, by [out, in] shape (in the order the model holds them)."""
+    out: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            out.setdefault(tuple(module.weight.shape), []).append(module.weight)
+    return out
+
+
 @torch.inference_mode()
 def measure_shapes(model: torch.nn.Module, reps: int = 3, widths=WIDTHS,
                    kernels: Collection[str] | None = None) -> list[dict]:
@@ -125,15 +133,9 @@ def measure_shapes(model: torch.nn.Module, reps: int = 3, widths=WIDTHS,
     dtype; a single row run as wide as the kernel's target runs it, MIN_WIDTH), the median of `reps` calls after a
     warm-up call; `count` layers of that shape."""
     kernels = kernels or kernels_here(next(model.parameters()).dtype)
-    shapes = Counter()
-    weights = {}
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            shapes[tuple(module.weight.shape)] += 1
-            weights.setdefault(tuple(module.weight.shape), module.weight)
     rows = []
-    for shape, count in shapes.items():
-        w = weights[shape].detach()
+    for shape, weights in linear_weights(model).items():
+        count, w = len(weights), weights[0].detach()
         calls = {"mm": lambda x: torch.mm(x, w.t()), "rows": lambda x: row_kernel.linear(x, w)}
         if "onednn" in kernels:
             packed = torch.ops.mkldnn._reorder_linear_weight(w, None)

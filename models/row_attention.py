@@ -15,8 +15,8 @@ per branch (a one-query forward, below, is a graph of its own anyway).
 
 Left as transformers' sdpa: a ONE-query forward (with oneDNN or the row kernel the batch-1 decoder never runs one: a
 single token runs two rows wide, models/cpu_linear.py); a batched forward of several rows (the padding would cost 18-23% of a bf16
-16-row step, bench/target_cost_curves.py `compiled-onednn-sdpa`; its rows equal batch 1's up to rounding,
-models/static_rows.py); a forward without a mask (transformers skips it for a plain causal prefill). Both size
+16-row step on the AVX512-BF16 host, 13-60% of a 4- or 16-row step on the AVX2 one, bench/target_cost_curves.py
+`compiled-onednn-sdpa` / `compiled-rows-sdpa`; its rows equal batch 1's up to rounding, models/static_rows.py); a forward without a mask (transformers skips it for a plain causal prefill). Both size
 checks cost no graph: dynamo builds one-row and one-query graphs of their own anyway.
 
 A tree verify's off-chain rows come as close by where its nodes sit in the cache (models/compiled_target.py

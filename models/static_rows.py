@@ -28,10 +28,13 @@ not), as in batch 1.
 
 `row_width`: in bf16 a row of a one-token-wide step (batched plain decoding) rounds differently from the same row
 in batch 1, whose single tokens run two rows wide with oneDNN or the row kernel (0.25 on a logit of SmolLM2; a 6-ulp divergence in
-an 80-prompt run), while 2- and 3-wide steps give every row batch 1's logits bit for bit; and in bf16 a 2-wide
-step costs what a 1-wide one does. So a reduced-precision target with either runs batched steps at least two
-tokens wide (models/target.py `new_batch_cache`); fp32 keeps one (a 1-wide step costs 24% less at batch 4 and its
-outputs equalled batch 1's on 80/80 MT-bench prompts).
+an 80-prompt run), while 2- and 3-wide steps gave every row batch 1's logits bit for bit on the AVX512-BF16 host
+with oneDNN (80/80 MT-bench prompts equal); and in bf16 a 2-wide step costs what a 1-wide one does. So a
+reduced-precision target with either runs batched steps at least two tokens wide (models/target.py
+`new_batch_cache`); fp32 keeps one (a 1-wide step costs 24% less at batch 4 and its outputs equalled batch 1's on
+80/80 MT-bench prompts). On the AVX2 EPYC with the row kernel 2-wide bf16 rows still round apart in the attention
+(32/80 prompts equal, near-ties but one: bench/results/cpu-avx2/batched), and padding the batched attention as
+batch 1's made them exact but cost a step 13-60% there.
 """
 
 from __future__ import annotations
